@@ -1,0 +1,224 @@
+"""HTTP API for the business backend, plus health and metrics.
+
+Errors use the same ``{ok: false, error}`` body as acks, with the matching
+HTTP status. The caller is always the bearer token's principal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+from aiohttp import web
+from pydantic import BaseModel, Field, StringConstraints, field_validator
+
+from realtime.auth import Principal
+from realtime.context import Context
+from realtime.errors import WireError, ok, to_error
+from realtime.namespaces.models import Id, Inbound
+from realtime.namespaces.orders import actor_of
+from tracking.errors import Forbidden
+from tracking.lifecycle import STATES
+from tracking.orders import can_view
+
+log = logging.getLogger(__name__)
+
+CTX: web.AppKey[Context] = web.AppKey("ctx", Context)
+PRINCIPAL = "principal"
+# Bound on free-form `data` objects the backend attaches to events.
+MAX_DATA_BYTES = 8 * 1024
+
+Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+
+
+class ServiceIn(Inbound):
+    code: Id
+    name: Name
+
+
+class AddressIn(Inbound):
+    lat: Annotated[float, Field(ge=-90, le=90, allow_inf_nan=False)]
+    lng: Annotated[float, Field(ge=-180, le=180, allow_inf_nan=False)]
+    text: Annotated[str, StringConstraints(min_length=1, max_length=500)]
+
+
+class WindowIn(Inbound):
+    start_ts: Annotated[int, Field(ge=0)]
+    end_ts: Annotated[int, Field(ge=0)]
+
+    @field_validator("end_ts")
+    @classmethod
+    def _after_start(cls, v: int, info: Any) -> int:
+        if v < info.data.get("start_ts", 0):
+            raise ValueError("end_ts must not be before start_ts")
+        return v
+
+
+class CreateOrderIn(Inbound):
+    order_id: Id
+    customer_id: Id
+    service: ServiceIn
+    address: AddressIn
+    window: WindowIn
+    skills: Annotated[list[Id], Field(max_length=20)] | None = None
+
+
+class AssignIn(Inbound):
+    technician_id: Id
+
+
+class EventIn(Inbound):
+    state: Annotated[str, StringConstraints(max_length=32)]
+    data: dict[str, Any] | None = None
+
+    @field_validator("state")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in STATES:
+            raise ValueError(f"state must be one of {list(STATES)}")
+        return v
+
+    @field_validator("data")
+    @classmethod
+    def _bounded(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None and len(json.dumps(v)) > MAX_DATA_BYTES:
+            raise ValueError(f"data must encode to at most {MAX_DATA_BYTES} bytes")
+        return v
+
+
+def json_response(body: Any, status: int = 200) -> web.Response:
+    return web.json_response(body, status=status, dumps=lambda o: json.dumps(o, separators=(",", ":")))
+
+
+async def parse(request: web.Request, model: type[BaseModel]) -> Any:
+    if request.content_length is None and request.body_exists is False:
+        raise WireError("invalid", "a JSON body is required")
+    try:
+        raw = await request.json(loads=json.loads)
+    except web.HTTPRequestEntityTooLarge:
+        raise WireError("too_large", "request body too large") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise WireError("invalid", "body is not valid JSON") from None
+    if not isinstance(raw, dict):
+        raise WireError("invalid", "body must be a JSON object",
+                        [{"field": "(payload)", "error": "must be an object"}])
+    return model.model_validate(raw)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    ctx = request.app[CTX]
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "?"
+    try:
+        if request.path.startswith("/api/"):
+            header = request.headers.get("Authorization", "")
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token:
+                raise WireError("unauthorized", "send Authorization: Bearer <token>")
+            if "token" in request.query or "access_token" in request.query:
+                raise WireError("unauthorized", "tokens in the query string are refused")
+            request[PRINCIPAL] = ctx.verifier.verify(token.strip())
+        resp = await handler(request)
+    except web.HTTPException as exc:
+        if not request.path.startswith("/api/"):
+            raise
+        code = {404: "not_found", 405: "invalid", 413: "too_large"}.get(exc.status, "invalid")
+        err = WireError(code, exc.reason)
+        resp = json_response(err.body(), err.http_status)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        err = to_error(exc)
+        resp = json_response(err.body(), err.http_status)
+    ctx.metrics.http.labels(route, str(resp.status)).inc()
+    return resp
+
+
+def principal(request: web.Request) -> Principal:
+    p: Principal = request[PRINCIPAL]
+    return p
+
+
+def require_role(p: Principal, *roles: str) -> None:
+    if p.role not in roles:
+        raise Forbidden(f"role {p.role!r} may not call this; needs one of {list(roles)}")
+
+
+async def create_order(request: web.Request) -> web.Response:
+    p = principal(request)
+    require_role(p, "service", "admin")
+    body = await parse(request, CreateOrderIn)
+    order, created = await request.app[CTX].orders.create(actor_of(p), body.model_dump())
+    return json_response(ok({"order": order, "created": created}), 201 if created else 200)
+
+
+async def get_order(request: web.Request) -> web.Response:
+    p = principal(request)
+    orders = request.app[CTX].orders
+    order_id = request.match_info["order_id"]
+    order = await orders.get(order_id)
+    if not can_view(actor_of(p), order):
+        raise Forbidden("not your order")
+    events = await orders.events_since(order_id, 0)
+    return json_response(ok({"order": order, "events": events}))
+
+
+async def assign_order(request: web.Request) -> web.Response:
+    p = principal(request)
+    body = await parse(request, AssignIn)
+    order, event = await request.app[CTX].orders.transition(
+        actor_of(p), request.match_info["order_id"], "assigned",
+        {"technician_id": body.technician_id})
+    return json_response(ok({"order": order, "event": event}))
+
+
+async def post_event(request: web.Request) -> web.Response:
+    p = principal(request)
+    body = await parse(request, EventIn)
+    order, event = await request.app[CTX].orders.transition(
+        actor_of(p), request.match_info["order_id"], body.state, body.data or {})
+    return json_response(ok({"order": order, "event": event}))
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response(ok({"status": "alive"}))
+
+
+async def readyz(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    checks: dict[str, str] = {}
+    try:
+        if ctx.mongo is None:
+            raise RuntimeError("not started")
+        await asyncio.wait_for(ctx.mongo.admin.command("ping"), 2.0)
+        checks["mongo"] = "ok"
+    except Exception as exc:  # any failure means "not ready"; the reason is the type
+        checks["mongo"] = f"down: {type(exc).__name__}"
+    ready = all(v == "ok" for v in checks.values())
+    if ready:
+        return json_response(ok({"status": "ready", "checks": checks}))
+    err = WireError("unavailable", "a backing store is unreachable", {"checks": checks})
+    return json_response(err.body(), 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    m = request.app[CTX].metrics
+    return web.Response(body=m.render(), headers={"Content-Type": m.content_type})
+
+
+def setup_routes(app: web.Application) -> None:
+    # Order ids in paths use the same charset as on the socket.
+    oid = "{order_id:[A-Za-z0-9_.:@-]{1,64}}"
+    app.router.add_post("/api/orders", create_order)
+    app.router.add_get(f"/api/orders/{oid}", get_order)
+    app.router.add_post(f"/api/orders/{oid}/assign", assign_order)
+    app.router.add_post(f"/api/orders/{oid}/events", post_event)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)

@@ -1,0 +1,119 @@
+"""create_app(settings): the composition root. Builds the Socket.IO server,
+the HTTP routes and the services; opens and closes the stores in cleanup_ctx.
+No module-level state: two apps in one process are independent."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from realtime.api import CTX, api_middleware, json_response, setup_routes
+from realtime.auth import TokenVerifier
+from realtime.context import Context
+from realtime.errors import ok
+from realtime.metrics import Metrics
+from realtime.namespaces.orders import NAMESPACE as ORDERS_NS
+from realtime.namespaces.orders import OrdersNamespace
+from realtime.settings import Settings
+from realtime.sio import RealtimeServer
+from storage.embedded import EmbeddedMongo
+from storage.mongo import MongoOrderStore, connect, ensure_indexes
+from tracking.orders import OrderService
+
+log = logging.getLogger(__name__)
+
+# How long start-up waits for the store before giving up (the process
+# supervisor restarts us); long enough for a replica set election.
+STORE_START_TIMEOUT_S = 30.0
+
+
+def cors_policy(settings: Settings) -> Any:
+    """Exact origins from the settings, plus the server's own origin (its pages)."""
+    if "*" in settings.cors_origins:
+        return "*"
+    allowed = frozenset(settings.cors_origins)
+
+    def check(origin: str | None, environ: dict[str, Any]) -> bool:
+        if origin is None:
+            return True  # not a browser: native apps and servers send no Origin
+        if origin.rstrip("/") in allowed:
+            return True
+        host = environ.get("HTTP_HOST")
+        return host is not None and origin in (f"http://{host}", f"https://{host}")
+
+    return check
+
+
+def create_app(settings: Settings) -> web.Application:
+    settings.ensure_secret()
+    metrics = Metrics()
+    sio = RealtimeServer(
+        async_mode="aiohttp",
+        cors_allowed_origins=cors_policy(settings),
+        max_http_buffer_size=settings.max_message_bytes,
+        ping_interval=settings.ping_interval_s,
+        ping_timeout=settings.ping_timeout_s,
+        http_compression=False,
+        logger=False,
+        engineio_logger=False,
+    )
+    ctx = Context(settings=settings, metrics=metrics, verifier=TokenVerifier(settings), sio=sio)
+    orders_ns = OrdersNamespace(ORDERS_NS, ctx)
+    sio.register_namespace(orders_ns)
+
+    app = web.Application(middlewares=[api_middleware], client_max_size=settings.max_message_bytes)
+    app[CTX] = ctx
+    sio.attach(app)
+    setup_routes(app)
+    app.router.add_get("/", index)
+
+    async def store(app: web.Application) -> AsyncIterator[None]:
+        embedded: EmbeddedMongo | None = None
+        url = settings.mongo_url
+        if not url:
+            embedded = EmbeddedMongo(settings.data_dir / "mongo", settings.embedded_mongo_cmd)
+            await embedded.start()
+            url = embedded.url
+        client = connect(url, settings.mongo_timeout_ms)
+        try:
+            db = client[settings.mongo_db]
+            await asyncio.wait_for(_ensure_indexes_retrying(db), STORE_START_TIMEOUT_S)
+            ctx.mongo = client
+            order_store = MongoOrderStore(client, db, metrics.observe_store)
+            ctx._orders = OrderService(order_store, orders_ns.publish)
+            log.info("store ready (%s)", "embedded" if embedded else "MONGO_URL")
+            yield
+        finally:
+            ctx._orders = None
+            ctx.mongo = None
+            await client.close()
+            if embedded is not None:
+                await embedded.stop()
+
+    app.cleanup_ctx.append(store)
+    return app
+
+
+async def _ensure_indexes_retrying(db: Any) -> None:
+    delay = 0.2
+    while True:
+        try:
+            await ensure_indexes(db)
+            return
+        except Exception as exc:
+            log.warning("store not ready (%s); retrying in %.1fs", type(exc).__name__, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+async def index(request: web.Request) -> web.Response:
+    return json_response(ok({
+        "service": "realtime",
+        "socketio_path": "/socket.io/",
+        "namespaces": [ORDERS_NS],
+        "docs": "docs/protocol.md",
+    }))

@@ -1,0 +1,112 @@
+"""JWT -> Principal. The algorithm is pinned by configuration; `none` and
+every other algorithm are refused, and `exp`, `sub` and `role` are required."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import jwt
+
+from realtime.settings import Settings, read_key
+from tracking.errors import Unauthorized
+
+ROLES = frozenset({"customer", "technician", "agent", "admin", "service"})
+MAX_TOKEN_CHARS = 8192
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    id: str
+    role: str
+    name: str | None = None
+    skills: tuple[str, ...] = field(default=())
+
+    def actor(self) -> dict[str, str]:
+        return {"id": self.id, "role": self.role}
+
+
+class TokenVerifier:
+    def __init__(self, settings: Settings) -> None:
+        self._algorithms = [settings.jwt_algorithm]
+        if settings.jwt_algorithm.startswith("HS"):
+            if not settings.jwt_secret:
+                raise ValueError("no JWT secret configured")
+            self._key: Any = settings.jwt_secret
+        else:
+            assert settings.jwt_public_key
+            self._key = read_key(settings.jwt_public_key)
+        self._audience = settings.jwt_audience
+        self._issuer = settings.jwt_issuer
+        self._leeway = settings.jwt_leeway_s
+
+    def verify(self, token: object) -> Principal:
+        if not isinstance(token, str) or not token:
+            raise Unauthorized("a token is required")
+        if len(token) > MAX_TOKEN_CHARS:
+            raise Unauthorized("token too long")
+        try:
+            claims = jwt.decode(
+                token,
+                self._key,
+                algorithms=self._algorithms,
+                audience=self._audience,
+                issuer=self._issuer,
+                leeway=self._leeway,
+                options={
+                    "require": ["exp", "sub", "role"],
+                    "verify_aud": self._audience is not None,
+                    "verify_iss": self._issuer is not None,
+                },
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthorized("token expired") from None
+        except jwt.InvalidTokenError as exc:
+            raise Unauthorized(f"invalid token: {type(exc).__name__}") from None
+        return principal_from_claims(claims)
+
+
+def principal_from_claims(claims: dict[str, Any]) -> Principal:
+    sub, role = claims.get("sub"), claims.get("role")
+    if not isinstance(sub, str) or not 0 < len(sub) <= 128:
+        raise Unauthorized("claim 'sub' must be a string of 1..128 characters")
+    if role not in ROLES:
+        raise Unauthorized(f"claim 'role' must be one of {sorted(ROLES)}")
+    name = claims.get("name")
+    if name is not None and (not isinstance(name, str) or len(name) > 128):
+        raise Unauthorized("claim 'name' must be a string of at most 128 characters")
+    skills = claims.get("skills") or []
+    if not isinstance(skills, list) or not all(isinstance(s, str) and len(s) <= 64 for s in skills):
+        raise Unauthorized("claim 'skills' must be a list of strings")
+    return Principal(id=sub, role=str(role), name=name, skills=tuple(skills[:64]))
+
+
+def mint_token(
+    settings: Settings,
+    *,
+    sub: str,
+    role: str,
+    name: str | None = None,
+    skills: list[str] | None = None,
+    ttl_s: int = 3600,
+) -> str:
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {sorted(ROLES)}")
+    now = int(time.time())
+    claims: dict[str, Any] = {"sub": sub, "role": role, "iat": now, "exp": now + ttl_s}
+    if name:
+        claims["name"] = name
+    if skills:
+        claims["skills"] = skills
+    if settings.jwt_audience:
+        claims["aud"] = settings.jwt_audience
+    if settings.jwt_issuer:
+        claims["iss"] = settings.jwt_issuer
+    if settings.jwt_algorithm.startswith("HS"):
+        key: Any = settings.jwt_secret
+    else:
+        if not settings.jwt_private_key:
+            raise ValueError(f"REALTIME_JWT_PRIVATE_KEY is needed to mint {settings.jwt_algorithm}")
+        key = read_key(settings.jwt_private_key)
+    return jwt.encode(claims, key, algorithm=settings.jwt_algorithm)

@@ -1,0 +1,33 @@
+"""What the edge's handlers share: built by create_app, completed at startup."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from realtime.auth import TokenVerifier
+from realtime.metrics import Metrics
+from realtime.settings import Settings
+
+if TYPE_CHECKING:
+    from pymongo import AsyncMongoClient
+
+    from realtime.sio import RealtimeServer
+    from tracking.orders import OrderService
+
+
+@dataclass
+class Context:
+    settings: Settings
+    metrics: Metrics
+    verifier: TokenVerifier
+    sio: RealtimeServer
+    # Set by the store's cleanup_ctx once the store is reachable.
+    mongo: AsyncMongoClient[dict[str, Any]] | None = None
+    _orders: OrderService | None = field(default=None, repr=False)
+
+    @property
+    def orders(self) -> OrderService:
+        if self._orders is None:
+            raise RuntimeError("the order service is not started")
+        return self._orders

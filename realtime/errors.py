@@ -1,0 +1,79 @@
+"""One wire error type: code + message + details, to an ack or an HTTP body.
+
+Every failure a client can see goes through ``to_error``; nothing else builds
+error replies.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydantic import ValidationError
+from pymongo.errors import ConnectionFailure, PyMongoError, ServerSelectionTimeoutError
+
+from tracking.errors import DomainError
+
+log = logging.getLogger(__name__)
+
+HTTP_STATUS = {
+    "invalid": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "conflict": 409,
+    "too_large": 413,
+    "rate_limited": 429,
+    "internal": 500,
+    "unavailable": 503,
+}
+
+
+class WireError(Exception):
+    def __init__(self, code: str, message: str, details: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = details
+
+    def body(self) -> dict[str, Any]:
+        err: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details is not None:
+            err["details"] = self.details
+        if self.code == "rate_limited" and isinstance(self.details, dict):
+            err["retry_after_ms"] = self.details.get("retry_after_ms")
+        return {"ok": False, "error": err}
+
+    @property
+    def http_status(self) -> int:
+        return HTTP_STATUS.get(self.code, 500)
+
+
+def validation_details(exc: ValidationError) -> list[dict[str, Any]]:
+    """Field paths and reasons, never the offending input (it may be huge or private)."""
+    out = []
+    for e in exc.errors(include_url=False, include_input=False, include_context=False):
+        out.append({"field": ".".join(str(p) for p in e["loc"]) or "(payload)", "error": e["msg"]})
+    return out[:20]
+
+
+def to_error(exc: BaseException) -> WireError:
+    if isinstance(exc, WireError):
+        return exc
+    if isinstance(exc, ValidationError):
+        return WireError("invalid", "payload failed validation", validation_details(exc))
+    if isinstance(exc, DomainError):
+        return WireError(exc.code, exc.message, exc.details)
+    if isinstance(exc, (ConnectionFailure, ServerSelectionTimeoutError)):
+        return WireError("unavailable", "the store is unreachable; nothing was stored, retry")
+    if isinstance(exc, PyMongoError) and exc.has_error_label("TransientTransactionError"):
+        return WireError("unavailable", "the store is unreachable; nothing was stored, retry")
+    if isinstance(exc, PyMongoError):
+        log.error("store error: %s", type(exc).__name__, exc_info=exc)
+        return WireError("unavailable", "store error; retry")
+    log.error("internal error", exc_info=exc)
+    return WireError("internal", "internal error")
+
+
+def ok(data: Any) -> dict[str, Any]:
+    return {"ok": True, "data": data}

@@ -1,0 +1,50 @@
+"""Prometheus metrics, one registry per app (no module-level globals), so
+several apps in one test process do not share counters."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# Store round trips are ~1-5 ms when healthy; the tail buckets catch a store
+# under failover, where the client is about to get `unavailable`.
+STORE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.connections = Gauge(
+            "realtime_connections", "Connected Socket.IO clients", ["namespace"], registry=r
+        )
+        self.handshakes_refused = Counter(
+            "realtime_handshakes_refused_total", "Refused Socket.IO handshakes",
+            ["namespace", "code"], registry=r,
+        )
+        self.events_in = Counter(
+            "realtime_events_in_total", "Client events received", ["namespace", "event"],
+            registry=r,
+        )
+        self.acks = Counter(
+            "realtime_acks_total", "Replies sent, by result code", ["namespace", "event", "code"],
+            registry=r,
+        )
+        self.http = Counter(
+            "realtime_http_responses_total", "HTTP API responses", ["route", "status"], registry=r
+        )
+        self.store_latency = Histogram(
+            "realtime_store_latency_seconds", "Store operation latency", ["op"],
+            buckets=STORE_BUCKETS, registry=r,
+        )
+        self.order_events = Counter(
+            "realtime_order_events_total", "Order events stored", ["type"], registry=r
+        )
+
+    def observe_store(self, op: str, seconds: float) -> None:
+        self.store_latency.labels(op).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

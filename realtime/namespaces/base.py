@@ -1,0 +1,144 @@
+"""What every namespace shares: the handshake, the event table, replies.
+
+A handler is declared with ``@handles("name", Model)`` and receives the
+caller's Principal and the parsed payload; it returns the reply's ``data`` or
+raises. ``trigger_event`` turns every outcome, including unknown events,
+wrong arity and unexpected exceptions, into ``{ok, data}`` /
+``{ok: false, error}``: a bad payload never closes the connection.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from urllib.parse import parse_qs
+
+import socketio
+from pydantic import BaseModel
+
+from realtime.auth import Principal
+from realtime.errors import WireError, ok, to_error
+from realtime.sio import refusal
+from tracking.errors import DomainError
+
+if TYPE_CHECKING:
+    from realtime.context import Context
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+Handler = Callable[[Any, Principal, str, Any], Awaitable[Any]]
+
+
+class EventSpec:
+    __slots__ = ("func", "model", "name")
+
+    def __init__(self, name: str, model: type[BaseModel] | None, func: Handler) -> None:
+        self.name = name
+        self.model = model
+        self.func = func
+
+
+def handles(name: str, model: type[BaseModel] | None = None) -> Callable[[Handler], Handler]:
+    def register(func: Handler) -> Handler:
+        func.__event_spec__ = EventSpec(name, model, func)  # type: ignore[attr-defined]
+        return func
+
+    return register
+
+
+def user_room(user_id: str) -> str:
+    return f"user:{user_id}"
+
+
+class BaseNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
+    roles: ClassVar[frozenset[str]]
+    events: ClassVar[dict[str, EventSpec]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.events = {}
+        for klass in reversed(cls.__mro__):
+            for attr in vars(klass).values():
+                spec = getattr(attr, "__event_spec__", None)
+                if spec is not None:
+                    cls.events[spec.name] = spec
+
+    def __init__(self, namespace: str, ctx: Context) -> None:
+        super().__init__(namespace)
+        self.ctx = ctx
+        self.principals: dict[str, Principal] = {}
+
+    # -- handshake -------------------------------------------------------
+    async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
+        try:
+            principal = self._authenticate(environ, auth)
+        except socketio.exceptions.ConnectionRefusedError as exc:
+            code = exc.error_args.get("data", {}).get("code", "unauthorized")
+            self.ctx.metrics.handshakes_refused.labels(self.namespace, code).inc()
+            raise
+        self.principals[sid] = principal
+        await self.enter_room(sid, user_room(principal.id))
+        self.ctx.metrics.connections.labels(self.namespace).inc()
+        await self.connected(sid, principal)
+
+    def _authenticate(self, environ: dict[str, Any], auth: Any) -> Principal:
+        query = parse_qs(environ.get("QUERY_STRING", ""))
+        if "token" in query or "access_token" in query:
+            raise refusal("unauthorized", "tokens in the query string are refused; use auth.token")
+        token = auth.get("token") if isinstance(auth, dict) else None
+        try:
+            principal = self.ctx.verifier.verify(token)
+        except DomainError as exc:
+            raise refusal("unauthorized", exc.message) from None
+        if principal.role not in self.roles:
+            raise refusal("forbidden", f"role {principal.role!r} may not use {self.namespace}")
+        return principal
+
+    async def on_disconnect(self, sid: str, reason: Any = None) -> None:
+        principal = self.principals.pop(sid, None)
+        if principal is not None:
+            self.ctx.metrics.connections.labels(self.namespace).dec()
+            await self.disconnected(sid, principal)
+
+    async def connected(self, sid: str, principal: Principal) -> None:
+        """Hook for subclasses."""
+
+    async def disconnected(self, sid: str, principal: Principal) -> None:
+        """Hook for subclasses."""
+
+    # -- events ----------------------------------------------------------
+    async def trigger_event(self, event: str, *args: Any) -> Any:
+        if event == "connect":
+            return await self.on_connect(*args)
+        if event == "disconnect":
+            return await self.on_disconnect(*args)
+        sid, payload = args[0], args[1:]
+        metrics = self.ctx.metrics
+        spec = self.events.get(event)
+        label = event if spec is not None else "(unknown)"
+        metrics.events_in.labels(self.namespace, label).inc()
+        try:
+            principal = self.principals.get(sid)
+            if principal is None:
+                raise WireError("unauthorized", "not connected")
+            if spec is None:
+                raise WireError("invalid", f"unknown event {event[:64]!r}",
+                                {"events": sorted(self.events)})
+            if len(payload) > 1:
+                raise WireError("invalid", "send one payload object")
+            body = payload[0] if payload else None
+            if spec.model is not None:
+                if not isinstance(body, dict):
+                    raise WireError("invalid", "payload must be an object",
+                                    [{"field": "(payload)", "error": "must be an object"}])
+                body = spec.model.model_validate(body)
+            data = await spec.func(self, principal, sid, body)
+            reply = ok(data)
+            code = "ok"
+        except Exception as exc:
+            err = to_error(exc)
+            reply, code = err.body(), err.code
+        metrics.acks.labels(self.namespace, label, code).inc()
+        return reply

@@ -1,0 +1,133 @@
+"""/orders: live order state. Subscribe with replay, and the actions of the
+customer, technician and agent on an order."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from realtime.auth import Principal
+from realtime.namespaces.base import BaseNamespace, handles, user_room
+from realtime.namespaces.models import Id, Inbound, ShortText, Text
+from tracking.errors import Forbidden
+from tracking.lifecycle import Actor
+from tracking.orders import Event, Order, can_view
+
+NAMESPACE = "/orders"
+Stars = Annotated[int, Field(ge=1, le=5)]
+
+
+def order_room(order_id: str) -> str:
+    return f"order:{order_id}"
+
+
+def actor_of(p: Principal) -> Actor:
+    return Actor(p.id, p.role)
+
+
+class SubscribeIn(Inbound):
+    order_id: Id
+    since_seq: Annotated[int, Field(ge=0)] | None = None
+
+
+class OrderRef(Inbound):
+    order_id: Id
+
+
+class ProgressIn(Inbound):
+    order_id: Id
+    state: Literal["en_route", "arrived", "in_service", "completed"]
+
+
+class CancelIn(Inbound):
+    order_id: Id
+    reason: ShortText | None = None
+
+
+class RefundIn(Inbound):
+    order_id: Id
+    reason: Text
+
+
+class ResolveRefundIn(Inbound):
+    order_id: Id
+    approve: bool
+    note: ShortText | None = None
+
+
+class RateIn(Inbound):
+    order_id: Id
+    stars: Stars
+    quality: Stars | None = None
+    attitude: Stars | None = None
+    efficiency: Stars | None = None
+    comment: Annotated[str, Field(max_length=1000)] | None = None
+
+
+def changed(order: Order, event: Event) -> dict[str, Any]:
+    return {"order": order, "event": event}
+
+
+class OrdersNamespace(BaseNamespace):
+    roles = frozenset({"customer", "technician", "agent", "admin", "service"})
+
+    async def publish(self, order: Order, event: Event) -> None:
+        """Fan an order event out to the order's subscribers and, wherever they
+        are connected, to its customer and technician (once each)."""
+        rooms = [order_room(order["order_id"]), user_room(order["customer_id"])]
+        if order.get("technician_id"):
+            rooms.append(user_room(order["technician_id"]))
+        self.ctx.metrics.order_events.labels(event["type"]).inc()
+        await self.emit("order_event", event, to=rooms)
+        previous = event["data"].get("previous_technician_id") if event["type"] == "reassigned" else None
+        if previous:
+            # The order is no longer theirs: stop its stream to them.
+            room = order_room(order["order_id"])
+            for sid, _ in list(self.server.manager.get_participants(self.namespace, user_room(previous))):
+                await self.leave_room(sid, room)
+
+    @handles("subscribe", SubscribeIn)
+    async def subscribe(self, p: Principal, sid: str, body: SubscribeIn) -> dict[str, Any]:
+        orders = self.ctx.orders
+        order = await orders.get(body.order_id)
+        if not can_view(actor_of(p), order):
+            raise Forbidden("not your order")
+        # Join before reading: an event committed in between arrives both in
+        # the reply and as a push, never in neither. Clients drop seq <= last.
+        await self.enter_room(sid, order_room(body.order_id))
+        events = await orders.events_since(body.order_id, body.since_seq or 0)
+        if events and events[-1]["seq"] > order["seq"]:
+            order = await orders.get(body.order_id)  # changed while we read
+        last = events[-1]["seq"] if events else (body.since_seq or 0)
+        return {"order": order, "events": events, "has_more": last < order["seq"]}
+
+    @handles("unsubscribe", OrderRef)
+    async def unsubscribe(self, p: Principal, sid: str, body: OrderRef) -> dict[str, Any]:
+        await self.leave_room(sid, order_room(body.order_id))
+        return {"order_id": body.order_id}
+
+    @handles("progress", ProgressIn)
+    async def progress(self, p: Principal, sid: str, body: ProgressIn) -> dict[str, Any]:
+        return changed(*await self.ctx.orders.transition(actor_of(p), body.order_id, body.state))
+
+    @handles("cancel", CancelIn)
+    async def cancel(self, p: Principal, sid: str, body: CancelIn) -> dict[str, Any]:
+        data = {"reason": body.reason} if body.reason else {}
+        return changed(*await self.ctx.orders.transition(actor_of(p), body.order_id, "cancelled", data))
+
+    @handles("request_refund", RefundIn)
+    async def request_refund(self, p: Principal, sid: str, body: RefundIn) -> dict[str, Any]:
+        return changed(*await self.ctx.orders.transition(
+            actor_of(p), body.order_id, "refund_requested", {"reason": body.reason}))
+
+    @handles("resolve_refund", ResolveRefundIn)
+    async def resolve_refund(self, p: Principal, sid: str, body: ResolveRefundIn) -> dict[str, Any]:
+        target = "refunded" if body.approve else "refund_rejected"
+        data = {"note": body.note} if body.note else {}
+        return changed(*await self.ctx.orders.transition(actor_of(p), body.order_id, target, data))
+
+    @handles("rate", RateIn)
+    async def rate(self, p: Principal, sid: str, body: RateIn) -> dict[str, Any]:
+        rating = body.model_dump(exclude={"order_id"}, exclude_none=True)
+        return changed(*await self.ctx.orders.rate(actor_of(p), body.order_id, rating))

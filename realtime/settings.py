@@ -1,0 +1,108 @@
+"""The one configuration object, read from environment variables.
+
+Names are fixed: operators and acceptance checks use them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+log = logging.getLogger(__name__)
+
+Algorithm = Literal["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="REALTIME_", extra="ignore")
+
+    host: str = "0.0.0.0"
+    port: int = Field(default=8080, ge=0, le=65535)
+    # Dev mode admits `*` as a CORS origin and (later) the dev sign-in page.
+    dev: bool = False
+    log_level: str = "INFO"
+
+    jwt_secret: str | None = None
+    jwt_algorithm: Algorithm = "HS256"
+    # PEM text or a path to a PEM file; used instead of the secret for RS*/ES*.
+    jwt_public_key: str | None = None
+    # Only the `token` command needs it, and only for RS*/ES*.
+    jwt_private_key: str | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    # Clock skew tolerated on exp/nbf/iat, seconds.
+    jwt_leeway_s: int = Field(default=30, ge=0, le=300)
+
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    data_dir: Path = Path("./data")
+    mongo_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("MONGO_URL", "REALTIME_MONGO_URL")
+    )
+    mongo_db: str = "realtime"
+    # How long a store call may wait for a reachable server before the client
+    # gets `unavailable`; short, because the client retries and a hung ack is
+    # worse than a clear error.
+    mongo_timeout_ms: int = Field(default=2500, ge=100, le=60_000)
+    redis_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("REDIS_URL", "REALTIME_REDIS_URL")
+    )
+    # Executable of the embedded MongoDB-protocol server (SecantusDB).
+    embedded_mongo_cmd: str = "secantusd-py"
+
+    # engine.io limits. 64 KiB: OWASP's advice for websocket frames, and far
+    # above our largest legitimate payload (a chat body is at most 4000 chars).
+    max_message_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    ping_interval_s: float = Field(default=25.0, gt=0)
+    ping_timeout_s: float = Field(default=20.0, gt=0)
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [o.strip().rstrip("/") for o in value.split(",") if o.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if "*" in self.cors_origins and not self.dev:
+            raise ValueError("REALTIME_CORS_ORIGINS='*' is refused outside dev mode (REALTIME_DEV=1)")
+        if self.jwt_algorithm.startswith("HS"):
+            if self.jwt_secret is not None and len(self.jwt_secret) < 16:
+                raise ValueError("REALTIME_JWT_SECRET must be at least 16 characters")
+        elif not self.jwt_public_key:
+            raise ValueError(f"REALTIME_JWT_PUBLIC_KEY is required for {self.jwt_algorithm}")
+        return self
+
+    def ensure_secret(self) -> None:
+        """Give HS* a secret: the configured one, or one kept in the data dir.
+
+        A newcomer runs the server with no configuration; the generated secret
+        survives restarts so that tokens minted earlier stay valid.
+        """
+        if not self.jwt_algorithm.startswith("HS") or self.jwt_secret:
+            return
+        path = self.data_dir / "jwt_secret"
+        if path.exists():
+            self.jwt_secret = path.read_text().strip()
+            return
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        secret = secrets.token_urlsafe(48)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secret + "\n")
+        self.jwt_secret = secret
+        log.warning("no REALTIME_JWT_SECRET set: generated one and stored it in %s", path)
+
+
+def read_key(value: str) -> str:
+    """A PEM key given inline or as a path."""
+    if value.lstrip().startswith("-----BEGIN"):
+        return value
+    return Path(value).read_text()

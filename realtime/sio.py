@@ -1,0 +1,87 @@
+"""The Socket.IO server: python-socketio's AsyncServer, hardened at the packet edge.
+
+- JSON only: binary packets (and the attachment frames behind them) are
+  refused, closing the "announce many attachments" DoS; an event that asked
+  for an ack gets an `invalid` reply.
+- A malformed packet (bad JSON, an event whose first element is not a name)
+  is dropped with a reply where possible, never an exception in the log.
+- The websocket transport never negotiates permessage-deflate: it multiplies
+  memory per connection and latency under load (measured in ANCHORS.md).
+
+The engine.io driver and packet dispatch are private API of python-socketio
+5.x / python-engineio 4.x; pyproject pins both below their next major, and
+tests/test_hardening.py fails if either hook stops working.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import socketio
+from aiohttp.web import WebSocketResponse
+from engineio.async_drivers import aiohttp as eio_aiohttp
+from socketio import packet
+
+log = logging.getLogger(__name__)
+
+
+class _PlainWebSocket(eio_aiohttp.WebSocket):  # type: ignore[misc]
+    """engine.io's aiohttp websocket without permessage-deflate."""
+
+    async def __call__(self, environ: dict[str, Any]) -> WebSocketResponse:
+        request = environ["aiohttp.request"]
+        self._sock = WebSocketResponse(
+            max_msg_size=self.server.max_http_buffer_size, compress=False
+        )
+        await self._sock.prepare(request)
+        self.environ = environ
+        await self.handler(self)
+        return self._sock
+
+
+def refusal(code: str, message: str) -> socketio.exceptions.ConnectionRefusedError:
+    """A handshake refusal whose `connect_error` data is {code, message}."""
+    return socketio.exceptions.ConnectionRefusedError(message, {"code": code, "message": message})
+
+
+class RealtimeServer(socketio.AsyncServer):  # type: ignore[misc]
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.eio._async = {**self.eio._async, "websocket": _PlainWebSocket}
+
+    async def _reply_error(self, eio_sid: str, pkt: Any, code: str, message: str) -> None:
+        if pkt.id is None:
+            return
+        err = {"ok": False, "error": {"code": code, "message": message}}
+        await self._send_packet(eio_sid, self.packet_class(
+            packet.ACK, namespace=pkt.namespace or "/", id=pkt.id, data=[err]))
+
+    async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
+        if not isinstance(data, str):
+            # A binary frame: an attachment of a packet we refused, or noise.
+            return
+        try:
+            pkt = self.packet_class(encoded_packet=data)
+        except Exception:  # malformed JSON or header: nothing to reply to
+            log.info("dropped a malformed packet from %s", eio_sid)
+            return
+        kind = pkt.packet_type
+        if kind == packet.EVENT:
+            if not (isinstance(pkt.data, list) and pkt.data and isinstance(pkt.data[0], str)):
+                await self._reply_error(eio_sid, pkt, "invalid", "an event needs a name")
+                return
+            await self._handle_event(eio_sid, pkt.namespace, pkt.id, pkt.data)
+        elif kind == packet.ACK:
+            await self._handle_ack(eio_sid, pkt.namespace, pkt.id, pkt.data)
+        elif kind == packet.CONNECT:
+            await self._handle_connect(eio_sid, pkt.namespace, pkt.data)
+        elif kind == packet.DISCONNECT:
+            await self._handle_disconnect(eio_sid, pkt.namespace, self.reason.CLIENT_DISCONNECT)
+        elif kind in (packet.BINARY_EVENT, packet.BINARY_ACK):
+            if kind == packet.BINARY_EVENT:
+                await self._reply_error(
+                    eio_sid, pkt, "invalid", "binary payloads are not accepted; send JSON"
+                )
+        else:
+            log.info("dropped a packet of type %s from %s", kind, eio_sid)

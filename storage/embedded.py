@@ -1,0 +1,134 @@
+"""The embedded MongoDB-protocol server: SecantusDB run as a child process.
+
+A separate process keeps its GPL licence on the far side of a socket and its
+work off our event loop. Data lives in ``<data_dir>/mongo`` and survives
+restarts; the child is stopped (SIGTERM, then SIGKILL) with the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# WiredTiger recovery on a large data dir can take a while on first start.
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 15.0
+
+
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGTERM if we die without stopping it (SIGKILL),
+    so a crashed server never leaves a store holding the data dir's lock."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except OSError:  # not glibc Linux: fall back to the stop() path only
+        pass
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def find_executable(name: str) -> str:
+    """The launcher installed beside our interpreter first (a venv), then PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if not found:
+        raise RuntimeError(
+            f"{name!r} not found: install the project (pip install -e .) or set MONGO_URL"
+        )
+    return found
+
+
+async def _wait_port(host: str, port: int, proc: asyncio.subprocess.Process,
+                     timeout: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        if proc.returncode is not None:
+            raise RuntimeError(f"embedded store exited with code {proc.returncode} at start")
+        try:
+            _, writer = await asyncio.open_connection(host, port)
+        except OSError:
+            await asyncio.sleep(0.1)
+            continue
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return
+    raise RuntimeError(f"embedded store did not listen on {host}:{port} within {timeout:.0f}s")
+
+
+class EmbeddedMongo:
+    def __init__(self, storage_path: Path | str, command: str = "secantusd-py",
+                 host: str = "127.0.0.1", port: int | None = None) -> None:
+        self.storage_path = storage_path
+        self.command = command
+        self.host = host
+        self.port = port or free_port(host)
+        self._proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mongodb://{self.host}:{self.port}/?directConnection=true"
+
+    async def start(self) -> None:
+        if self.storage_path != ":memory:":
+            Path(self.storage_path).mkdir(parents=True, exist_ok=True)
+        exe = find_executable(self.command)
+        log_path = (
+            Path(self.storage_path).parent / "secantusd.log"
+            if self.storage_path != ":memory:" else None
+        )
+        out = open(log_path, "ab") if log_path else asyncio.subprocess.DEVNULL
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                exe, "--host", self.host, "--port", str(self.port),
+                "--storage-path", str(self.storage_path), "--log-level", "WARNING",
+                stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
+                # Its own process group: a Ctrl-C in the terminal reaches us,
+                # and we stop it in order, after our last write.
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        finally:
+            if not isinstance(out, int):
+                out.close()
+        log.info("embedded store (SecantusDB) starting on %s:%d, data in %s (pid %d)",
+                 self.host, self.port, self.storage_path, self._proc.pid)
+        try:
+            await _wait_port(self.host, self.port, self._proc, START_TIMEOUT_S)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("embedded store did not stop in %.0fs; killing it", STOP_TIMEOUT_S)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+        log.info("embedded store stopped")

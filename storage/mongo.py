@@ -1,0 +1,132 @@
+"""MongoDB: connection, indexes, and the order store.
+
+Order updates and their events are written in one transaction, so an event
+exists exactly when the order's seq says it does. That needs a replica set
+(MongoDB) or the embedded SecantusDB server, which supports transactions.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pymongo import ASCENDING, AsyncMongoClient, IndexModel, ReturnDocument
+from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
+
+from tracking.orders import Event, Order, OrderExists, StaleWrite
+
+Observe = Callable[[str, float], None]
+
+
+def _no_observe(op: str, seconds: float) -> None:
+    return None
+
+
+def connect(url: str, timeout_ms: int) -> AsyncMongoClient[dict[str, Any]]:
+    return AsyncMongoClient(
+        url,
+        serverSelectionTimeoutMS=timeout_ms,
+        connectTimeoutMS=timeout_ms,
+        socketTimeoutMS=max(timeout_ms * 4, 10_000),
+        # Fail fast instead of queueing behind a dead primary.
+        waitQueueTimeoutMS=timeout_ms,
+        tz_aware=False,
+        appname="realtime",
+    )
+
+
+INDEXES: dict[str, list[IndexModel]] = {
+    "orders": [
+        IndexModel([("customer_id", ASCENDING), ("updated_ts", ASCENDING)]),
+        IndexModel([("technician_id", ASCENDING), ("state", ASCENDING)]),
+    ],
+    "order_events": [
+        # The gap-free, duplicate-free per-order sequence.
+        IndexModel([("order_id", ASCENDING), ("seq", ASCENDING)], unique=True),
+    ],
+}
+
+
+async def ensure_indexes(db: AsyncDatabase[dict[str, Any]]) -> None:
+    for coll, models in INDEXES.items():
+        await db[coll].create_indexes(models)
+
+
+def _order_out(doc: dict[str, Any]) -> Order:
+    doc = dict(doc)
+    doc["order_id"] = doc.pop("_id")
+    return doc
+
+
+class MongoOrderStore:
+    def __init__(self, client: AsyncMongoClient[dict[str, Any]],
+                 db: AsyncDatabase[dict[str, Any]], observe: Observe = _no_observe) -> None:
+        self._client = client
+        self._orders = db["orders"]
+        self._events = db["order_events"]
+        self._observe = observe
+
+    async def get(self, order_id: str) -> Order | None:
+        t0 = time.perf_counter()
+        doc = await self._orders.find_one({"_id": order_id})
+        self._observe("order_get", time.perf_counter() - t0)
+        return _order_out(doc) if doc else None
+
+    async def insert(self, order: Order, event: Event) -> None:
+        doc = dict(order)
+        doc["_id"] = doc.pop("order_id")
+
+        async def txn(session: AsyncClientSession) -> None:
+            await self._orders.insert_one(doc, session=session)
+            await self._events.insert_one(dict(event), session=session)
+
+        t0 = time.perf_counter()
+        try:
+            async with self._client.start_session() as session:
+                await session.with_transaction(txn)
+        except DuplicateKeyError:
+            existing = await self.get(order["order_id"])
+            if existing is None:  # pragma: no cover - deleted in between
+                raise
+            raise OrderExists(existing) from None
+        finally:
+            self._observe("order_insert", time.perf_counter() - t0)
+
+    async def commit(self, order_id: str, expected_seq: int, changes: dict[str, Any],
+                     event: Event) -> Order:
+        async def txn(session: AsyncClientSession) -> dict[str, Any] | None:
+            doc = await self._orders.find_one_and_update(
+                {"_id": order_id, "seq": expected_seq},
+                {"$set": changes, "$inc": {"seq": 1}},
+                return_document=ReturnDocument.AFTER,
+                session=session,
+            )
+            if doc is None:
+                return None
+            await self._events.insert_one(dict(event), session=session)
+            return doc
+
+        t0 = time.perf_counter()
+        try:
+            async with self._client.start_session() as session:
+                doc = await session.with_transaction(txn)
+        except DuplicateKeyError:
+            # Another node stored this seq first: the same as a stale read.
+            raise StaleWrite(order_id) from None
+        finally:
+            self._observe("order_commit", time.perf_counter() - t0)
+        if doc is None:
+            raise StaleWrite(order_id)
+        return _order_out(doc)
+
+    async def events(self, order_id: str, since_seq: int, limit: int) -> list[Event]:
+        t0 = time.perf_counter()
+        cursor = self._events.find(
+            {"order_id": order_id, "seq": {"$gt": since_seq}}, {"_id": 0}
+        ).sort("seq", ASCENDING).limit(limit)
+        out = [doc async for doc in cursor]
+        self._observe("order_events", time.perf_counter() - t0)
+        return out

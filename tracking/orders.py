@@ -1,0 +1,211 @@
+"""Order service: creation, transitions, rating, replay.
+
+Every change is one order event with the next per-order ``seq`` (1, 2, 3, …
+no gaps). The store commits the order update and the event together,
+conditioned on the ``seq`` the decision was made on (optimistic concurrency);
+a lost race re-reads and decides again, so two concurrent transitions from
+the same state give one winner and one ``conflict``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, Protocol
+
+from tracking.clock import now_ms
+from tracking.errors import Conflict, Forbidden, NotFound, Unavailable
+from tracking.lifecycle import Actor, check_transition
+
+Order = dict[str, Any]
+Event = dict[str, Any]
+
+# Optimistic retries before a hot order answers `unavailable`. Each retry
+# re-reads, so even heavy contention converges within a few rounds.
+MAX_COMMIT_ATTEMPTS: Final = 20
+# Most events one replay returns; a longer history pages by since_seq.
+MAX_REPLAY: Final = 1000
+VIEW_ANY: Final = frozenset({"agent", "admin", "service"})
+
+
+class StaleWrite(Exception):
+    """The order's seq moved between read and write."""
+
+
+class OrderExists(Exception):
+    def __init__(self, existing: Order) -> None:
+        super().__init__(existing["order_id"])
+        self.existing = existing
+
+
+class OrderStore(Protocol):
+    async def get(self, order_id: str) -> Order | None: ...
+
+    async def insert(self, order: Order, event: Event) -> None:
+        """Store a new order and its first event together; raise OrderExists."""
+
+    async def commit(self, order_id: str, expected_seq: int, changes: dict[str, Any],
+                     event: Event) -> Order:
+        """Apply ``changes`` and store ``event`` (whose seq is expected_seq + 1)
+        atomically, only if the order's seq is still ``expected_seq``; raise
+        StaleWrite otherwise. Returns the updated order."""
+
+    async def events(self, order_id: str, since_seq: int, limit: int) -> list[Event]: ...
+
+
+Notify = Callable[[Order, Event], Awaitable[None]]
+
+CREATE_FIELDS: Final = ("customer_id", "service", "address", "window", "skills")
+
+
+class OrderService:
+    def __init__(self, store: OrderStore, notify: Notify) -> None:
+        self._store = store
+        self._notify = notify
+        # One lock per hot order on this node: events leave this node in seq
+        # order, and local writers do not fight each other's optimistic retries.
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
+
+    def _lock(self, order_id: str) -> asyncio.Lock:
+        lock = self._locks.get(order_id)
+        if lock is None:
+            lock = asyncio.Lock()
+            self._locks[order_id] = lock
+        return lock
+
+    async def get(self, order_id: str) -> Order:
+        order = await self._store.get(order_id)
+        if order is None:
+            raise NotFound(f"order {order_id!r} not found")
+        return order
+
+    async def create(self, actor: Actor, spec: dict[str, Any]) -> tuple[Order, bool]:
+        """Create an order; idempotent on order_id. Returns (order, created).
+
+        The same order_id with different content is a `conflict`: a retry must
+        not silently turn into a different order.
+        """
+        ts = now_ms()
+        order: Order = {
+            **{k: spec.get(k) for k in CREATE_FIELDS},
+            "order_id": spec["order_id"],
+            "technician_id": None,
+            "state": "created",
+            "seq": 1,
+            "created_ts": ts,
+            "updated_ts": ts,
+            "rating": None,
+        }
+        order["skills"] = list(spec.get("skills") or [])
+        event = self._event(order, 1, "state_changed", actor, {}, ts)
+        try:
+            await self._store.insert(order, event)
+        except OrderExists as exc:
+            existing = exc.existing
+            if any(existing.get(k) != order.get(k) for k in CREATE_FIELDS):
+                raise Conflict(
+                    f"order {order['order_id']!r} exists with different content"
+                ) from None
+            return existing, False
+        await self._notify(order, event)
+        return order, True
+
+    async def transition(
+        self, actor: Actor, order_id: str, target: str, data: dict[str, Any] | None = None
+    ) -> tuple[Order, Event]:
+        data = dict(data or {})
+
+        def decide(order: Order) -> tuple[dict[str, Any], str, dict[str, Any]]:
+            check_transition(
+                actor,
+                state=order["state"],
+                target=target,
+                customer_id=order["customer_id"],
+                technician_id=order.get("technician_id"),
+            )
+            changes: dict[str, Any] = {"state": target}
+            ev_type = "state_changed"
+            if target == "assigned":
+                tech = data.get("technician_id")
+                if not isinstance(tech, str) or not tech:
+                    raise Conflict("assigning needs a technician_id")
+                if order["state"] == "assigned":
+                    if tech == order.get("technician_id"):
+                        raise Conflict(f"order is already assigned to {tech!r}")
+                    ev_type = "reassigned"
+                    data["previous_technician_id"] = order.get("technician_id")
+                changes["technician_id"] = tech
+            if target == "completed":
+                changes["completed_ts"] = now_ms()
+            return changes, ev_type, data
+
+        return await self._apply(actor, order_id, decide)
+
+    async def rate(self, actor: Actor, order_id: str, rating: dict[str, Any]) -> tuple[Order, Event]:
+        def decide(order: Order) -> tuple[dict[str, Any], str, dict[str, Any]]:
+            if actor.role != "customer" or actor.id != order["customer_id"]:
+                raise Forbidden("only the order's customer may rate it")
+            if not order.get("completed_ts"):
+                raise Conflict("an order can be rated once it is completed", {"state": order["state"]})
+            if order.get("rating"):
+                raise Conflict("this order has already been rated")
+            stored = {k: v for k, v in rating.items() if v is not None}
+            return {"rating": {**stored, "ts": now_ms()}}, "rated", stored
+
+        return await self._apply(actor, order_id, decide)
+
+    async def _apply(
+        self,
+        actor: Actor,
+        order_id: str,
+        decide: Callable[[Order], tuple[dict[str, Any], str, dict[str, Any]]],
+    ) -> tuple[Order, Event]:
+        async with self._lock(order_id):
+            for _ in range(MAX_COMMIT_ATTEMPTS):
+                order = await self.get(order_id)
+                changes, ev_type, data = decide(order)
+                ts = now_ms()
+                changes["updated_ts"] = ts
+                seq = order["seq"] + 1
+                state = changes.get("state", order["state"])
+                event = self._event({**order, "state": state}, seq, ev_type, actor, data, ts)
+                try:
+                    updated = await self._store.commit(order_id, order["seq"], changes, event)
+                except StaleWrite:
+                    continue
+                await self._notify(updated, event)
+                return updated, event
+        raise Unavailable("the order is changing too fast; retry")
+
+    async def events_since(self, order_id: str, since_seq: int = 0,
+                           limit: int = MAX_REPLAY) -> list[Event]:
+        return await self._store.events(order_id, since_seq, min(limit, MAX_REPLAY))
+
+    @staticmethod
+    def _event(order: Order, seq: int, ev_type: str, actor: Actor,
+               data: dict[str, Any], ts: int) -> Event:
+        return {
+            "order_id": order["order_id"],
+            "seq": seq,
+            "type": ev_type,
+            "state": order["state"],
+            "ts": ts,
+            "actor": actor.as_dict(),
+            "data": data,
+        }
+
+
+def can_view(actor: Actor, order: Order) -> bool:
+    """Customers see their own orders; technicians the orders assigned to them
+    (not after a re-assignment to someone else); agents, admins and the
+    backend see every order."""
+    if actor.role in VIEW_ANY:
+        return True
+    if actor.role == "customer":
+        return bool(order["customer_id"] == actor.id)
+    if actor.role == "technician":
+        return bool(order.get("technician_id") == actor.id)
+    return False
