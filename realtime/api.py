@@ -27,7 +27,7 @@ from tracking.orders import can_view
 log = logging.getLogger(__name__)
 
 CTX: web.AppKey[Context] = web.AppKey("ctx", Context)
-PRINCIPAL = "principal"
+PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal", Principal)
 # Bound on free-form `data` objects the backend attaches to events.
 MAX_DATA_BYTES = 8 * 1024
 
@@ -141,8 +141,7 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
 
 
 def principal(request: web.Request) -> Principal:
-    p: Principal = request[PRINCIPAL]
-    return p
+    return request[PRINCIPAL]
 
 
 def require_role(p: Principal, *roles: str) -> None:

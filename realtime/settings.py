@@ -20,7 +20,7 @@ Algorithm = Literal["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="REALTIME_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="REALTIME_", extra="ignore", populate_by_name=True)
 
     host: str = "0.0.0.0"
     port: int = Field(default=8080, ge=0, le=65535)

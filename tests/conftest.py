@@ -1,0 +1,128 @@
+"""Session-wide real servers (redis-server, SecantusDB) and per-test live apps."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from realtime.app import create_app
+from realtime.auth import mint_token
+from realtime.settings import Settings
+from tests.harness import Client, Http, MongoServer, RedisServer, free_port, uid
+
+JWT_SECRET = "test-secret-0123456789abcdef-0123456789"
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mongo_server() -> Iterator[MongoServer]:
+    server = MongoServer()
+    yield server
+    server.stop()
+
+
+def make_settings(mongo_url: str, **overrides: Any) -> Settings:
+    base: dict[str, Any] = {
+        "jwt_secret": JWT_SECRET,
+        "mongo_url": mongo_url,
+        "mongo_db": "realtime_test",
+        "data_dir": Path(tempfile.mkdtemp(prefix="rt-data-")),
+        "host": "127.0.0.1",
+        "port": 0,
+    }
+    base.update(overrides)
+    return Settings(**base)
+
+
+class Live:
+    """A running app on a free port, with helpers to mint tokens and connect clients."""
+
+    def __init__(self, settings: Settings, app: web.Application, port: int,
+                 session: aiohttp.ClientSession) -> None:
+        self.settings = settings
+        self.app = app
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.http = Http(self.url, session)
+        self.clients: list[Client] = []
+
+    def token(self, role: str, sub: str | None = None, **kw: Any) -> str:
+        return mint_token(self.settings, sub=sub or uid(f"{role}-"), role=role, **kw)
+
+    async def client(self, role: str, sub: str | None = None, namespace: str = "/orders",
+                     **kw: Any) -> Client:
+        c = Client(self.url, namespace, self.token(role, sub, **kw))
+        self.clients.append(c)
+        return await c.connect()
+
+    async def create_order(self, customer_id: str | None = None, **extra: Any) -> dict[str, Any]:
+        body = {
+            "order_id": uid("o-"),
+            "customer_id": customer_id or uid("c-"),
+            "service": {"code": "aircon_repair", "name": "空调维修"},
+            "address": {"lat": 31.2304, "lng": 121.4737, "text": "上海市黄浦区人民广场 1 号"},
+            "window": {"start_ts": 1_800_000_000_000, "end_ts": 1_800_000_360_000},
+            **extra,
+        }
+        status, reply = await self.http.request("POST", "/api/orders", self.token("service"), json=body)
+        assert status == 201, reply
+        return dict(reply["data"]["order"])
+
+    async def post_event(self, order_id: str, state: str, data: dict[str, Any] | None = None,
+                         role: str = "service") -> tuple[int, Any]:
+        return await self.http.request("POST", f"/api/orders/{order_id}/events", self.token(role),
+                                       json={"state": state, **({"data": data} if data else {})})
+
+    async def assign(self, order_id: str, technician_id: str) -> dict[str, Any]:
+        status, reply = await self.http.request(
+            "POST", f"/api/orders/{order_id}/assign", self.token("service"),
+            json={"technician_id": technician_id})
+        assert status == 200, reply
+        return dict(reply["data"]["order"])
+
+
+StartApp = Callable[..., Awaitable[Live]]
+
+
+@pytest.fixture
+async def start_app(mongo_server: MongoServer) -> AsyncIterator[StartApp]:
+    runners: list[web.AppRunner] = []
+    lives: list[Live] = []
+    session = aiohttp.ClientSession()
+
+    async def start(**overrides: Any) -> Live:
+        settings = make_settings(mongo_server.url, **overrides)
+        app = create_app(settings)
+        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runners.append(runner)
+        live = Live(settings, app, port, session)
+        lives.append(live)
+        return live
+
+    yield start
+    for live in lives:
+        for c in live.clients:
+            await c.close()
+    for runner in runners:
+        await runner.cleanup()
+    await session.close()
+
+
+@pytest.fixture
+async def live(start_app: StartApp) -> Live:
+    return await start_app()
