@@ -1,0 +1,126 @@
+"""The packet edge: JSON only, no permessage-deflate, origin allowlist, settings guards."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import aiohttp
+import pytest
+from pydantic import ValidationError
+
+from realtime.settings import Settings
+from tests.conftest import JWT_SECRET, Live, StartApp
+
+
+async def raw_orders_socket(live: Live, token: str, **kw: Any) -> aiohttp.ClientWebSocketResponse:
+    """A websocket speaking Engine.IO v4 / Socket.IO v5 by hand, joined to /orders."""
+    ws = await live.http.session.ws_connect(
+        f"ws://127.0.0.1:{live.port}/socket.io/?EIO=4&transport=websocket", **kw)
+    opening = await ws.receive_str(timeout=5)
+    assert opening.startswith("0{")
+    await ws.send_str('40/orders,' + json.dumps({"token": token}))
+    joined = await ws.receive_str(timeout=5)
+    assert joined.startswith('40/orders,{"sid"'), joined
+    return ws
+
+
+async def next_ack(ws: aiohttp.ClientWebSocketResponse, ack_id: int) -> Any:
+    prefix = f"43/orders,{ack_id}"
+    while True:
+        msg = await ws.receive_str(timeout=5)
+        if msg == "2":  # engine.io ping
+            await ws.send_str("3")
+            continue
+        if msg.startswith(prefix):
+            return json.loads(msg[len(prefix):])[0]
+
+
+async def test_binary_event_is_refused_and_connection_survives(live: Live) -> None:
+    ws = await raw_orders_socket(live, live.token("agent"))
+    # An engine.io message (4) carrying a BINARY_EVENT (5) announcing one attachment,
+    # then the attachment itself.
+    await ws.send_str('451-/orders,1["subscribe",{"_placeholder":true,"num":0}]')
+    await ws.send_bytes(b"\x00" * 1000)
+    reply = await next_ack(ws, 1)
+    assert reply["ok"] is False and reply["error"]["code"] == "invalid"
+    assert "binary" in reply["error"]["message"]
+    # Many announced attachments are not buffered either: the socket still works.
+    await ws.send_str('45100-/orders,2["subscribe",{}]')
+    assert (await next_ack(ws, 2))["error"]["code"] == "invalid"
+    await ws.send_str('42/orders,3["subscribe",{"order_id":"no-such-order"}]')
+    assert (await next_ack(ws, 3))["error"]["code"] == "not_found"
+    await ws.close()
+
+
+@pytest.mark.parametrize("packet", [
+    '42/orders,4{"not":"a list"}',
+    '42/orders,4[]',
+    '42/orders,4[123,{}]',
+    '42/orders,4["subscribe",{"order_id":',  # truncated JSON
+])
+async def test_malformed_event_packets(live: Live, packet: str) -> None:
+    ws = await raw_orders_socket(live, live.token("agent"))
+    await ws.send_str(packet)
+    await ws.send_str('42/orders,5["subscribe",{"order_id":"no-such-order"}]')
+    assert (await next_ack(ws, 5))["error"]["code"] == "not_found"
+    await ws.close()
+
+
+async def test_malformed_event_with_ack_gets_invalid(live: Live) -> None:
+    ws = await raw_orders_socket(live, live.token("agent"))
+    await ws.send_str('42/orders,7[42]')
+    assert (await next_ack(ws, 7))["error"]["code"] == "invalid"
+    await ws.close()
+
+
+async def test_websocket_refuses_permessage_deflate(live: Live) -> None:
+    # Browsers always offer it; the server must not accept it.
+    ws = await live.http.session.ws_connect(
+        f"ws://127.0.0.1:{live.port}/socket.io/?EIO=4&transport=websocket", compress=15)
+    assert ws.compress == 0
+    await ws.close()
+
+
+async def test_oversized_frame_is_refused(live: Live) -> None:
+    ws = await raw_orders_socket(live, live.token("agent"))
+    await ws.send_str('42/orders,1["subscribe",{"order_id":"' + "x" * (70 * 1024) + '"}]')
+    msg = await ws.receive(timeout=5)
+    while msg.type == aiohttp.WSMsgType.TEXT:
+        msg = await ws.receive(timeout=5)
+    assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR)
+    # The server itself is unharmed.
+    client = await live.client("agent")
+    assert (await client.call("subscribe", {"order_id": "nope"}))["error"]["code"] == "not_found"
+
+
+async def polling_handshake(live: Live, origin: str | None) -> aiohttp.ClientResponse:
+    headers = {"Origin": origin} if origin else {}
+    async with live.http.session.get(
+        f"{live.url}/socket.io/?EIO=4&transport=polling", headers=headers) as resp:
+        await resp.read()
+        return resp
+
+
+async def test_origin_allowlist(start_app: StartApp) -> None:
+    live = await start_app(cors_origins=["https://app.example.com"])
+    assert (await polling_handshake(live, "https://evil.example.com")).status == 400
+    allowed = await polling_handshake(live, "https://app.example.com")
+    assert allowed.status == 200
+    assert allowed.headers["Access-Control-Allow-Origin"] == "https://app.example.com"
+    # The server's own pages (same origin) and native clients (no Origin) are admitted.
+    assert (await polling_handshake(live, live.url)).status == 200
+    assert (await polling_handshake(live, None)).status == 200
+
+
+def test_wildcard_origin_needs_dev_mode() -> None:
+    with pytest.raises(ValidationError):
+        Settings(jwt_secret=JWT_SECRET, cors_origins="*")
+    assert Settings(jwt_secret=JWT_SECRET, cors_origins="*", dev=True).cors_origins == ["*"]
+    parsed = Settings(jwt_secret=JWT_SECRET, cors_origins="https://a.example, https://b.example/")
+    assert parsed.cors_origins == ["https://a.example", "https://b.example"]
+
+
+def test_short_secret_refused() -> None:
+    with pytest.raises(ValidationError):
+        Settings(jwt_secret="short")
