@@ -1,0 +1,1 @@
+"""Load generator, scenarios and the reference peer for side-by-side runs."""
