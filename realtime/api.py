@@ -20,6 +20,7 @@ from realtime.context import Context
 from realtime.errors import WireError, ok, to_error
 from realtime.namespaces.models import Id, Inbound
 from realtime.namespaces.orders import actor_of
+from storage.trails import trail_for_order
 from tracking.errors import Forbidden
 from tracking.lifecycle import STATES
 from tracking.orders import can_view
@@ -30,6 +31,7 @@ CTX: web.AppKey[Context] = web.AppKey("ctx", Context)
 PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal", Principal)
 # Bound on free-form `data` objects the backend attaches to events.
 MAX_DATA_BYTES = 8 * 1024
+TRAIL_PAGE = 10_000
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 
@@ -185,6 +187,26 @@ async def post_event(request: web.Request) -> web.Response:
     return json_response(ok({"order": order, "event": event}))
 
 
+async def get_trail(request: web.Request) -> web.Response:
+    """The technician's recorded path for an order: evidence for disputes and refunds."""
+    p = principal(request)
+    require_role(p, "agent", "admin", "service")
+    ctx = request.app[CTX]
+    order_id = request.match_info["order_id"]
+    order = await ctx.orders.get(order_id)
+    try:
+        after_ts = int(request.query.get("after_ts", "0"))
+        limit = int(request.query.get("limit", str(TRAIL_PAGE)))
+    except ValueError:
+        raise WireError("invalid", "after_ts and limit must be integers") from None
+    if not 1 <= limit <= TRAIL_PAGE or after_ts < 0:
+        raise WireError("invalid", f"limit must be 1..{TRAIL_PAGE}, after_ts >= 0")
+    assert ctx.mongo is not None
+    points = await trail_for_order(ctx.mongo[ctx.settings.mongo_db], order_id, after_ts, limit)
+    return json_response(ok({"order_id": order_id, "technician_id": order.get("technician_id"),
+                             "points": points, "has_more": len(points) == limit}))
+
+
 async def healthz(request: web.Request) -> web.Response:
     return json_response(ok({"status": "alive"}))
 
@@ -218,6 +240,7 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get(f"/api/orders/{oid}", get_order)
     app.router.add_post(f"/api/orders/{oid}/assign", assign_order)
     app.router.add_post(f"/api/orders/{oid}/events", post_event)
+    app.router.add_get(f"/api/orders/{oid}/trail", get_trail)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -18,11 +18,18 @@ from realtime.errors import ok
 from realtime.metrics import Metrics
 from realtime.namespaces.orders import NAMESPACE as ORDERS_NS
 from realtime.namespaces.orders import OrdersNamespace
+from realtime.namespaces.tracking import NAMESPACE as TRACKING_NS
+from realtime.namespaces.tracking import TrackingNamespace
 from realtime.settings import Settings
 from realtime.sio import RealtimeServer
 from storage.embedded import EmbeddedMongo
 from storage.mongo import MongoOrderStore, connect, ensure_indexes
-from tracking.orders import OrderService
+from storage.trails import TrailWriter, ensure_trail_indexes
+from tracking.eta import EtaConfig
+from tracking.locations import FilterConfig, MemoryRateLimiter
+from tracking.orders import Event, Order, OrderService
+from tracking.positions import MemoryPositions
+from tracking.service import TrackingConfig, TrackingService
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +70,13 @@ def create_app(settings: Settings) -> web.Application:
     )
     ctx = Context(settings=settings, metrics=metrics, verifier=TokenVerifier(settings), sio=sio)
     orders_ns = OrdersNamespace(ORDERS_NS, ctx)
-    sio.register_namespace(orders_ns)
+    tracking_ns = TrackingNamespace(TRACKING_NS, ctx)
+    for ns in (orders_ns, tracking_ns):
+        sio.register_namespace(ns)
+
+    async def order_changed(order: Order, event: Event) -> None:
+        await orders_ns.publish(order, event)
+        await tracking_ns.order_changed(order, event)
 
     app = web.Application(middlewares=[api_middleware], client_max_size=settings.max_message_bytes)
     app[CTX] = ctx
@@ -82,12 +95,36 @@ def create_app(settings: Settings) -> web.Application:
         try:
             db = client[settings.mongo_db]
             await asyncio.wait_for(_ensure_indexes_retrying(db), STORE_START_TIMEOUT_S)
+            await ensure_trail_indexes(db, settings.trail_ttl_days)
             ctx.mongo = client
             order_store = MongoOrderStore(client, db, metrics.observe_store)
-            ctx._orders = OrderService(order_store, orders_ns.publish)
+            ctx._orders = OrderService(order_store, order_changed)
+            trails = TrailWriter(db, interval=settings.trail_flush_s,
+                                 on_flush=metrics.trail_flushed, on_drop=metrics.trail_dropped)
+            trails.start()
+            ctx.trails = trails
+            ctx._tracking = TrackingService(
+                positions=MemoryPositions(),
+                orders=ctx._orders,
+                active_orders=order_store,
+                trails=trails,
+                limiter=MemoryRateLimiter(settings.location_rate, settings.location_burst),
+                publish_position=tracking_ns.publish_position,
+                position_changed=tracking_ns.area.changed,
+                count=lambda outcome: metrics.points.labels(outcome).inc(),
+                config=tracking_config(settings),
+            )
+            tracking_ns.area.start()
             log.info("store ready (%s)", "embedded" if embedded else "MONGO_URL")
             yield
         finally:
+            await tracking_ns.area.stop()
+            if ctx._tracking is not None:
+                await ctx._tracking.close()
+            if ctx.trails is not None:
+                await ctx.trails.close()
+            ctx._tracking = None
+            ctx.trails = None
             ctx._orders = None
             ctx.mongo = None
             await client.close()
@@ -96,6 +133,16 @@ def create_app(settings: Settings) -> web.Application:
 
     app.cleanup_ctx.append(store)
     return app
+
+
+def tracking_config(settings: Settings) -> TrackingConfig:
+    return TrackingConfig(
+        filters=FilterConfig(max_speed_mps=settings.max_speed_mps,
+                             max_accuracy_m=settings.max_accuracy_m),
+        eta=EtaConfig(road_factor=settings.road_factor,
+                      default_speed_mps=settings.default_speed_kmh / 3.6),
+        arrival_radius_m=settings.arrival_radius_m,
+    )
 
 
 async def _ensure_indexes_retrying(db: Any) -> None:
@@ -114,6 +161,6 @@ async def index(request: web.Request) -> web.Response:
     return json_response(ok({
         "service": "realtime",
         "socketio_path": "/socket.io/",
-        "namespaces": [ORDERS_NS],
+        "namespaces": [ORDERS_NS, TRACKING_NS],
         "docs": "docs/protocol.md",
     }))

@@ -13,7 +13,9 @@ if TYPE_CHECKING:
     from pymongo import AsyncMongoClient
 
     from realtime.sio import RealtimeServer
+    from storage.trails import TrailWriter
     from tracking.orders import OrderService
+    from tracking.service import TrackingService
 
 
 @dataclass
@@ -24,10 +26,18 @@ class Context:
     sio: RealtimeServer
     # Set by the store's cleanup_ctx once the store is reachable.
     mongo: AsyncMongoClient[dict[str, Any]] | None = None
+    trails: TrailWriter | None = None
     _orders: OrderService | None = field(default=None, repr=False)
+    _tracking: TrackingService | None = field(default=None, repr=False)
 
     @property
     def orders(self) -> OrderService:
         if self._orders is None:
             raise RuntimeError("the order service is not started")
         return self._orders
+
+    @property
+    def tracking(self) -> TrackingService:
+        if self._tracking is None:
+            raise RuntimeError("the tracking service is not started")
+        return self._tracking

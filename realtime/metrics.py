@@ -43,8 +43,31 @@ class Metrics:
             "realtime_order_events_total", "Order events stored", ["type"], registry=r
         )
 
+        self.points = Counter(
+            "realtime_points_total", "Technician GPS points by outcome (accepted or the drop reason)",
+            ["outcome"], registry=r,
+        )
+        self.watchers = Gauge(
+            "realtime_watchers", "Position watchers on this node", ["kind"], registry=r
+        )
+        self.trail_lag = Histogram(
+            "realtime_trail_write_lag_seconds", "Age of the oldest point in a trail batch when stored",
+            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300), registry=r,
+        )
+        self.trail_points = Counter(
+            "realtime_trail_points_total", "Trail points stored / dropped (buffer overflow)",
+            ["result"], registry=r,
+        )
+
     def observe_store(self, op: str, seconds: float) -> None:
         self.store_latency.labels(op).observe(seconds)
+
+    def trail_flushed(self, n: int, lag_s: float) -> None:
+        self.trail_points.labels("stored").inc(n)
+        self.trail_lag.observe(lag_s)
+
+    def trail_dropped(self, n: int) -> None:
+        self.trail_points.labels("dropped").inc(n)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -62,6 +62,17 @@ class Settings(BaseSettings):
     ping_interval_s: float = Field(default=25.0, gt=0)
     ping_timeout_s: float = Field(default=20.0, gt=0)
 
+    # Tracking (docs/tracking.md).
+    max_speed_mps: float = Field(default=70.0, gt=0)
+    max_accuracy_m: float = Field(default=200.0, gt=0)
+    location_rate: float = Field(default=5.0, gt=0)  # messages per second per technician
+    location_burst: float = Field(default=10.0, ge=1)
+    arrival_radius_m: float = Field(default=100.0, gt=0)
+    road_factor: float = Field(default=1.35, ge=1.0, le=3.0)
+    default_speed_kmh: float = Field(default=25.0, gt=0)
+    trail_ttl_days: int = Field(default=30, ge=1)
+    trail_flush_s: float = Field(default=1.0, gt=0)
+
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:

@@ -25,6 +25,12 @@ from socketio import packet
 
 log = logging.getLogger(__name__)
 
+# Names the Socket.IO protocol reserves for the server's own lifecycle
+# events; a client emitting one must not reach the connect/disconnect logic.
+RESERVED_EVENTS = frozenset({
+    "connect", "connect_error", "disconnect", "disconnecting", "newListener", "removeListener",
+})
+
 
 class _PlainWebSocket(eio_aiohttp.WebSocket):  # type: ignore[misc]
     """engine.io's aiohttp websocket without permessage-deflate."""
@@ -70,6 +76,10 @@ class RealtimeServer(socketio.AsyncServer):  # type: ignore[misc]
         if kind == packet.EVENT:
             if not (isinstance(pkt.data, list) and pkt.data and isinstance(pkt.data[0], str)):
                 await self._reply_error(eio_sid, pkt, "invalid", "an event needs a name")
+                return
+            if pkt.data[0] in RESERVED_EVENTS:
+                await self._reply_error(eio_sid, pkt, "invalid",
+                                        f"{pkt.data[0]!r} is a reserved event name")
                 return
             await self._handle_event(eio_sid, pkt.namespace, pkt.id, pkt.data)
         elif kind == packet.ACK:

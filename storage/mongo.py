@@ -11,11 +11,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pymongo import ASCENDING, AsyncMongoClient, IndexModel, ReturnDocument
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, ReturnDocument
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from tracking.lifecycle import TECHNICIAN_PHASE
 from tracking.orders import Event, Order, OrderExists, StaleWrite
 
 Observe = Callable[[str, float], None]
@@ -41,7 +42,7 @@ def connect(url: str, timeout_ms: int) -> AsyncMongoClient[dict[str, Any]]:
 INDEXES: dict[str, list[IndexModel]] = {
     "orders": [
         IndexModel([("customer_id", ASCENDING), ("updated_ts", ASCENDING)]),
-        IndexModel([("technician_id", ASCENDING), ("state", ASCENDING)]),
+        IndexModel([("technician_id", ASCENDING), ("state", ASCENDING), ("updated_ts", DESCENDING)]),
     ],
     "order_events": [
         # The gap-free, duplicate-free per-order sequence.
@@ -121,6 +122,17 @@ class MongoOrderStore:
         if doc is None:
             raise StaleWrite(order_id)
         return _order_out(doc)
+
+    async def active_for_technician(self, technician_id: str) -> Order | None:
+        """The order a technician is working on now (the newest, should the
+        backend have given them two)."""
+        t0 = time.perf_counter()
+        doc = await self._orders.find_one(
+            {"technician_id": technician_id, "state": {"$in": list(TECHNICIAN_PHASE)}},
+            sort=[("updated_ts", DESCENDING)],
+        )
+        self._observe("order_active", time.perf_counter() - t0)
+        return _order_out(doc) if doc else None
 
     async def events(self, order_id: str, since_seq: int, limit: int) -> list[Event]:
         t0 = time.perf_counter()

@@ -124,3 +124,15 @@ def test_wildcard_origin_needs_dev_mode() -> None:
 def test_short_secret_refused() -> None:
     with pytest.raises(ValidationError):
         Settings(jwt_secret="short")
+
+
+@pytest.mark.parametrize("name", ["connect", "disconnect", "connect_error", "disconnecting"])
+async def test_reserved_event_names_are_refused(live: Live, name: str) -> None:
+    order = await live.create_order()
+    customer = await live.client("customer", order["customer_id"])
+    forged = {"QUERY_STRING": ""}
+    reply = await customer.call(name, forged)
+    assert reply["ok"] is False and reply["error"]["code"] == "invalid"
+    # Still the same authenticated user, still connected.
+    data = await customer.ok("subscribe", {"order_id": order["order_id"]})
+    assert data["order"]["order_id"] == order["order_id"]

@@ -1,0 +1,270 @@
+"""/tracking: technicians stream positions; customers watch their technician
+approach; agents and admins watch an area."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Annotated, Any
+
+from pydantic import Field, ValidationError, model_validator
+
+from realtime.auth import Principal
+from realtime.errors import WireError, validation_details
+from realtime.namespaces.base import BaseNamespace, handles
+from realtime.namespaces.models import Id, Inbound
+from realtime.namespaces.orders import actor_of
+from realtime.presence.memory import MemoryPresence
+from tracking.errors import Forbidden
+from tracking.geo import CoordSys, from_wgs84, to_wgs84
+from tracking.locations import Point
+from tracking.positions import Position
+from tracking.service import VISIBLE, PointResult, TrackingService
+
+if TYPE_CHECKING:
+    from realtime.context import Context
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "/tracking"
+COORD_SYSTEMS: tuple[CoordSys, ...] = ("wgs84", "gcj02", "bd09")
+MAX_BATCH = 500
+# Area batches: at most one per second per watcher (PROTOCOL.md), and a cap
+# on technicians per batch so one huge box cannot produce a huge frame.
+AREA_INTERVAL_S = 1.0
+AREA_LIMIT = 500
+
+Lat = Annotated[float, Field(ge=-90, le=90, allow_inf_nan=False)]
+Lng = Annotated[float, Field(ge=-180, le=180, allow_inf_nan=False)]
+
+
+class PointIn(Inbound):
+    lat: Lat
+    lng: Lng
+    ts: Annotated[int, Field(ge=0, le=10**14)]
+    accuracy: Annotated[float, Field(ge=0, le=100_000, allow_inf_nan=False)] | None = None
+    speed: Annotated[float, Field(ge=0, le=1000, allow_inf_nan=False)] | None = None
+    heading: Annotated[float, Field(ge=0, le=360, allow_inf_nan=False)] | None = None
+    coord_sys: CoordSys = "wgs84"
+
+    def to_point(self, default_sys: CoordSys | None = None) -> Point:
+        lat, lng = to_wgs84(self.lat, self.lng, default_sys or self.coord_sys)
+        return Point(lat, lng, self.ts, self.accuracy, self.speed, self.heading)
+
+
+class LocationsIn(Inbound):
+    # Each point is validated on its own: one bad point does not sink the batch.
+    points: Annotated[list[Any], Field(min_length=1, max_length=MAX_BATCH)]
+    coord_sys: CoordSys | None = None
+
+
+class WatchIn(Inbound):
+    order_id: Id
+    coord_sys: CoordSys = "wgs84"
+
+
+class UnwatchIn(Inbound):
+    order_id: Id
+
+
+class AreaIn(Inbound):
+    min_lat: Lat
+    min_lng: Lng
+    max_lat: Lat
+    max_lng: Lng
+    coord_sys: CoordSys = "wgs84"
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AreaIn:
+        if self.min_lat > self.max_lat or self.min_lng > self.max_lng:
+            raise ValueError("min_lat/min_lng must not exceed max_lat/max_lng")
+        return self
+
+
+def watch_room(order_id: str, cs: str) -> str:
+    return f"watch:{order_id}:{cs}"
+
+
+def convert(payload: dict[str, Any], cs: CoordSys) -> dict[str, Any]:
+    if cs == "wgs84":
+        return payload
+    lat, lng = from_wgs84(payload["lat"], payload["lng"], cs)
+    return {**payload, "lat": lat, "lng": lng}
+
+
+class AreaWatch:
+    """Agents' and admins' area views: changed technicians, batched per second."""
+
+    def __init__(self, ns: TrackingNamespace) -> None:
+        self.ns = ns
+        self.watchers: dict[str, AreaIn] = {}
+        self.dirty: dict[str, Position] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def changed(self, pos: Position) -> None:
+        if self.watchers:
+            self.dirty[pos.technician_id] = pos
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(AREA_INTERVAL_S)
+            if not self.dirty:
+                continue
+            batch, self.dirty = list(self.dirty.values()), {}
+            try:
+                await self._send(batch)
+            except Exception as exc:  # a failed push must not end the ticker
+                log.warning("area push failed: %s", type(exc).__name__)
+
+    async def _send(self, batch: list[Position]) -> None:
+        online = await self.ns.presence.online([p.technician_id for p in batch])
+        for sid, box in list(self.watchers.items()):
+            items = [
+                self.ns.area_item(p, online, box.coord_sys) for p in batch
+                if box.min_lat <= p.lat <= box.max_lat and box.min_lng <= p.lng <= box.max_lng
+            ][:AREA_LIMIT]
+            if items:
+                await self.ns.emit("positions", {"technicians": items}, to=sid)
+
+
+class TrackingNamespace(BaseNamespace):
+    roles = frozenset({"technician", "customer", "agent", "admin"})
+
+    def __init__(self, namespace: str, ctx: Context) -> None:
+        super().__init__(namespace, ctx)
+        self.presence = MemoryPresence()
+        self.area = AreaWatch(self)
+        self.watching: dict[str, set[str]] = {}  # sid -> order ids watched
+
+    @property
+    def svc(self) -> TrackingService:
+        return self.ctx.tracking
+
+    async def connected(self, sid: str, p: Principal) -> None:
+        if p.role == "technician":
+            await self.presence.connect(p.id)
+            with contextlib.suppress(Exception):  # store down: the TTL refresh retries
+                await self.svc.technician_connected(p.id)
+
+    async def disconnected(self, sid: str, p: Principal) -> None:
+        if p.role == "technician" and await self.presence.disconnect(p.id):
+            self.svc.technician_gone(p.id)
+        self.watching.pop(sid, None)
+        self.area.watchers.pop(sid, None)
+        self._watch_gauges()
+
+    def _watch_gauges(self) -> None:
+        self.ctx.metrics.watchers.labels("order").set(sum(len(v) for v in self.watching.values()))
+        self.ctx.metrics.watchers.labels("area").set(len(self.area.watchers))
+
+    # -- technicians -----------------------------------------------------
+    def _only_technicians(self, p: Principal) -> None:
+        if p.role != "technician":
+            raise Forbidden("only technicians send locations")
+
+    @handles("location", PointIn)
+    async def location(self, p: Principal, sid: str, body: PointIn) -> dict[str, Any]:
+        self._only_technicians(p)
+        [result] = await self.svc.ingest(actor_of(p), p.name, [body.to_point()])
+        if result.status == "invalid":
+            raise WireError("invalid", "point rejected", {"reason": result.reason, "ts": result.ts})
+        return result.as_dict()
+
+    @handles("locations", LocationsIn)
+    async def locations(self, p: Principal, sid: str, body: LocationsIn) -> dict[str, Any]:
+        self._only_technicians(p)
+        items: list[Point | PointResult] = []
+        for raw in body.points:
+            try:
+                if not isinstance(raw, dict):
+                    raise WireError("invalid", "a point must be an object")
+                items.append(PointIn.model_validate(raw).to_point(body.coord_sys))
+            except ValidationError as exc:
+                items.append(PointResult("invalid", "invalid", details=validation_details(exc)))
+            except WireError as exc:
+                items.append(PointResult("invalid", "invalid", details=exc.message))
+        results = await self.svc.ingest(actor_of(p), p.name, items)
+        counts = {"accepted": 0, "dropped": 0, "invalid": 0}
+        for r in results:
+            counts[r.status] += 1
+        return {**counts, "results": [r.as_dict() for r in results]}
+
+    # -- customers, agents: one order ------------------------------------
+    async def publish_position(self, order_id: str, payload: dict[str, Any]) -> None:
+        for cs in COORD_SYSTEMS:
+            await self.emit("position", convert(payload, cs), room=watch_room(order_id, cs))
+
+    @handles("watch", WatchIn)
+    async def watch(self, p: Principal, sid: str, body: WatchIn) -> dict[str, Any]:
+        view = await self.svc.watch(actor_of(p), body.order_id)
+        for cs in COORD_SYSTEMS:  # a re-watch may change the coordinate system
+            if cs != body.coord_sys:
+                await self.leave_room(sid, watch_room(body.order_id, cs))
+        await self.enter_room(sid, watch_room(body.order_id, body.coord_sys))
+        self.watching.setdefault(sid, set()).add(body.order_id)
+        self._watch_gauges()
+        if view["position"] is not None:
+            view["position"] = convert(view["position"], body.coord_sys)
+        view["coord_sys"] = body.coord_sys
+        return view
+
+    @handles("unwatch", UnwatchIn)
+    async def unwatch(self, p: Principal, sid: str, body: UnwatchIn) -> dict[str, Any]:
+        for cs in COORD_SYSTEMS:
+            await self.leave_room(sid, watch_room(body.order_id, cs))
+        self.watching.get(sid, set()).discard(body.order_id)
+        self._watch_gauges()
+        return {"order_id": body.order_id}
+
+    async def order_changed(self, order: dict[str, Any], event: dict[str, Any]) -> None:
+        """Privacy: once an order leaves the visible phases, its watchers are
+        dropped (on every node) and must not see the technician again."""
+        self.svc.on_order_event(order, event)
+        if order["state"] not in VISIBLE:
+            for cs in COORD_SYSTEMS:
+                await self.close_room(watch_room(order["order_id"], cs))
+            for orders in self.watching.values():
+                orders.discard(order["order_id"])
+            self._watch_gauges()
+
+    # -- agents, admins: an area ------------------------------------------
+    def area_item(self, pos: Position, online: set[str], cs: CoordSys) -> dict[str, Any]:
+        lat, lng = from_wgs84(pos.lat, pos.lng, cs)
+        return {
+            "id": pos.technician_id, "name": pos.name, "lat": lat, "lng": lng, "ts": pos.ts,
+            "speed": pos.speed, "heading": pos.heading,
+            "status": pos.status if pos.technician_id in online else "offline",
+            "order_id": pos.order_id,
+        }
+
+    @handles("watch_area", AreaIn)
+    async def watch_area(self, p: Principal, sid: str, body: AreaIn) -> dict[str, Any]:
+        if p.role not in ("agent", "admin"):
+            raise Forbidden("only agents and admins watch an area")
+        box = body
+        if body.coord_sys != "wgs84":
+            (a, b), (c, d) = (to_wgs84(body.min_lat, body.min_lng, body.coord_sys),
+                              to_wgs84(body.max_lat, body.max_lng, body.coord_sys))
+            box = AreaIn(min_lat=a, min_lng=b, max_lat=c, max_lng=d, coord_sys=body.coord_sys)
+        found = await self.svc.positions.in_box(box.min_lat, box.min_lng, box.max_lat,
+                                                box.max_lng, AREA_LIMIT)
+        online = await self.presence.online([x.technician_id for x in found])
+        self.area.watchers[sid] = box
+        self._watch_gauges()
+        return {"technicians": [self.area_item(x, online, body.coord_sys) for x in found]}
+
+    @handles("unwatch_area")
+    async def unwatch_area(self, p: Principal, sid: str, body: Any) -> dict[str, Any]:
+        self.area.watchers.pop(sid, None)
+        self._watch_gauges()
+        return {}

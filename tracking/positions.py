@@ -1,0 +1,63 @@
+"""Latest position per technician: latest wins, an older fix never overwrites a newer one."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    technician_id: str
+    lat: float  # WGS-84
+    lng: float
+    ts: int
+    name: str | None = None
+    speed: float | None = None
+    heading: float | None = None
+    accuracy: float | None = None
+    # The order the technician was serving at this fix, and its ETA then.
+    order_id: str | None = None
+    eta_s: int | None = None
+    distance_m: int | None = None
+    status: str = "available"  # available | busy (offline is presence's word)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class PositionStore(Protocol):
+    async def get(self, technician_id: str) -> Position | None: ...
+
+    async def put_if_newer(self, pos: Position) -> bool:
+        """Store `pos` unless a fix with ts >= pos.ts is already stored. Atomic."""
+
+    async def in_box(self, min_lat: float, min_lng: float, max_lat: float,
+                     max_lng: float, limit: int) -> list[Position]: ...
+
+
+class MemoryPositions:
+    """One node's positions (the memory engine)."""
+
+    def __init__(self) -> None:
+        self._latest: dict[str, Position] = {}
+
+    async def get(self, technician_id: str) -> Position | None:
+        return self._latest.get(technician_id)
+
+    async def put_if_newer(self, pos: Position) -> bool:
+        old = self._latest.get(pos.technician_id)
+        if old is not None and old.ts >= pos.ts:
+            return False
+        self._latest[pos.technician_id] = pos
+        return True
+
+    async def in_box(self, min_lat: float, min_lng: float, max_lat: float,
+                     max_lng: float, limit: int) -> list[Position]:
+        out = []
+        for p in self._latest.values():
+            if min_lat <= p.lat <= max_lat and min_lng <= p.lng <= max_lng:
+                out.append(p)
+                if len(out) >= limit:
+                    break
+        return out

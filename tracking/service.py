@@ -1,0 +1,330 @@
+"""Tracking service: ingest technicians' points, keep the latest position,
+compute ETA, fire the arrival geofence, decide who may watch.
+
+Nothing here waits on MongoDB on the GPS path: the technician's active
+order is cached (refreshed in the background, updated by order events), the
+latest position lives in the position store (memory or Redis), and trails
+go to a background writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Final, Protocol
+
+from tracking.clock import now_ms
+from tracking.errors import Conflict, Forbidden, RateLimited
+from tracking.eta import EtaConfig, EtaEstimator
+from tracking.geo import haversine_m
+from tracking.lifecycle import TECHNICIAN_PHASE, Actor
+from tracking.locations import FilterConfig, Point, check_point
+from tracking.orders import Order, OrderService
+from tracking.positions import Position, PositionStore
+
+log = logging.getLogger(__name__)
+
+# The phases in which the customer may see the technician (PIPL: show a
+# worker's location only while it serves this customer).
+VISIBLE: Final = frozenset({"assigned", "en_route", "arrived"})
+GEOFENCE_ACTOR: Final = Actor("geofence", "system")
+# How long a cached "which order is this technician on" is trusted before a
+# background refresh; order events on this node update it at once.
+ACTIVE_ORDER_TTL_S: Final = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class TrackingConfig:
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    eta: EtaConfig = field(default_factory=EtaConfig)
+    arrival_radius_m: float = 100.0
+    # Consecutive accepted fixes inside the radius before `arrived` fires:
+    # one fix can be a GPS jump, two in a row is the technician at the door.
+    arrival_fixes: int = 2
+
+
+class RateLimiter(Protocol):
+    async def take(self, key: str) -> int: ...
+
+
+class TrailSink(Protocol):
+    def add(self, technician_id: str, order_id: str | None, points: list[Point]) -> None: ...
+
+
+class ActiveOrders(Protocol):
+    async def active_for_technician(self, technician_id: str) -> Order | None: ...
+
+
+@dataclass
+class _ActiveOrder:
+    order_id: str
+    state: str
+    customer_id: str
+    lat: float
+    lng: float
+
+    @classmethod
+    def of(cls, order: Order) -> _ActiveOrder:
+        return cls(order["order_id"], order["state"], order["customer_id"],
+                   float(order["address"]["lat"]), float(order["address"]["lng"]))
+
+
+@dataclass
+class _TechState:
+    eta: EtaEstimator
+    active: _ActiveOrder | None = None
+    active_at: float = 0.0  # monotonic time of the last authoritative read
+    refreshing: bool = False
+    inside: int = 0  # consecutive fixes inside the arrival radius
+    arrival_fired: str | None = None  # order id the geofence already moved
+    last_point: Point | None = field(default=None)
+
+
+@dataclass(frozen=True, slots=True)
+class PointResult:
+    status: str  # accepted | dropped | invalid
+    reason: str | None = None
+    ts: int | None = None
+    details: Any = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"status": self.status}
+        if self.ts is not None:
+            out["ts"] = self.ts
+        if self.reason is not None:
+            out["reason"] = self.reason
+        if self.details is not None:
+            out["details"] = self.details
+        return out
+
+
+PublishPosition = Callable[[str, dict[str, Any]], Awaitable[None]]
+PositionChanged = Callable[[Position], None]
+Counter = Callable[[str], None]
+
+
+class TrackingService:
+    def __init__(
+        self,
+        *,
+        positions: PositionStore,
+        orders: OrderService,
+        active_orders: ActiveOrders,
+        trails: TrailSink,
+        limiter: RateLimiter,
+        publish_position: PublishPosition,
+        position_changed: PositionChanged,
+        count: Counter,
+        config: TrackingConfig | None = None,
+    ) -> None:
+        self.positions = positions
+        self.orders = orders
+        self._active_orders = active_orders
+        self._trails = trails
+        self._limiter = limiter
+        self._publish = publish_position
+        self._position_changed = position_changed
+        self._count = count
+        self.cfg = config or TrackingConfig()
+        self._techs: dict[str, _TechState] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- technicians' state ----------------------------------------------
+    def _tech(self, technician_id: str) -> _TechState:
+        st = self._techs.get(technician_id)
+        if st is None:
+            st = self._techs[technician_id] = _TechState(EtaEstimator(self.cfg.eta))
+        return st
+
+    async def technician_connected(self, technician_id: str) -> None:
+        """Load the technician's active order once, at connect (not per point)."""
+        await self._refresh(technician_id)
+
+    def technician_gone(self, technician_id: str) -> None:
+        self._techs.pop(technician_id, None)
+
+    async def _refresh(self, technician_id: str) -> None:
+        st = self._tech(technician_id)
+        st.refreshing = True
+        try:
+            order = await self._active_orders.active_for_technician(technician_id)
+            st.active = _ActiveOrder.of(order) if order else None
+            st.active_at = time.monotonic()
+        finally:
+            st.refreshing = False
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        async def run() -> None:
+            try:
+                await coro
+            except Exception as exc:  # background work: log, never crash the caller
+                log.warning("tracking background task failed: %s", type(exc).__name__)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _active(self, technician_id: str) -> _ActiveOrder | None:
+        st = self._tech(technician_id)
+        if not st.refreshing and time.monotonic() - st.active_at > ACTIVE_ORDER_TTL_S:
+            st.refreshing = True
+            self._spawn(self._refresh(technician_id))
+        return st.active
+
+    def on_order_event(self, order: Order, event: dict[str, Any]) -> None:
+        """Keep the active-order cache exact for changes made on this node."""
+        tech = order.get("technician_id")
+        if tech and tech in self._techs:
+            st = self._techs[tech]
+            if order["state"] in TECHNICIAN_PHASE:
+                st.active = _ActiveOrder.of(order)
+                st.active_at = time.monotonic()
+            elif st.active and st.active.order_id == order["order_id"]:
+                st.active = None
+                st.active_at = time.monotonic()
+        prev = event.get("data", {}).get("previous_technician_id")
+        if prev and prev in self._techs:
+            st = self._techs[prev]
+            if st.active and st.active.order_id == order["order_id"]:
+                st.active = None
+                st.active_at = time.monotonic()
+
+    # -- ingest ----------------------------------------------------------
+    async def ingest(self, tech: Actor, name: str | None,
+                     items: list[Point | PointResult]) -> list[PointResult]:
+        """Filter and store a technician's points (oldest first). Items that
+        already failed validation at the edge come in as PointResults."""
+        wait_ms = await self._limiter.take(tech.id)
+        if wait_ms:
+            self._count("rate_limited")
+            raise RateLimited("too many location messages", wait_ms)
+        latest = await self.positions.get(tech.id)
+        last = Point(latest.lat, latest.lng, latest.ts) if latest else None
+        now = now_ms()
+        results: list[PointResult] = []
+        accepted: list[Point] = []
+        for item in items:
+            if isinstance(item, PointResult):
+                results.append(item)
+                self._count(item.reason or "invalid")
+                continue
+            reason = check_point(item, last, self.cfg.filters, now)
+            if reason is None:
+                accepted.append(item)
+                last = item
+                results.append(PointResult("accepted", ts=item.ts))
+                self._count("accepted")
+            else:
+                status = "invalid" if reason == "invalid" else "dropped"
+                results.append(PointResult(status, reason, ts=item.ts))
+                self._count(reason)
+        if accepted:
+            await self._accept(tech.id, name, accepted)
+        return results
+
+    async def _accept(self, technician_id: str, name: str | None, points: list[Point]) -> None:
+        st = self._tech(technician_id)
+        active = self._active(technician_id)
+        prev = st.last_point
+        for p in points:
+            speed = p.speed
+            if speed is None and prev is not None and p.ts > prev.ts:
+                speed = haversine_m(prev.lat, prev.lng, p.lat, p.lng) / ((p.ts - prev.ts) / 1000)
+            st.eta.observe_speed(speed)
+            prev = p
+        st.last_point = points[-1]
+        self._trails.add(technician_id, active.order_id if active else None, points)
+
+        newest = points[-1]
+        pos = Position(
+            technician_id=technician_id, lat=newest.lat, lng=newest.lng, ts=newest.ts, name=name,
+            speed=newest.speed, heading=newest.heading, accuracy=newest.accuracy,
+            status="busy" if active else "available",
+        )
+        if active is not None:
+            dist = haversine_m(newest.lat, newest.lng, active.lat, active.lng)
+            eta = st.eta.estimate(dist, newest.ts, self.cfg.arrival_radius_m)
+            pos = replace(pos, order_id=active.order_id, eta_s=eta, distance_m=round(dist))
+        if not await self.positions.put_if_newer(pos):
+            return  # a newer fix arrived meanwhile (another connection or node)
+        self._position_changed(pos)
+        if active is None:
+            return
+        if active.state in VISIBLE:
+            await self._publish(active.order_id, self.position_payload(pos))
+        if active.state == "en_route":
+            self._check_arrival(st, active, points)
+
+    def _check_arrival(self, st: _TechState, active: _ActiveOrder, points: list[Point]) -> None:
+        if st.arrival_fired == active.order_id:
+            return
+        for p in points:
+            inside = haversine_m(p.lat, p.lng, active.lat, active.lng) <= self.cfg.arrival_radius_m
+            st.inside = st.inside + 1 if inside else 0
+            if st.inside >= self.cfg.arrival_fixes:
+                st.arrival_fired = active.order_id
+                st.inside = 0
+                self._spawn(self._arrive(active.order_id, p))
+                return
+
+    async def _arrive(self, order_id: str, p: Point) -> None:
+        with contextlib.suppress(Conflict):  # already arrived, cancelled, ...
+            await self.orders.transition(GEOFENCE_ACTOR, order_id, "arrived",
+                                         {"lat": p.lat, "lng": p.lng, "fix_ts": p.ts})
+
+    @staticmethod
+    def position_payload(pos: Position) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "order_id": pos.order_id, "technician_id": pos.technician_id,
+            "lat": pos.lat, "lng": pos.lng, "ts": pos.ts,
+            "eta_s": pos.eta_s, "distance_m": pos.distance_m,
+        }
+        if pos.speed is not None:
+            out["speed"] = pos.speed
+        if pos.heading is not None:
+            out["heading"] = pos.heading
+        return out
+
+    # -- watching --------------------------------------------------------
+    async def watch(self, viewer: Actor, order_id: str) -> dict[str, Any]:
+        """Authorize a viewer for an order's technician; the current view (WGS-84)."""
+        if viewer.role not in ("customer", "agent", "admin"):
+            raise Forbidden("only the order's customer, agents and admins may watch")
+        order = await self.orders.get(order_id)
+        if viewer.role == "customer" and order["customer_id"] != viewer.id:
+            raise Forbidden("not your order")
+        if order["state"] not in VISIBLE or not order.get("technician_id"):
+            raise Forbidden(
+                f"the technician's position is shown only while the order is assigned, "
+                f"en route or arrived (it is {order['state']})", {"state": order["state"]})
+        tech_id = order["technician_id"]
+        pos = await self.positions.get(tech_id)
+        view: dict[str, Any] = {
+            "order_id": order_id,
+            "state": order["state"],
+            "technician": {"id": tech_id, "name": pos.name if pos else None},
+            "position": None, "eta_s": None, "distance_m": None,
+        }
+        if pos is not None:
+            addr = order["address"]
+            dist = haversine_m(pos.lat, pos.lng, addr["lat"], addr["lng"])
+            if pos.order_id == order_id and pos.eta_s is not None:
+                eta = pos.eta_s
+            elif dist <= self.cfg.arrival_radius_m:
+                eta = 0
+            else:
+                eta = round(dist * self.cfg.eta.road_factor / self.cfg.eta.default_speed_mps)
+            view["position"] = {"lat": pos.lat, "lng": pos.lng, "ts": pos.ts,
+                                "speed": pos.speed, "heading": pos.heading}
+            view["eta_s"], view["distance_m"] = eta, round(dist)
+        return view
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
