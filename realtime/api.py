@@ -9,18 +9,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from aiohttp import web
 from pydantic import BaseModel, Field, StringConstraints, field_validator
 
+from chat.model import conversation_view, message_view
 from realtime.auth import Principal
 from realtime.context import Context
 from realtime.errors import WireError, ok, to_error
 from realtime.namespaces.models import Id, Inbound
 from realtime.namespaces.orders import actor_of
 from storage.trails import trail_for_order
+from tracking.clock import now_ms
 from tracking.errors import Forbidden
 from tracking.lifecycle import STATES
 from tracking.orders import can_view
@@ -194,17 +197,77 @@ async def get_trail(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     order_id = request.match_info["order_id"]
     order = await ctx.orders.get(order_id)
-    try:
-        after_ts = int(request.query.get("after_ts", "0"))
-        limit = int(request.query.get("limit", str(TRAIL_PAGE)))
-    except ValueError:
-        raise WireError("invalid", "after_ts and limit must be integers") from None
-    if not 1 <= limit <= TRAIL_PAGE or after_ts < 0:
-        raise WireError("invalid", f"limit must be 1..{TRAIL_PAGE}, after_ts >= 0")
+    after_ts = int_query(request, "after_ts", 0, 0, 2**53)
+    limit = int_query(request, "limit", TRAIL_PAGE, 1, TRAIL_PAGE)
     assert ctx.mongo is not None
     points = await trail_for_order(ctx.mongo[ctx.settings.mongo_db], order_id, after_ts, limit)
     return json_response(ok({"order_id": order_id, "technician_id": order.get("technician_id"),
                              "points": points, "has_more": len(points) == limit}))
+
+
+class FeedbackIn(Inbound):
+    category: Annotated[str, StringConstraints(min_length=1, max_length=32)]
+    body: Annotated[str, StringConstraints(min_length=1, max_length=4000)]
+    order_id: Id | None = None
+
+
+def int_query(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise WireError("invalid", f"{name} must be an integer",
+                        [{"field": name, "error": "must be an integer"}]) from None
+    if not lo <= value <= hi:
+        raise WireError("invalid", f"{name} must be within {lo}..{hi}",
+                        [{"field": name, "error": f"must be within {lo}..{hi}"}])
+    return value
+
+
+async def get_transcript(request: web.Request) -> web.Response:
+    """A conversation's messages for agents and the backend (originals, unmasked)."""
+    p = principal(request)
+    require_role(p, "agent", "admin", "service")
+    ctx = request.app[CTX]
+    conv_id = request.match_info["conversation_id"]
+    conv = await ctx.chat.get(conv_id)
+    after = int_query(request, "after_seq", 0, 0, 2**53)
+    limit = int_query(request, "limit", 100, 1, 1000)
+    assert ctx.chat_store is not None
+    msgs = await ctx.chat_store.messages_after(conv_id, after, limit)
+    last = msgs[-1]["seq"] if msgs else after
+    return json_response(ok({
+        "conversation": conversation_view(conv),
+        "messages": [message_view(m, actor_of(p)) for m in msgs],
+        "has_more": last < int(conv["last_seq"]),
+    }))
+
+
+async def post_feedback(request: web.Request) -> web.Response:
+    """用户反馈: any signed-in user; listable by agents."""
+    p = principal(request)
+    body = await parse(request, FeedbackIn)
+    ctx = request.app[CTX]
+    assert ctx.chat_store is not None
+    doc = await ctx.chat_store.add_feedback({
+        "id": uuid.uuid4().hex, "category": body.category, "body": body.body,
+        "order_id": body.order_id, "user": {"id": p.id, "role": p.role, "name": p.name},
+        "ts": now_ms(),
+    })
+    return json_response(ok({"feedback": doc}), 201)
+
+
+async def list_feedback(request: web.Request) -> web.Response:
+    p = principal(request)
+    require_role(p, "agent", "admin", "service")
+    ctx = request.app[CTX]
+    before = int_query(request, "before_ts", 2**53, 0, 2**53)
+    limit = int_query(request, "limit", 50, 1, 200)
+    assert ctx.chat_store is not None
+    items = await ctx.chat_store.list_feedback(before, limit)
+    return json_response(ok({"feedback": items, "has_more": len(items) == limit}))
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -241,6 +304,10 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_post(f"/api/orders/{oid}/assign", assign_order)
     app.router.add_post(f"/api/orders/{oid}/events", post_event)
     app.router.add_get(f"/api/orders/{oid}/trail", get_trail)
+    app.router.add_get("/api/conversations/{conversation_id:[A-Za-z0-9_.:@-]{1,64}}/messages",
+                       get_transcript)
+    app.router.add_post("/api/feedback", post_feedback)
+    app.router.add_get("/api/feedback", list_feedback)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -11,17 +11,22 @@ from typing import Any
 
 from aiohttp import web
 
+from chat.routing import Router
+from chat.service import ChatService
 from realtime.api import CTX, api_middleware, json_response, setup_routes
 from realtime.auth import TokenVerifier
 from realtime.context import Context
 from realtime.errors import ok
 from realtime.metrics import Metrics
+from realtime.namespaces.chat import NAMESPACE as CHAT_NS
+from realtime.namespaces.chat import ChatNamespace
 from realtime.namespaces.orders import NAMESPACE as ORDERS_NS
 from realtime.namespaces.orders import OrdersNamespace
 from realtime.namespaces.tracking import NAMESPACE as TRACKING_NS
 from realtime.namespaces.tracking import TrackingNamespace
 from realtime.settings import Settings
 from realtime.sio import RealtimeServer
+from storage.chat import MongoChatStore
 from storage.embedded import EmbeddedMongo
 from storage.mongo import MongoOrderStore, connect, ensure_indexes
 from storage.trails import TrailWriter, ensure_trail_indexes
@@ -71,12 +76,18 @@ def create_app(settings: Settings) -> web.Application:
     ctx = Context(settings=settings, metrics=metrics, verifier=TokenVerifier(settings), sio=sio)
     orders_ns = OrdersNamespace(ORDERS_NS, ctx)
     tracking_ns = TrackingNamespace(TRACKING_NS, ctx)
-    for ns in (orders_ns, tracking_ns):
+    chat_ns = ChatNamespace(CHAT_NS, ctx)
+    for ns in (orders_ns, tracking_ns, chat_ns):
         sio.register_namespace(ns)
 
     async def order_changed(order: Order, event: Event) -> None:
         await orders_ns.publish(order, event)
         await tracking_ns.order_changed(order, event)
+        try:
+            await ctx.chat.append_order_event(order, event)
+        except Exception as exc:  # the order change stands; its chat card is best-effort
+            log.warning("order %s event %d not written to its chat: %s",
+                        order["order_id"], event["seq"], type(exc).__name__)
 
     app = web.Application(middlewares=[api_middleware], client_max_size=settings.max_message_bytes)
     app[CTX] = ctx
@@ -114,10 +125,21 @@ def create_app(settings: Settings) -> web.Application:
                 count=lambda outcome: metrics.points.labels(outcome).inc(),
                 config=tracking_config(settings),
             )
+            chat_store = MongoChatStore(client, db, metrics.observe_store)
+            await chat_store.ensure_indexes()
+            router = Router(chat_store, conversation_changed=chat_ns.conversation_changed,
+                            queue_position=chat_ns.queue_position, cap=settings.agent_cap,
+                            grace_s=settings.agent_grace_s)
+            metrics.queue_length.set_function(lambda: router.queue_length)
+            ctx.chat_store = chat_store
+            ctx._chat = ChatService(chat_store, ctx._orders, router, chat_ns.delivered)
             tracking_ns.area.start()
             log.info("store ready (%s)", "embedded" if embedded else "MONGO_URL")
             yield
         finally:
+            if ctx._chat is not None:
+                await ctx._chat.router.close()
+            ctx._chat = None
             await tracking_ns.area.stop()
             if ctx._tracking is not None:
                 await ctx._tracking.close()
@@ -161,6 +183,6 @@ async def index(request: web.Request) -> web.Response:
     return json_response(ok({
         "service": "realtime",
         "socketio_path": "/socket.io/",
-        "namespaces": [ORDERS_NS, TRACKING_NS],
+        "namespaces": [ORDERS_NS, TRACKING_NS, CHAT_NS],
         "docs": "docs/protocol.md",
     }))

@@ -12,7 +12,9 @@ from realtime.settings import Settings
 if TYPE_CHECKING:
     from pymongo import AsyncMongoClient
 
+    from chat.service import ChatService
     from realtime.sio import RealtimeServer
+    from storage.chat import MongoChatStore
     from storage.trails import TrailWriter
     from tracking.orders import OrderService
     from tracking.service import TrackingService
@@ -27,8 +29,10 @@ class Context:
     # Set by the store's cleanup_ctx once the store is reachable.
     mongo: AsyncMongoClient[dict[str, Any]] | None = None
     trails: TrailWriter | None = None
+    chat_store: MongoChatStore | None = None
     _orders: OrderService | None = field(default=None, repr=False)
     _tracking: TrackingService | None = field(default=None, repr=False)
+    _chat: ChatService | None = field(default=None, repr=False)
 
     @property
     def orders(self) -> OrderService:
@@ -41,3 +45,9 @@ class Context:
         if self._tracking is None:
             raise RuntimeError("the tracking service is not started")
         return self._tracking
+
+    @property
+    def chat(self) -> ChatService:
+        if self._chat is None:
+            raise RuntimeError("the chat service is not started")
+        return self._chat

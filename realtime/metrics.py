@@ -59,6 +59,20 @@ class Metrics:
             ["result"], registry=r,
         )
 
+        self.messages = Counter(
+            "realtime_messages_total", "Chat messages stored", ["kind"], registry=r
+        )
+        self.send_latency = Histogram(
+            "realtime_send_latency_seconds", "Chat send: payload received to ack",
+            buckets=STORE_BUCKETS, registry=r,
+        )
+        self.agents_available = Gauge(
+            "realtime_agents_available", "Agents available on this node", registry=r
+        )
+        self.queue_length = Gauge(
+            "realtime_chat_queue_length", "Support conversations waiting for an agent", registry=r
+        )
+
     def observe_store(self, op: str, seconds: float) -> None:
         self.store_latency.labels(op).observe(seconds)
 

@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     trail_ttl_days: int = Field(default=30, ge=1)
     trail_flush_s: float = Field(default=1.0, gt=0)
 
+    # Support chat routing.
+    agent_cap: int = Field(default=5, ge=1, le=100)  # concurrent conversations per agent
+    agent_grace_s: float = Field(default=60.0, ge=0)  # keep a disconnected agent's chats this long
+
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:

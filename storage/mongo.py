@@ -7,19 +7,48 @@ exists exactly when the order's seq says it does. That needs a replica set
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, ReturnDocument
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import (
+    ConnectionFailure,
+    DuplicateKeyError,
+    PyMongoError,
+    ServerSelectionTimeoutError,
+)
 
 from tracking.lifecycle import TECHNICIAN_PHASE
 from tracking.orders import Event, Order, OrderExists, StaleWrite
 
 Observe = Callable[[str, float], None]
+T = TypeVar("T")
+# Write conflicts between concurrent transactions are retried this many
+# times; a store that is down fails the first attempt's server selection
+# (REALTIME_MONGO_TIMEOUT_MS) and is not retried here: the client gets
+# `unavailable` promptly and retries itself. (PyMongo's with_transaction
+# would keep retrying for up to 120 s, hanging the caller's ack.)
+TXN_ATTEMPTS = 10
+
+
+async def run_txn(client: AsyncMongoClient[dict[str, Any]],
+                  fn: Callable[[AsyncClientSession], Awaitable[T]]) -> T:
+    for attempt in range(TXN_ATTEMPTS):
+        async with client.start_session() as session:
+            try:
+                async with await session.start_transaction():
+                    return await fn(session)
+            except PyMongoError as exc:
+                conflict = exc.has_error_label("TransientTransactionError") and not isinstance(
+                    exc, (ConnectionFailure, ServerSelectionTimeoutError))
+                if not conflict or attempt == TXN_ATTEMPTS - 1:
+                    raise
+            await asyncio.sleep(0.002 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def _no_observe(op: str, seconds: float) -> None:
@@ -86,8 +115,7 @@ class MongoOrderStore:
 
         t0 = time.perf_counter()
         try:
-            async with self._client.start_session() as session:
-                await session.with_transaction(txn)
+            await run_txn(self._client, txn)
         except DuplicateKeyError:
             existing = await self.get(order["order_id"])
             if existing is None:  # pragma: no cover - deleted in between
@@ -112,8 +140,7 @@ class MongoOrderStore:
 
         t0 = time.perf_counter()
         try:
-            async with self._client.start_session() as session:
-                doc = await session.with_transaction(txn)
+            doc = await run_txn(self._client, txn)
         except DuplicateKeyError:
             # Another node stored this seq first: the same as a stale read.
             raise StaleWrite(order_id) from None

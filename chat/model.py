@@ -1,0 +1,69 @@
+"""Conversations and messages as plain dicts, and who may do what with them."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from tracking.errors import Forbidden
+from tracking.lifecycle import Actor
+
+Conversation = dict[str, Any]
+Message = dict[str, Any]
+
+STAFF: Final = frozenset({"agent", "admin"})
+# Fields of a stored conversation that are bookkeeping, not for the wire.
+_INTERNAL: Final = ("read", "queue_rank", "open_key", "_id")
+
+
+def conversation_view(conv: Conversation, viewer: Actor | None = None) -> Conversation:
+    out = {k: v for k, v in conv.items() if k not in _INTERNAL}
+    if viewer is not None:
+        read = int(conv.get("read", {}).get(viewer.id, 0))
+        out["last_read_seq"] = read
+        out["unread"] = max(0, int(conv.get("last_seq", 0)) - read)
+    return out
+
+
+def message_view(msg: Message, viewer: Actor) -> Message:
+    """What `viewer` sees: the other party of an order chat gets contact
+    details masked; the sender and staff see the original (staff also see
+    that it was masked)."""
+    out = {k: v for k, v in msg.items() if k not in ("masked_body", "_id")}
+    masked = msg.get("masked_body")
+    if masked is not None:
+        if viewer.role in STAFF:
+            out["masked"] = True
+        elif viewer.id != msg["sender"]["id"]:
+            out["body"] = masked
+    return out
+
+
+def is_participant(actor: Actor, conv: Conversation) -> bool:
+    if actor.role == "customer":
+        return bool(conv["customer_id"] == actor.id)
+    if actor.role == "technician":
+        return conv["kind"] == "order" and conv.get("technician_id") == actor.id
+    return False
+
+
+def can_read(actor: Actor, conv: Conversation) -> bool:
+    """Participants, and staff (agents may open any conversation to help)."""
+    return actor.role in STAFF or is_participant(actor, conv)
+
+
+def check_read(actor: Actor, conv: Conversation) -> None:
+    if not can_read(actor, conv):
+        raise Forbidden("not your conversation")
+
+
+def check_write(actor: Actor, conv: Conversation) -> None:
+    """Who may post: participants; in a support chat its assigned agent; in
+    an order chat any agent who joined; admins always."""
+    if actor.role == "admin" or is_participant(actor, conv):
+        return
+    if actor.role == "agent":
+        if conv["kind"] == "support" and conv.get("assignee") == actor.id:
+            return
+        if conv["kind"] == "order" and actor.id in conv.get("staff", []):
+            return
+    raise Forbidden("you may not post in this conversation")

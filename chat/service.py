@@ -1,0 +1,292 @@
+"""Chat service: support and order conversations, durable messages with
+gap-free seqs, idempotent sends, read markers, CSAT, order timeline cards."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, Protocol
+
+from chat.masking import mask_contacts
+from chat.model import (
+    STAFF,
+    Conversation,
+    Message,
+    check_read,
+    check_write,
+    conversation_view,
+    is_participant,
+    message_view,
+)
+from chat.routing import Router
+from tracking.clock import now_ms
+from tracking.errors import Conflict, Forbidden, Invalid, NotFound
+from tracking.lifecycle import Actor
+from tracking.orders import Event, Order, OrderService
+
+log = logging.getLogger(__name__)
+
+MAX_JOIN: Final = 500  # messages a join returns; more pages via since_seq
+MAX_LIST: Final = 100
+SYSTEM_SENDER: Final = {"id": "system", "role": "system", "name": None}
+# Chinese labels for the order timeline card (the seed's terms).
+STATE_LABELS: Final = {
+    "created": "已预约", "assigned": "已分配", "en_route": "在路上", "arrived": "已到达",
+    "in_service": "服务中", "completed": "已完成", "cancelled": "已取消",
+    "refund_requested": "退款申请中", "refunded": "已退款", "refund_rejected": "退款被拒绝",
+}
+
+
+class ChatStore(Protocol):
+    async def get(self, conv_id: str) -> Conversation | None: ...
+    async def insert_open(self, conv: Conversation) -> tuple[Conversation, bool]: ...
+    async def update(self, conv_id: str, expect: dict[str, Any], changes: dict[str, Any],
+                     unset: tuple[str, ...] = ()) -> Conversation | None: ...
+    async def add_staff(self, conv_id: str, agent_id: str) -> None: ...
+    async def set_read(self, conv_id: str, user_id: str, seq: int) -> int: ...
+    async def queue_position(self, conv: Conversation) -> int: ...
+    async def for_user(self, field: str, user_id: str, limit: int) -> list[Conversation]: ...
+    async def assigned_to(self, agent_id: str) -> list[Conversation]: ...
+    async def find_by_client_id(self, conv_id: str, sender_id: str, cmid: str) -> Message | None: ...
+    async def append(self, conv_id: str, msg: Message) -> tuple[Message, bool]: ...
+    async def messages_after(self, conv_id: str, since_seq: int, limit: int) -> list[Message]: ...
+    async def messages_before(self, conv_id: str, before_seq: int, limit: int) -> list[Message]: ...
+
+
+# (conversation, message, origin): origin is the sending connection, opaque
+# to the domain, so the fan-out can spare it the echo of its own ack.
+Delivered = Callable[[Conversation, Message, str | None], Awaitable[None]]
+
+
+def order_conversation_id(order_id: str) -> str:
+    return f"order:{order_id}"
+
+
+class ChatService:
+    def __init__(self, store: ChatStore, orders: OrderService, router: Router,
+                 delivered: Delivered) -> None:
+        self.store = store
+        self.orders = orders
+        self.router = router
+        self._delivered = delivered
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    def _lock(self, conv_id: str) -> asyncio.Lock:
+        lock = self._locks.get(conv_id)
+        if lock is None:
+            lock = self._locks[conv_id] = asyncio.Lock()
+        return lock
+
+    async def get(self, conv_id: str) -> Conversation:
+        conv = await self.store.get(conv_id)
+        if conv is None:
+            raise NotFound(f"conversation {conv_id!r} not found")
+        return conv
+
+    # -- opening ---------------------------------------------------------
+    async def open_support(self, actor: Actor, order_id: str | None,
+                           topic: str | None) -> tuple[Conversation, int | None]:
+        if actor.role != "customer":
+            raise Forbidden("support conversations are opened by customers")
+        if order_id is not None:
+            order = await self.orders.get(order_id)
+            if order["customer_id"] != actor.id:
+                raise Forbidden("not your order")
+        ts = now_ms()
+        conv: Conversation = {
+            "conversation_id": "s-" + uuid.uuid4().hex, "kind": "support", "status": "queued",
+            "customer_id": actor.id, "order_id": order_id, "topic": topic, "technician_id": None,
+            "assignee": None, "staff": [], "last_seq": 0, "created_ts": ts, "updated_ts": ts,
+            "queue_rank": ts, "open_key": actor.id, "csat": None, "read": {},
+        }
+        conv, created = await self.store.insert_open(conv)
+        if created:
+            await self.router.pump()
+            conv = await self.get(conv["conversation_id"])
+        position = await self.store.queue_position(conv) if conv["status"] == "queued" else None
+        return conv, position
+
+    async def open_order(self, actor: Actor, order_id: str) -> Conversation:
+        order = await self.orders.get(order_id)
+        if actor.role == "customer" and order["customer_id"] != actor.id:
+            raise Forbidden("not your order")
+        if actor.role == "technician" and order.get("technician_id") != actor.id:
+            raise Forbidden("not your order")
+        if actor.role not in ("customer", "technician", *STAFF):
+            raise Forbidden("order chats are for the order's customer, technician and staff")
+        conv = await self._order_conversation(order)
+        if actor.role == "agent" and actor.id not in conv.get("staff", []):
+            await self.store.add_staff(conv["conversation_id"], actor.id)
+            conv = await self.get(conv["conversation_id"])
+        return conv
+
+    async def _order_conversation(self, order: Order) -> Conversation:
+        conv_id = order_conversation_id(order["order_id"])
+        conv = await self.store.get(conv_id)
+        if conv is None:
+            ts = now_ms()
+            conv, _ = await self.store.insert_open({
+                "conversation_id": conv_id, "kind": "order", "status": "open",
+                "customer_id": order["customer_id"], "order_id": order["order_id"],
+                "technician_id": order.get("technician_id"), "topic": None, "assignee": None,
+                "staff": [], "last_seq": 0, "created_ts": ts, "updated_ts": ts, "csat": None,
+                "read": {},
+            })
+        elif conv.get("technician_id") != order.get("technician_id"):
+            conv = await self.store.update(
+                conv_id, {}, {"technician_id": order.get("technician_id")}) or conv
+        return conv
+
+    # -- messages --------------------------------------------------------
+    async def send(self, actor: Actor, name: str | None, conv_id: str, client_msg_id: str,
+                   body: str, kind: str, origin: str | None = None) -> Message:
+        conv = await self.get(conv_id)
+        check_write(actor, conv)
+        existing = await self.store.find_by_client_id(conv_id, actor.id, client_msg_id)
+        if existing is not None:
+            return message_view(existing, actor)
+        if conv["status"] == "closed":
+            raise Conflict("this conversation is closed")
+        msg: Message = {
+            "id": uuid.uuid4().hex, "conversation_id": conv_id, "client_msg_id": client_msg_id,
+            "sender": {"id": actor.id, "role": actor.role, "name": name},
+            "kind": kind, "body": body, "ts": now_ms(),
+        }
+        if conv["kind"] == "order" and actor.role in ("customer", "technician") and kind == "text":
+            masked = mask_contacts(body)
+            if masked != body:
+                msg["masked_body"] = masked
+        async with self._lock(conv_id):
+            stored, created = await self.store.append(conv_id, msg)
+            if created:
+                await self._delivered(conv, stored, origin)
+        return message_view(stored, actor)
+
+    async def append_order_event(self, order: Order, event: Event) -> None:
+        """The order's timeline inside its chat: one system card per event."""
+        conv = await self._order_conversation(order)
+        label = STATE_LABELS.get(event["state"], event["state"])
+        body = f"订单状态：{label}" if event["type"] != "rated" else "客户已评价"
+        msg: Message = {
+            "id": uuid.uuid4().hex, "conversation_id": conv["conversation_id"],
+            "client_msg_id": f"order-event:{event['seq']}", "sender": dict(SYSTEM_SENDER),
+            "kind": "system", "body": body, "ts": event["ts"],
+            "order_event": {k: event[k] for k in ("seq", "type", "state", "ts", "actor")},
+        }
+        async with self._lock(conv["conversation_id"]):
+            stored, created = await self.store.append(conv["conversation_id"], msg)
+            if created:
+                await self._delivered(conv, stored, None)
+
+    async def join(self, actor: Actor, conv_id: str, since_seq: int) -> dict[str, Any]:
+        conv = await self.get(conv_id)
+        check_read(actor, conv)
+        if actor.role == "agent" and conv["kind"] == "order" and actor.id not in conv.get("staff", []):
+            await self.store.add_staff(conv_id, actor.id)
+            conv = await self.get(conv_id)
+        msgs = await self.store.messages_after(conv_id, since_seq, MAX_JOIN)
+        last = msgs[-1]["seq"] if msgs else since_seq
+        return {
+            "conversation": conversation_view(conv, actor),
+            "messages": [message_view(m, actor) for m in msgs],
+            "has_more": last < int(conv["last_seq"]) and len(msgs) == MAX_JOIN,
+        }
+
+    async def history(self, actor: Actor, conv_id: str, before_seq: int | None,
+                      limit: int) -> dict[str, Any]:
+        conv = await self.get(conv_id)
+        check_read(actor, conv)
+        before = before_seq if before_seq is not None else int(conv["last_seq"]) + 1
+        msgs = await self.store.messages_before(conv_id, before, limit)
+        return {"messages": [message_view(m, actor) for m in msgs],
+                "has_more": bool(msgs) and msgs[0]["seq"] > 1}
+
+    async def readable(self, actor: Actor, conv_id: str) -> Conversation:
+        conv = await self.get(conv_id)
+        check_read(actor, conv)
+        return conv
+
+    async def mark_read(self, actor: Actor, conv_id: str, seq: int) -> tuple[Conversation, int]:
+        conv = await self.readable(actor, conv_id)
+        stored = await self.store.set_read(conv_id, actor.id, min(seq, int(conv["last_seq"])))
+        return conv, stored
+
+    async def conversations(self, actor: Actor) -> list[Conversation]:
+        field = {"customer": "customer_id", "technician": "technician_id"}.get(actor.role, "assignee")
+        convs = await self.store.for_user(field, actor.id, MAX_LIST)
+        return [conversation_view(c, actor) for c in convs]
+
+    # -- lifecycle -------------------------------------------------------
+    async def close(self, actor: Actor, conv_id: str) -> Conversation:
+        conv = await self.get(conv_id)
+        allowed = (actor.role == "admin"
+                   or (conv["kind"] == "support" and (
+                       (actor.role == "customer" and conv["customer_id"] == actor.id)
+                       or (actor.role == "agent" and conv.get("assignee") == actor.id)))
+                   or (conv["kind"] == "order" and actor.role == "agent"))
+        if not allowed:
+            check_read(actor, conv)
+            raise Forbidden("you may not close this conversation")
+        if conv["status"] == "closed":
+            raise Conflict("already closed")
+        closed = await self.store.update(
+            conv_id, {"status": conv["status"]},
+            {"status": "closed", "closed_ts": now_ms(), "updated_ts": now_ms(),
+             "closed_by": actor.as_dict()}, unset=("open_key",))
+        if closed is None:
+            raise Conflict("the conversation changed meanwhile; retry")
+        if conv["status"] == "assigned":
+            self.router.released(conv.get("assignee"))
+        await self.router.pump()
+        return closed
+
+    async def rate(self, actor: Actor, conv_id: str, stars: int, comment: str | None) -> Conversation:
+        conv = await self.get(conv_id)
+        if actor.role != "customer" or conv["customer_id"] != actor.id:
+            raise Forbidden("only the conversation's customer may rate it")
+        if conv["status"] != "closed":
+            raise Conflict("a conversation can be rated after it is closed")
+        if conv.get("csat"):
+            raise Conflict("already rated")
+        csat = {"stars": stars, "comment": comment, "ts": now_ms()}
+        rated = await self.store.update(conv_id, {"status": "closed", "csat": None}, {"csat": csat})
+        if rated is None:
+            raise Conflict("already rated")
+        return rated
+
+    async def transfer(self, actor: Actor, conv_id: str, to_agent: str) -> Conversation:
+        conv = await self.get(conv_id)
+        if conv["kind"] != "support":
+            raise Conflict("only support conversations are transferred")
+        if not (actor.role == "admin" or (actor.role == "agent" and conv.get("assignee") == actor.id)):
+            raise Forbidden("only the assigned agent or an admin may transfer")
+        if conv["status"] == "closed":
+            raise Conflict("this conversation is closed")
+        target = self.router.agents.get(to_agent)
+        if target is None or target.connections == 0:
+            raise Conflict(f"agent {to_agent!r} is not online")
+        if to_agent == conv.get("assignee"):
+            raise Conflict(f"already assigned to {to_agent!r}")
+        moved = await self.store.update(
+            conv_id, {"status": conv["status"], "assignee": conv.get("assignee")},
+            {"status": "assigned", "assignee": to_agent, "updated_ts": now_ms(),
+             "transferred_from": conv.get("assignee")})
+        if moved is None:
+            raise Conflict("the conversation changed meanwhile; retry")
+        if conv["status"] == "assigned":
+            self.router.released(conv.get("assignee"))
+        self.router.took(to_agent)
+        if conv["status"] == "queued":
+            await self.router.pump()
+        return moved
+
+    def typing_allowed(self, actor: Actor, conv: Conversation) -> bool:
+        return actor.role in STAFF or is_participant(actor, conv)
+
+
+def check_kind(kind: str, actor: Actor) -> None:
+    if kind == "system":
+        raise Invalid("system messages are written by the server", [{"field": "kind"}])

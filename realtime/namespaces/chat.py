@@ -1,0 +1,229 @@
+"""/chat: support chat (customers and agents, with a live queue) and order
+chat (customer and technician; agents may join)."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import Field, StringConstraints
+
+from chat.model import conversation_view, message_view
+from realtime.auth import Principal
+from realtime.namespaces.base import BaseNamespace, handles, user_room
+from realtime.namespaces.models import Id, Inbound
+from realtime.namespaces.orders import actor_of
+from tracking.errors import Forbidden, Invalid
+from tracking.lifecycle import Actor
+
+if TYPE_CHECKING:
+    from chat.service import ChatService
+
+NAMESPACE = "/chat"
+Body = Annotated[str, StringConstraints(min_length=1, max_length=4000)]
+ClientMsgId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+Seq = Annotated[int, Field(ge=0, le=2**53)]
+
+
+class OpenIn(Inbound):
+    kind: Literal["support", "order"]
+    order_id: Id | None = None
+    topic: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
+
+
+class SendIn(Inbound):
+    conversation_id: Id
+    client_msg_id: ClientMsgId
+    body: Body
+    kind: Literal["text", "image"] = "text"
+
+
+class JoinIn(Inbound):
+    conversation_id: Id
+    since_seq: Seq | None = None
+
+
+class HistoryIn(Inbound):
+    conversation_id: Id
+    before_seq: Seq | None = None
+    limit: Annotated[int, Field(ge=1, le=100)] = 50
+
+
+class TypingIn(Inbound):
+    conversation_id: Id
+    typing: bool
+
+
+class ReadIn(Inbound):
+    conversation_id: Id
+    seq: Seq
+
+
+class ConvRef(Inbound):
+    conversation_id: Id
+
+
+class RateIn(Inbound):
+    conversation_id: Id
+    stars: Annotated[int, Field(ge=1, le=5)]
+    comment: Annotated[str, StringConstraints(max_length=1000)] | None = None
+
+
+class StatusIn(Inbound):
+    status: Literal["available", "away"]
+
+
+class TransferIn(Inbound):
+    conversation_id: Id
+    to_agent_id: Id
+
+
+class ListIn(Inbound):
+    pass
+
+
+def staff_room(conv_id: str) -> str:
+    return f"staff:{conv_id}"
+
+
+class ChatNamespace(BaseNamespace):
+    roles = frozenset({"customer", "technician", "agent", "admin"})
+
+    @property
+    def chat(self) -> ChatService:
+        return self.ctx.chat
+
+    async def connected(self, sid: str, p: Principal) -> None:
+        if p.role == "agent":
+            await self.chat.router.agent_connected(p.id, p.name)
+            self._gauges()
+
+    async def disconnected(self, sid: str, p: Principal) -> None:
+        if p.role == "agent" and self.ctx._chat is not None:
+            await self.chat.router.agent_disconnected(p.id)
+            self._gauges()
+
+    def _gauges(self) -> None:
+        self.ctx.metrics.agents_available.set(self.chat.router.available())
+
+    # -- fan-out (called by the chat service) -----------------------------
+    def _audience(self, conv: dict[str, Any]) -> tuple[list[tuple[Actor, str]], list[str]]:
+        """(participants with their rooms, staff rooms) of a conversation."""
+        parts = [(Actor(conv["customer_id"], "customer"), user_room(conv["customer_id"]))]
+        if conv.get("technician_id"):
+            parts.append((Actor(conv["technician_id"], "technician"), user_room(conv["technician_id"])))
+        staff = [staff_room(conv["conversation_id"])]
+        if conv.get("assignee"):
+            staff.append(user_room(conv["assignee"]))
+        return parts, staff
+
+    async def delivered(self, conv: dict[str, Any], msg: dict[str, Any], origin: str | None) -> None:
+        """Each audience gets its own view (masked for the other party of an
+        order chat); the sending connection has the message in its ack."""
+        self.ctx.metrics.messages.labels(msg["kind"]).inc()
+        parts, staff = self._audience(conv)
+        await self.emit("message", message_view(msg, Actor("staff", "agent")), to=staff,
+                        skip_sid=origin)
+        for actor, room in parts:
+            await self.emit("message", message_view(msg, actor), to=room, skip_sid=origin)
+
+    async def conversation_changed(self, conv: dict[str, Any]) -> None:
+        parts, staff = self._audience(conv)
+        rooms = [room for _, room in parts] + staff
+        if conv.get("transferred_from"):
+            rooms.append(user_room(conv["transferred_from"]))
+        await self.emit("conversation", conversation_view(conv), to=rooms)
+
+    async def queue_position(self, conv: dict[str, Any], position: int) -> None:
+        await self.emit("queue_position",
+                        {"conversation_id": conv["conversation_id"], "position": position},
+                        to=user_room(conv["customer_id"]))
+
+    async def _relay(self, conv: dict[str, Any], event: str, data: dict[str, Any], sid: str) -> None:
+        parts, staff = self._audience(conv)
+        await self.emit(event, data, to=[room for _, room in parts] + staff, skip_sid=sid)
+
+    # -- events ------------------------------------------------------------
+    @handles("open", OpenIn)
+    async def open(self, p: Principal, sid: str, body: OpenIn) -> dict[str, Any]:
+        actor = actor_of(p)
+        if body.kind == "support":
+            conv, position = await self.chat.open_support(actor, body.order_id, body.topic)
+            out: dict[str, Any] = {"conversation": conversation_view(conv, actor)}
+            if position is not None:
+                out["queue_position"] = position
+            return out
+        if body.order_id is None:
+            raise Invalid("an order conversation needs order_id", [{"field": "order_id"}])
+        conv = await self.chat.open_order(actor, body.order_id)
+        if p.role in ("agent", "admin"):
+            await self.enter_room(sid, staff_room(conv["conversation_id"]))
+        return {"conversation": conversation_view(conv, actor)}
+
+    @handles("send", SendIn)
+    async def send(self, p: Principal, sid: str, body: SendIn) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        msg = await self.chat.send(actor_of(p), p.name, body.conversation_id, body.client_msg_id,
+                                   body.body, body.kind, origin=sid)
+        self.ctx.metrics.send_latency.observe(time.perf_counter() - t0)
+        return {"message": msg}
+
+    @handles("join", JoinIn)
+    async def join(self, p: Principal, sid: str, body: JoinIn) -> dict[str, Any]:
+        out = await self.chat.join(actor_of(p), body.conversation_id, body.since_seq or 0)
+        if p.role in ("agent", "admin"):
+            await self.enter_room(sid, staff_room(body.conversation_id))
+        return out
+
+    @handles("leave", ConvRef)
+    async def leave(self, p: Principal, sid: str, body: ConvRef) -> dict[str, Any]:
+        await self.leave_room(sid, staff_room(body.conversation_id))
+        return {"conversation_id": body.conversation_id}
+
+    @handles("history", HistoryIn)
+    async def history(self, p: Principal, sid: str, body: HistoryIn) -> dict[str, Any]:
+        return await self.chat.history(actor_of(p), body.conversation_id, body.before_seq, body.limit)
+
+    @handles("typing", TypingIn)
+    async def typing(self, p: Principal, sid: str, body: TypingIn) -> dict[str, Any]:
+        conv = await self.chat.readable(actor_of(p), body.conversation_id)
+        await self._relay(conv, "typing", {"conversation_id": body.conversation_id, "user_id": p.id,
+                                           "typing": body.typing}, sid)
+        return {}
+
+    @handles("read", ReadIn)
+    async def read(self, p: Principal, sid: str, body: ReadIn) -> dict[str, Any]:
+        conv, seq = await self.chat.mark_read(actor_of(p), body.conversation_id, body.seq)
+        await self._relay(conv, "read", {"conversation_id": body.conversation_id, "user_id": p.id,
+                                         "seq": seq}, sid)
+        return {"conversation_id": body.conversation_id, "seq": seq}
+
+    @handles("close", ConvRef)
+    async def close(self, p: Principal, sid: str, body: ConvRef) -> dict[str, Any]:
+        conv = await self.chat.close(actor_of(p), body.conversation_id)
+        await self.conversation_changed(conv)
+        self._gauges()
+        return {"conversation": conversation_view(conv, actor_of(p))}
+
+    @handles("rate", RateIn)
+    async def rate(self, p: Principal, sid: str, body: RateIn) -> dict[str, Any]:
+        conv = await self.chat.rate(actor_of(p), body.conversation_id, body.stars, body.comment)
+        return {"conversation": conversation_view(conv, actor_of(p))}
+
+    @handles("set_status", StatusIn)
+    async def set_status(self, p: Principal, sid: str, body: StatusIn) -> dict[str, Any]:
+        if p.role != "agent":
+            raise Forbidden("only agents have a status")
+        st = await self.chat.router.set_status(p.id, body.status)
+        self._gauges()
+        return {"status": st.status, "load": st.load, "cap": self.chat.router.cap}
+
+    @handles("transfer", TransferIn)
+    async def transfer(self, p: Principal, sid: str, body: TransferIn) -> dict[str, Any]:
+        conv = await self.chat.transfer(actor_of(p), body.conversation_id, body.to_agent_id)
+        await self.conversation_changed(conv)
+        return {"conversation": conversation_view(conv, actor_of(p))}
+
+    @handles("list", ListIn)
+    async def list_conversations(self, p: Principal, sid: str, body: ListIn) -> dict[str, Any]:
+        return {"conversations": await self.chat.conversations(actor_of(p))}

@@ -1,0 +1,193 @@
+"""MongoDB store of conversations and messages.
+
+A message and its conversation's `last_seq` are written in one transaction,
+so seqs are gap-free; `(conversation_id, sender.id, client_msg_id)` is a
+unique index, so a retried send stores nothing twice, ever.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, ReturnDocument
+from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
+
+from chat.model import Conversation, Message
+from storage.mongo import Observe, _no_observe, run_txn
+
+CHAT_INDEXES: dict[str, list[IndexModel]] = {
+    "conversations": [
+        # One open support conversation per customer: open_key is the
+        # customer id while open and absent once closed.
+        IndexModel([("open_key", ASCENDING)], unique=True, sparse=True),
+        IndexModel([("status", ASCENDING), ("queue_rank", ASCENDING)]),
+        IndexModel([("assignee", ASCENDING), ("status", ASCENDING)]),
+        IndexModel([("customer_id", ASCENDING), ("updated_ts", DESCENDING)]),
+        IndexModel([("technician_id", ASCENDING), ("updated_ts", DESCENDING)]),
+    ],
+    "messages": [
+        IndexModel([("conversation_id", ASCENDING), ("seq", ASCENDING)], unique=True),
+        IndexModel([("conversation_id", ASCENDING), ("sender.id", ASCENDING),
+                    ("client_msg_id", ASCENDING)], unique=True),
+    ],
+    "feedback": [
+        IndexModel([("ts", DESCENDING)]),
+        IndexModel([("user.id", ASCENDING), ("ts", DESCENDING)]),
+    ],
+}
+
+
+def _out(doc: dict[str, Any] | None) -> Conversation | None:
+    if doc is None:
+        return None
+    doc = dict(doc)
+    doc["conversation_id"] = doc.pop("_id")
+    return doc
+
+
+def _conv(doc: dict[str, Any]) -> Conversation:
+    doc = dict(doc)
+    doc["conversation_id"] = doc.pop("_id")
+    return doc
+
+
+def _msg(doc: dict[str, Any]) -> Message:
+    doc = dict(doc)
+    doc["id"] = doc.pop("_id")
+    return doc
+
+
+class MongoChatStore:
+    def __init__(self, client: AsyncMongoClient[dict[str, Any]],
+                 db: AsyncDatabase[dict[str, Any]], observe: Observe = _no_observe) -> None:
+        self._client = client
+        self._convs = db["conversations"]
+        self._msgs = db["messages"]
+        self._feedback = db["feedback"]
+        self._observe = observe
+
+    async def ensure_indexes(self) -> None:
+        for name, models in CHAT_INDEXES.items():
+            await self._convs.database[name].create_indexes(models)
+
+    # -- conversations ---------------------------------------------------
+    async def get(self, conv_id: str) -> Conversation | None:
+        return _out(await self._convs.find_one({"_id": conv_id}))
+
+    async def insert_open(self, conv: Conversation) -> tuple[Conversation, bool]:
+        """Insert unless the same open_key (or id) exists; returns (conv, created)."""
+        doc = dict(conv)
+        doc["_id"] = doc.pop("conversation_id")
+        try:
+            await self._convs.insert_one(doc)
+            return _out(doc) or conv, True
+        except DuplicateKeyError:
+            query = {"open_key": conv["open_key"]} if conv.get("open_key") else {"_id": doc["_id"]}
+            existing = await self._convs.find_one(query)
+            if existing is None:  # closed in between: try once more
+                await self._convs.insert_one(doc)
+                return _out(doc) or conv, True
+            return _out(existing) or conv, False
+
+    async def update(self, conv_id: str, expect: dict[str, Any], changes: dict[str, Any],
+                     unset: tuple[str, ...] = ()) -> Conversation | None:
+        """Apply changes only if the conversation still matches `expect`."""
+        update: dict[str, Any] = {"$set": changes}
+        if unset:
+            update["$unset"] = dict.fromkeys(unset, "")
+        return _out(await self._convs.find_one_and_update(
+            {"_id": conv_id, **expect}, update, return_document=ReturnDocument.AFTER))
+
+    async def add_staff(self, conv_id: str, agent_id: str) -> None:
+        await self._convs.update_one({"_id": conv_id}, {"$addToSet": {"staff": agent_id}})
+
+    async def set_read(self, conv_id: str, user_id: str, seq: int) -> int:
+        """Move the read marker forward only; returns the marker now stored."""
+        doc = await self._convs.find_one_and_update(
+            {"_id": conv_id}, {"$max": {f"read.{user_id}": seq}},
+            projection={f"read.{user_id}": 1}, return_document=ReturnDocument.AFTER)
+        return int(((doc or {}).get("read") or {}).get(user_id, 0))
+
+    async def queued(self, limit: int) -> list[Conversation]:
+        cursor = self._convs.find({"status": "queued"}).sort("queue_rank", ASCENDING).limit(limit)
+        return [_conv(d) async for d in cursor]
+
+    async def queue_position(self, conv: Conversation) -> int:
+        ahead = await self._convs.count_documents(
+            {"status": "queued", "queue_rank": {"$lt": conv["queue_rank"]}})
+        return ahead + 1
+
+    async def assigned_to(self, agent_id: str) -> list[Conversation]:
+        cursor = self._convs.find({"assignee": agent_id, "status": "assigned"})
+        return [_conv(d) async for d in cursor]
+
+    async def for_user(self, field: str, user_id: str, limit: int) -> list[Conversation]:
+        cursor = self._convs.find({field: user_id}).sort("updated_ts", DESCENDING).limit(limit)
+        return [_conv(d) async for d in cursor]
+
+    # -- messages --------------------------------------------------------
+    async def find_by_client_id(self, conv_id: str, sender_id: str, cmid: str) -> Message | None:
+        doc = await self._msgs.find_one(
+            {"conversation_id": conv_id, "sender.id": sender_id, "client_msg_id": cmid})
+        return _msg(doc) if doc else None
+
+    async def append(self, conv_id: str, msg: Message) -> tuple[Message, bool]:
+        """Store msg with the conversation's next seq; (stored, created). A
+        duplicate client_msg_id returns the stored one and stores nothing."""
+        doc = dict(msg)
+        doc["_id"] = doc.pop("id")
+
+        async def txn(session: AsyncClientSession) -> dict[str, Any]:
+            conv = await self._convs.find_one_and_update(
+                {"_id": conv_id}, {"$inc": {"last_seq": 1}, "$set": {"updated_ts": msg["ts"]}},
+                projection={"last_seq": 1}, return_document=ReturnDocument.AFTER,
+                session=session)
+            if conv is None:
+                raise LookupError(conv_id)
+            stored = {**doc, "seq": conv["last_seq"]}
+            await self._msgs.insert_one(stored, session=session)
+            return stored
+
+        t0 = time.perf_counter()
+        try:
+            stored = await run_txn(self._client, txn)
+        except DuplicateKeyError:
+            cmid = msg.get("client_msg_id")
+            existing = await self.find_by_client_id(conv_id, msg["sender"]["id"], cmid) if cmid else None
+            if existing is None:
+                raise
+            return existing, False
+        finally:
+            self._observe("message_append", time.perf_counter() - t0)
+        return _msg(stored), True
+
+    async def messages_after(self, conv_id: str, since_seq: int, limit: int) -> list[Message]:
+        cursor = self._msgs.find({"conversation_id": conv_id, "seq": {"$gt": since_seq}}) \
+            .sort("seq", ASCENDING).limit(limit)
+        return [_msg(d) async for d in cursor]
+
+    async def messages_before(self, conv_id: str, before_seq: int, limit: int) -> list[Message]:
+        cursor = self._msgs.find({"conversation_id": conv_id, "seq": {"$lt": before_seq}}) \
+            .sort("seq", DESCENDING).limit(limit)
+        out = [_msg(d) async for d in cursor]
+        out.reverse()
+        return out
+
+    # -- feedback --------------------------------------------------------
+    async def add_feedback(self, doc: dict[str, Any]) -> dict[str, Any]:
+        stored = dict(doc)
+        stored["_id"] = stored.pop("id")
+        await self._feedback.insert_one(stored)
+        return doc
+
+    async def list_feedback(self, before_ts: int | None, limit: int) -> list[dict[str, Any]]:
+        query: dict[str, Any] = {} if before_ts is None else {"ts": {"$lt": before_ts}}
+        cursor = self._feedback.find(query).sort("ts", DESCENDING).limit(limit)
+        out = []
+        async for d in cursor:
+            d["id"] = d.pop("_id")
+            out.append(d)
+        return out
