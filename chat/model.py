@@ -11,6 +11,8 @@ Conversation = dict[str, Any]
 Message = dict[str, Any]
 
 STAFF: Final = frozenset({"agent", "admin"})
+# Who sees originals (and the `masked` flag): staff and the business backend.
+SEES_ORIGINALS: Final = frozenset({"agent", "admin", "service"})
 # Fields of a stored conversation that are bookkeeping, not for the wire.
 _INTERNAL: Final = ("read", "queue_rank", "open_key", "_id")
 
@@ -31,7 +33,7 @@ def message_view(msg: Message, viewer: Actor) -> Message:
     out = {k: v for k, v in msg.items() if k not in ("masked_body", "_id")}
     masked = msg.get("masked_body")
     if masked is not None:
-        if viewer.role in STAFF:
+        if viewer.role in SEES_ORIGINALS:
             out["masked"] = True
         elif viewer.id != msg["sender"]["id"]:
             out["body"] = masked

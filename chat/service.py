@@ -279,8 +279,7 @@ class ChatService:
         if conv["status"] == "assigned":
             self.router.released(conv.get("assignee"))
         self.router.took(to_agent)
-        if conv["status"] == "queued":
-            await self.router.pump()
+        await self.router.pump()  # the previous agent may have room for a waiting customer
         return moved
 
     def typing_allowed(self, actor: Actor, conv: Conversation) -> bool:
@@ -289,4 +288,5 @@ class ChatService:
 
 def check_kind(kind: str, actor: Actor) -> None:
     if kind == "system":
-        raise Invalid("system messages are written by the server", [{"field": "kind"}])
+        raise Invalid("system messages are written by the server",
+                      [{"field": "kind", "error": "system messages are written by the server"}])

@@ -20,7 +20,7 @@ from chat.model import conversation_view, message_view
 from realtime.auth import Principal
 from realtime.context import Context
 from realtime.errors import WireError, ok, to_error
-from realtime.namespaces.models import Id, Inbound
+from realtime.namespaces.models import MAX_SAFE_INT, Id, Inbound, Ts
 from realtime.namespaces.orders import actor_of
 from storage.trails import trail_for_order
 from tracking.clock import now_ms
@@ -51,8 +51,8 @@ class AddressIn(Inbound):
 
 
 class WindowIn(Inbound):
-    start_ts: Annotated[int, Field(ge=0)]
-    end_ts: Annotated[int, Field(ge=0)]
+    start_ts: Ts
+    end_ts: Ts
 
     @field_validator("end_ts")
     @classmethod
@@ -89,9 +89,34 @@ class EventIn(Inbound):
     @field_validator("data")
     @classmethod
     def _bounded(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v is not None and len(json.dumps(v)) > MAX_DATA_BYTES:
+        if v is None:
+            return v
+        if len(json.dumps(v)) > MAX_DATA_BYTES:
             raise ValueError(f"data must encode to at most {MAX_DATA_BYTES} bytes")
+        check_plain(v, 0)
         return v
+
+
+# Free-form JSON we store must fit MongoDB (nesting, 64-bit ints) and
+# JavaScript (safe integers).
+MAX_DEPTH = 16
+
+
+def check_plain(value: Any, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise ValueError(f"data nests deeper than {MAX_DEPTH} levels")
+    if isinstance(value, dict):
+        for item in value.values():
+            check_plain(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            check_plain(item, depth + 1)
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_SAFE_INT:
+        raise ValueError("integers in data must be within ±(2**53 - 1)")
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def json_response(body: Any, status: int = 200) -> web.Response:
@@ -102,10 +127,10 @@ async def parse(request: web.Request, model: type[BaseModel]) -> Any:
     if request.content_length is None and request.body_exists is False:
         raise WireError("invalid", "a JSON body is required")
     try:
-        raw = await request.json(loads=json.loads)
+        raw = await request.json(loads=lambda text: json.loads(text, parse_constant=_no_constants))
     except web.HTTPRequestEntityTooLarge:
         raise WireError("too_large", "request body too large") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError):
         raise WireError("invalid", "body is not valid JSON") from None
     if not isinstance(raw, dict):
         raise WireError("invalid", "body must be a JSON object",
@@ -139,6 +164,8 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
     except asyncio.CancelledError:
         raise
     except Exception as exc:
+        if not request.path.startswith("/api/"):
+            raise  # Socket.IO and the pages handle their own failures
         err = to_error(exc)
         resp = json_response(err.body(), err.http_status)
     ctx.metrics.http.labels(route, str(resp.status)).inc()

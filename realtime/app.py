@@ -154,6 +154,11 @@ def create_app(settings: Settings) -> web.Application:
                 await embedded.stop()
 
     app.cleanup_ctx.append(store)
+
+    async def say_goodbye(app: web.Application) -> None:
+        await sio.close_all()
+
+    app.on_shutdown.append(say_goodbye)
     return app
 
 

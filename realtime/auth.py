@@ -71,7 +71,7 @@ def principal_from_claims(claims: dict[str, Any]) -> Principal:
     sub, role = claims.get("sub"), claims.get("role")
     if not isinstance(sub, str) or not 0 < len(sub) <= 128:
         raise Unauthorized("claim 'sub' must be a string of 1..128 characters")
-    if role not in ROLES:
+    if not isinstance(role, str) or role not in ROLES:
         raise Unauthorized(f"claim 'role' must be one of {sorted(ROLES)}")
     name = claims.get("name")
     if name is not None and (not isinstance(name, str) or len(name) > 128):
@@ -91,7 +91,7 @@ def mint_token(
     skills: list[str] | None = None,
     ttl_s: int = 3600,
 ) -> str:
-    if role not in ROLES:
+    if not isinstance(role, str) or role not in ROLES:
         raise ValueError(f"role must be one of {sorted(ROLES)}")
     now = int(time.time())
     claims: dict[str, Any] = {"sub": sub, "role": role, "iat": now, "exp": now + ttl_s}

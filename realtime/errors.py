@@ -53,7 +53,9 @@ def validation_details(exc: ValidationError) -> list[dict[str, Any]]:
     """Field paths and reasons, never the offending input (it may be huge or private)."""
     out = []
     for e in exc.errors(include_url=False, include_input=False, include_context=False):
-        out.append({"field": ".".join(str(p) for p in e["loc"]) or "(payload)", "error": e["msg"]})
+        # Field names are input too (an unknown key may be 50 KB): bounded.
+        field = ".".join(str(p)[:64] for p in e["loc"])[:200] or "(payload)"
+        out.append({"field": field, "error": e["msg"]})
     return out[:20]
 
 

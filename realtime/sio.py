@@ -32,8 +32,22 @@ RESERVED_EVENTS = frozenset({
 })
 
 
+# Engine.IO v4 packet types a client may send in a text frame: close, ping,
+# pong, message, upgrade, noop.
+_CLIENT_EIO_TYPES = frozenset("123456")
+
+
 class _PlainWebSocket(eio_aiohttp.WebSocket):  # type: ignore[misc]
-    """engine.io's aiohttp websocket without permessage-deflate."""
+    """engine.io's aiohttp websocket without permessage-deflate, and deaf to
+    frames that are not Engine.IO packets (python-engineio decodes them
+    outside its error handling and logs a traceback per garbage frame)."""
+
+    async def wait(self) -> Any:
+        while True:
+            data = await super().wait()
+            if isinstance(data, bytes) or (data and data[0] in _CLIENT_EIO_TYPES):
+                return data
+            log.info("dropped a frame that is not an Engine.IO packet")
 
     async def __call__(self, environ: dict[str, Any]) -> WebSocketResponse:
         request = environ["aiohttp.request"]
@@ -46,6 +60,20 @@ class _PlainWebSocket(eio_aiohttp.WebSocket):  # type: ignore[misc]
         return self._sock
 
 
+class _QuietInvalidSession(logging.Filter):
+    """python-engineio logs a request for an ended session at ERROR; that is a
+    client racing its own disconnect (a long-poll after close), not a fault."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Invalid session")
+
+
+def quiet_engineio_logs() -> None:
+    logger = logging.getLogger("engineio.server")
+    if not any(isinstance(f, _QuietInvalidSession) for f in logger.filters):
+        logger.addFilter(_QuietInvalidSession())
+
+
 def refusal(code: str, message: str) -> socketio.exceptions.ConnectionRefusedError:
     """A handshake refusal whose `connect_error` data is {code, message}."""
     return socketio.exceptions.ConnectionRefusedError(message, {"code": code, "message": message})
@@ -54,7 +82,28 @@ def refusal(code: str, message: str) -> socketio.exceptions.ConnectionRefusedErr
 class RealtimeServer(socketio.AsyncServer):  # type: ignore[misc]
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        quiet_engineio_logs()
         self.eio._async = {**self.eio._async, "websocket": _PlainWebSocket}
+
+    async def _handle_eio_disconnect(self, eio_sid: str, reason: Any) -> None:
+        await super()._handle_eio_disconnect(eio_sid, reason)
+        # python-engineio closes a polling client that said goodbye without
+        # answering its pending long-poll GET, which then hangs for
+        # ping_interval + ping_timeout (and holds up a graceful stop).
+        # Wake it with an empty answer.
+        sock = self.eio.sockets.get(eio_sid)
+        if sock is not None and not sock.upgraded:
+            sock.queue.put_nowait(None)
+
+    async def close_all(self) -> None:
+        """Graceful stop: tell every client goodbye (a CLOSE packet, which also
+        answers pending long-polls), then stop the background tasks."""
+        for sock in list(self.eio.sockets.values()):
+            try:
+                await sock.close(wait=False)
+            except Exception as exc:  # a broken socket must not stop the shutdown
+                log.info("closing a socket at shutdown failed: %s", type(exc).__name__)
+        await self.shutdown()
 
     async def _reply_error(self, eio_sid: str, pkt: Any, code: str, message: str) -> None:
         if pkt.id is None:

@@ -103,7 +103,7 @@ async def start_app(mongo_server: MongoServer) -> AsyncIterator[StartApp]:
     session = aiohttp.ClientSession()
 
     async def start(**overrides: Any) -> Live:
-        settings = make_settings(mongo_server.url, **overrides)
+        settings = make_settings(overrides.pop("mongo_url", mongo_server.url), **overrides)
         app = create_app(settings)
         runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await runner.setup()

@@ -36,6 +36,10 @@ class EtaEstimator:
         self.eta_s: float | None = None
         self.eta_ts: int = 0
 
+    def reset(self) -> None:
+        """Forget the running ETA (a new destination); keep the pace."""
+        self.eta_s, self.eta_ts = None, 0
+
     def observe_speed(self, mps: float | None) -> None:
         if mps is None or mps < 0.5:  # standing still says nothing about the pace
             return

@@ -30,6 +30,13 @@ class Point:
     heading: float | None = None
 
 
+# Refusals (the point is malformed), with the field and reason for `details`.
+INVALID_REASONS = {
+    "out_of_range": {"field": "lat/lng", "error": "must be finite, lat within ±90, lng within ±180"},
+    "future": {"field": "ts", "error": f"more than {MAX_FUTURE_MS // 1000} s in the future"},
+}
+
+
 @dataclass(frozen=True, slots=True)
 class FilterConfig:
     max_speed_mps: float = 70.0  # 252 km/h: no urban technician moves faster
@@ -38,12 +45,12 @@ class FilterConfig:
 
 def check_point(p: Point, last: Point | None, cfg: FilterConfig, now_ms: int) -> str | None:
     """None when the point is accepted, else the reason it is not:
-    `invalid` (non-finite or out of range, or from the future), `stale`,
-    `teleport`, `inaccurate`."""
+    `out_of_range` (non-finite or out of range) or `future` (both refused as
+    invalid), or dropped: `stale`, `teleport`, `inaccurate`."""
     if not (math.isfinite(p.lat) and math.isfinite(p.lng)) or abs(p.lat) > 90 or abs(p.lng) > 180:
-        return "invalid"
+        return "out_of_range"
     if p.ts > now_ms + MAX_FUTURE_MS:
-        return "invalid"
+        return "future"
     if p.accuracy is not None and p.accuracy > cfg.max_accuracy_m:
         return "inaccurate"
     if last is not None:

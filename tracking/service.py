@@ -22,7 +22,7 @@ from tracking.errors import Conflict, Forbidden, RateLimited
 from tracking.eta import EtaConfig, EtaEstimator
 from tracking.geo import haversine_m
 from tracking.lifecycle import TECHNICIAN_PHASE, Actor
-from tracking.locations import FilterConfig, Point, check_point
+from tracking.locations import INVALID_REASONS, FilterConfig, Point, check_point
 from tracking.orders import Order, OrderService
 from tracking.positions import Position, PositionStore
 
@@ -81,6 +81,7 @@ class _TechState:
     refreshing: bool = False
     inside: int = 0  # consecutive fixes inside the arrival radius
     arrival_fired: str | None = None  # order id the geofence already moved
+    order_id: str | None = None  # the order the ETA and the geofence count belong to
     last_point: Point | None = field(default=None)
 
 
@@ -218,9 +219,12 @@ class TrackingService:
                 last = item
                 results.append(PointResult("accepted", ts=item.ts))
                 self._count("accepted")
+            elif reason in INVALID_REASONS:
+                results.append(PointResult("invalid", "invalid", ts=item.ts,
+                                           details=[INVALID_REASONS[reason]]))
+                self._count("invalid")
             else:
-                status = "invalid" if reason == "invalid" else "dropped"
-                results.append(PointResult(status, reason, ts=item.ts))
+                results.append(PointResult("dropped", reason, ts=item.ts))
                 self._count(reason)
         if accepted:
             await self._accept(tech.id, name, accepted)
@@ -229,6 +233,13 @@ class TrackingService:
     async def _accept(self, technician_id: str, name: str | None, points: list[Point]) -> None:
         st = self._tech(technician_id)
         active = self._active(technician_id)
+        active_id = active.order_id if active else None
+        if active_id != st.order_id:
+            # A new job: its ETA and arrival count start afresh (the pace is
+            # the technician's and carries over).
+            st.order_id = active_id
+            st.eta.reset()
+            st.inside = 0
         prev = st.last_point
         for p in points:
             speed = p.speed

@@ -127,8 +127,11 @@ class BaseNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
                 raise WireError("invalid", f"unknown event {event[:64]!r}",
                                 {"events": sorted(self.events)})
             if len(payload) > 1:
-                raise WireError("invalid", "send one payload object")
-            body = payload[0] if payload else None
+                raise WireError("invalid", "send one payload object",
+                                [{"field": "(payload)", "error": "exactly one argument expected"}])
+            # No payload at all is an empty object: `unwatch_area` and `list`
+            # take none, and other events then name their missing fields.
+            body = payload[0] if payload else {}
             if spec.model is not None:
                 if not isinstance(body, dict):
                     raise WireError("invalid", "payload must be an object",

@@ -11,7 +11,7 @@ from pydantic import Field, StringConstraints
 from chat.model import conversation_view, message_view
 from realtime.auth import Principal
 from realtime.namespaces.base import BaseNamespace, handles, user_room
-from realtime.namespaces.models import Id, Inbound
+from realtime.namespaces.models import Id, Inbound, Seq
 from realtime.namespaces.orders import actor_of
 from tracking.errors import Forbidden, Invalid
 from tracking.lifecycle import Actor
@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 NAMESPACE = "/chat"
 Body = Annotated[str, StringConstraints(min_length=1, max_length=4000)]
 ClientMsgId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
-Seq = Annotated[int, Field(ge=0, le=2**53)]
 
 
 class OpenIn(Inbound):
@@ -127,11 +126,11 @@ class ChatNamespace(BaseNamespace):
         for actor, room in parts:
             await self.emit("message", message_view(msg, actor), to=room, skip_sid=origin)
 
-    async def conversation_changed(self, conv: dict[str, Any]) -> None:
+    async def conversation_changed(self, conv: dict[str, Any], also: tuple[str, ...] = ()) -> None:
+        """To the conversation's audience, and `also` these users (the agent a
+        conversation was just transferred away from)."""
         parts, staff = self._audience(conv)
-        rooms = [room for _, room in parts] + staff
-        if conv.get("transferred_from"):
-            rooms.append(user_room(conv["transferred_from"]))
+        rooms = [room for _, room in parts] + staff + [user_room(u) for u in also if u]
         await self.emit("conversation", conversation_view(conv), to=rooms)
 
     async def queue_position(self, conv: dict[str, Any], position: int) -> None:
@@ -154,7 +153,8 @@ class ChatNamespace(BaseNamespace):
                 out["queue_position"] = position
             return out
         if body.order_id is None:
-            raise Invalid("an order conversation needs order_id", [{"field": "order_id"}])
+            raise Invalid("an order conversation needs order_id",
+                          [{"field": "order_id", "error": "required when kind is order"}])
         conv = await self.chat.open_order(actor, body.order_id)
         if p.role in ("agent", "admin"):
             await self.enter_room(sid, staff_room(conv["conversation_id"]))
@@ -221,7 +221,7 @@ class ChatNamespace(BaseNamespace):
     @handles("transfer", TransferIn)
     async def transfer(self, p: Principal, sid: str, body: TransferIn) -> dict[str, Any]:
         conv = await self.chat.transfer(actor_of(p), body.conversation_id, body.to_agent_id)
-        await self.conversation_changed(conv)
+        await self.conversation_changed(conv, also=(conv.get("transferred_from") or "",))
         return {"conversation": conversation_view(conv, actor_of(p))}
 
     @handles("list", ListIn)

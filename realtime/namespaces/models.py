@@ -5,10 +5,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 # Ids become room names and index keys: printable, no spaces, bounded.
 Id = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:@-]+$")]
+# Integers stay within what JavaScript represents exactly (and MongoDB stores).
+MAX_SAFE_INT = 2**53 - 1
+Seq = Annotated[int, Field(ge=0, le=MAX_SAFE_INT)]
+Ts = Annotated[int, Field(ge=0, le=MAX_SAFE_INT)]
 ShortText = Annotated[str, StringConstraints(max_length=500)]
 Text = Annotated[str, StringConstraints(min_length=1, max_length=2000)]
 

@@ -9,7 +9,7 @@ from pydantic import Field
 
 from realtime.auth import Principal
 from realtime.namespaces.base import BaseNamespace, handles, user_room
-from realtime.namespaces.models import Id, Inbound, ShortText, Text
+from realtime.namespaces.models import Id, Inbound, Seq, ShortText, Text
 from tracking.errors import Forbidden
 from tracking.lifecycle import Actor
 from tracking.orders import Event, Order, can_view
@@ -28,7 +28,7 @@ def actor_of(p: Principal) -> Actor:
 
 class SubscribeIn(Inbound):
     order_id: Id
-    since_seq: Annotated[int, Field(ge=0)] | None = None
+    since_seq: Seq | None = None
 
 
 class OrderRef(Inbound):

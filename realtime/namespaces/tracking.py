@@ -13,7 +13,7 @@ from pydantic import Field, ValidationError, model_validator
 from realtime.auth import Principal
 from realtime.errors import WireError, validation_details
 from realtime.namespaces.base import BaseNamespace, handles
-from realtime.namespaces.models import Id, Inbound
+from realtime.namespaces.models import Id, Inbound, Ts
 from realtime.namespaces.orders import actor_of
 from realtime.presence.memory import MemoryPresence
 from tracking.errors import Forbidden
@@ -42,7 +42,7 @@ Lng = Annotated[float, Field(ge=-180, le=180, allow_inf_nan=False)]
 class PointIn(Inbound):
     lat: Lat
     lng: Lng
-    ts: Annotated[int, Field(ge=0, le=10**14)]
+    ts: Ts
     accuracy: Annotated[float, Field(ge=0, le=100_000, allow_inf_nan=False)] | None = None
     speed: Annotated[float, Field(ge=0, le=1000, allow_inf_nan=False)] | None = None
     heading: Annotated[float, Field(ge=0, le=360, allow_inf_nan=False)] | None = None
@@ -80,6 +80,10 @@ class AreaIn(Inbound):
         if self.min_lat > self.max_lat or self.min_lng > self.max_lng:
             raise ValueError("min_lat/min_lng must not exceed max_lat/max_lng")
         return self
+
+
+class Empty(Inbound):
+    pass
 
 
 def watch_room(order_id: str, cs: str) -> str:
@@ -177,7 +181,7 @@ class TrackingNamespace(BaseNamespace):
         self._only_technicians(p)
         [result] = await self.svc.ingest(actor_of(p), p.name, [body.to_point()])
         if result.status == "invalid":
-            raise WireError("invalid", "point rejected", {"reason": result.reason, "ts": result.ts})
+            raise WireError("invalid", "point rejected", result.details)
         return result.as_dict()
 
     @handles("locations", LocationsIn)
@@ -263,8 +267,8 @@ class TrackingNamespace(BaseNamespace):
         self._watch_gauges()
         return {"technicians": [self.area_item(x, online, body.coord_sys) for x in found]}
 
-    @handles("unwatch_area")
-    async def unwatch_area(self, p: Principal, sid: str, body: Any) -> dict[str, Any]:
+    @handles("unwatch_area", Empty)
+    async def unwatch_area(self, p: Principal, sid: str, body: Empty) -> dict[str, Any]:
         self.area.watchers.pop(sid, None)
         self._watch_gauges()
         return {}

@@ -1,0 +1,122 @@
+"""The Redis engine's Socket.IO manager: python-socketio's AsyncRedisManager
+with the failure behaviour fixed where it hurts.
+
+- Publishing uses a bounded pool (BlockingConnectionPool) with short
+  timeouts: a burst can no longer open thousands of Redis connections, and a
+  dead Redis costs an emit one quick failed attempt, not two slow ones.
+- The listener reconnects with a backoff capped at 1 s (stock: 60 s), so
+  cross-node delivery resumes within about a second of Redis returning.
+- After the link comes back, every local client gets a `resync` event: what
+  crossed nodes while Redis was away is lost (pub/sub is at most once), and
+  the durable streams replay it (`subscribe`/`join` with `since_seq`).
+
+Local delivery never waits on Redis: the stock manager delivers to this
+node's clients first and then publishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import socketio
+from redis import asyncio as aioredis
+
+log = logging.getLogger(__name__)
+
+# Bounded publish pool: a handful of connections saturate one Redis from one
+# process; more only queue inside Redis (ANCHORS.md: 6,900 connections seen).
+PUBLISH_POOL = 4
+PUBLISH_TIMEOUT_S = 1.0
+LISTEN_BACKOFF_MAX_S = 1.0
+LOG_EVERY_S = 10.0  # at most one "Redis is down" line per this many seconds
+
+
+class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
+    name = "realtime-redis"
+
+    def __init__(self, url: str, channel: str = "realtime",
+                 on_link_restored: Callable[[], Awaitable[None]] | None = None,
+                 on_publish_error: Callable[[], None] | None = None) -> None:
+        super().__init__(url, channel=channel)
+        self._on_restored = on_link_restored
+        self._on_publish_error = on_publish_error or (lambda: None)
+        self._pub: aioredis.Redis | None = None
+        self._last_log = 0.0
+        self.link_ok = True
+        self.publish_failures = 0
+        self._publish_failed = False
+
+    def _publisher(self) -> aioredis.Redis:
+        if self._pub is None:
+            pool = aioredis.BlockingConnectionPool.from_url(
+                self.redis_url, max_connections=PUBLISH_POOL, timeout=PUBLISH_TIMEOUT_S,
+                socket_timeout=PUBLISH_TIMEOUT_S, socket_connect_timeout=PUBLISH_TIMEOUT_S)
+            self._pub = aioredis.Redis(connection_pool=pool)
+        return self._pub
+
+    def _warn(self, what: str, exc: BaseException) -> None:
+        now = time.monotonic()
+        if now - self._last_log >= LOG_EVERY_S:
+            self._last_log = now
+            log.warning("Redis %s failed (%s); cross-node delivery is degraded", what,
+                        type(exc).__name__)
+
+    async def _publish(self, data: Any) -> None:
+        try:
+            await self._publisher().publish(self.channel, self.json.dumps(data))
+            if self._publish_failed:
+                # Our emits were lost while publishing failed: other nodes'
+                # clients must replay too.
+                self._publish_failed = False
+                if self._on_restored is not None and data.get("event") != "resync":
+                    await self._on_restored()
+        except Exception as exc:  # any Redis failure: count it, never raise into an emit
+            self.publish_failures += 1
+            self._publish_failed = True
+            self.link_ok = False
+            self._on_publish_error()
+            self._warn("publish", exc)
+
+    def _redis_connect(self) -> None:
+        self.redis = aioredis.Redis.from_url(self.redis_url, socket_connect_timeout=1.0,
+                                             socket_keepalive=True)
+        self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        self.connected = True
+
+    async def _redis_listen_with_retries(self) -> AsyncIterator[Any]:
+        backoff = 0.1
+        failed = False
+        while True:
+            try:
+                self._redis_connect()
+                await self.pubsub.subscribe(self.channel)
+                if failed:
+                    failed = False
+                    self.link_ok = True
+                    log.info("Redis link restored; asking local clients to resync")
+                    if self._on_restored is not None:
+                        await self._on_restored()
+                backoff = 0.1
+                async for message in self.pubsub.listen():
+                    yield message
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failed = True
+                self.link_ok = False
+                self._warn("subscribe", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, LISTEN_BACKOFF_MAX_S)
+                try:
+                    await self.redis.aclose()
+                except Exception:  # already broken: nothing to close cleanly
+                    pass
+
+    async def aclose(self) -> None:
+        if self._pub is not None:
+            await self._pub.aclose()
+            self._pub = None
