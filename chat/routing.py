@@ -1,7 +1,10 @@
 """Support routing: the queue of waiting customers and the agents who take them.
 
-Least-loaded first: the oldest waiting conversation goes to the available
-agent with the fewest open conversations, below a per-agent cap. Claims are
+Least-loaded first: the oldest waiting conversation goes to the available,
+online agent with the fewest assigned conversations, below a per-agent cap.
+Everything the choice needs is shared (agent statuses in the directory,
+presence, loads counted in the store), so any node may run the pump; a
+cluster-wide lock keeps two nodes from pumping at once, and claims are
 atomic in the store (status queued -> assigned), so a conversation is never
 given to two agents. An agent who disconnects keeps their conversations for
 a grace period; after it they go back to the front of the queue.
@@ -12,8 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final, Protocol
 
 from chat.model import Conversation
@@ -36,104 +38,145 @@ class RoutingStore(Protocol):
 
     async def assigned_to(self, agent_id: str) -> list[Conversation]: ...
 
-
-@dataclass
-class AgentState:
-    status: str = "away"
-    connections: int = 0
-    load: int = 0
-    name: str | None = None
-    grace: asyncio.Task[None] | None = field(default=None, repr=False)
+    async def load_by_agent(self) -> dict[str, int]: ...
 
 
+class AgentDirectory(Protocol):
+    """Agents' chosen status (available | away), shared by every node."""
+
+    async def set_status(self, agent_id: str, status: str) -> None: ...
+
+    async def status(self, agent_id: str) -> str | None: ...
+
+    async def statuses(self) -> dict[str, str]: ...
+
+    async def forget(self, agent_id: str) -> None: ...
+
+
+class Online(Protocol):
+    async def online(self, user_ids: list[str]) -> set[str]: ...
+
+
+class MemoryAgentDirectory:
+    def __init__(self) -> None:
+        self._status: dict[str, str] = {}
+
+    async def set_status(self, agent_id: str, status: str) -> None:
+        self._status[agent_id] = status
+
+    async def status(self, agent_id: str) -> str | None:
+        return self._status.get(agent_id)
+
+    async def statuses(self) -> dict[str, str]:
+        return dict(self._status)
+
+    async def forget(self, agent_id: str) -> None:
+        self._status.pop(agent_id, None)
+
+
+PumpLock = Callable[[], contextlib.AbstractAsyncContextManager[Any]]
 ConversationChanged = Callable[[Conversation], Awaitable[None]]
 QueuePosition = Callable[[Conversation, int], Awaitable[None]]
 
 
+def local_lock() -> PumpLock:
+    lock = asyncio.Lock()
+
+    @contextlib.asynccontextmanager
+    async def held() -> AsyncIterator[None]:
+        async with lock:
+            yield
+
+    return held
+
+
 class Router:
-    def __init__(self, store: RoutingStore, *, conversation_changed: ConversationChanged,
-                 queue_position: QueuePosition, cap: int = 5, grace_s: float = 60.0) -> None:
+    def __init__(self, store: RoutingStore, *, directory: AgentDirectory, presence: Online,
+                 conversation_changed: ConversationChanged, queue_position: QueuePosition,
+                 pump_lock: PumpLock | None = None, cap: int = 5, grace_s: float = 60.0) -> None:
         self._store = store
+        self.directory = directory
+        self.presence = presence
         self._changed = conversation_changed
         self._position = queue_position
+        self._pump_lock = pump_lock or local_lock()
         self.cap = cap
         self.grace_s = grace_s
-        self.agents: dict[str, AgentState] = {}
-        self._lock = asyncio.Lock()
+        self._graces: dict[str, asyncio.Task[None]] = {}
         self._positions: dict[str, int] = {}
         self.queue_length = 0  # as of the last pump (capped at POSITION_PUSH_LIMIT)
+        self.available_agents = 0  # as of the last pump
 
     # -- agents ----------------------------------------------------------
-    async def agent_connected(self, agent_id: str, name: str | None) -> AgentState:
-        st = self.agents.get(agent_id)
-        if st is None:
-            st = self.agents[agent_id] = AgentState(name=name)
-            st.load = len(await self._store.assigned_to(agent_id))
-        st.connections += 1
-        if st.grace is not None:
-            st.grace.cancel()
-            st.grace = None
-        return st
+    async def agent_connected(self, agent_id: str) -> str:
+        """An agent's connection on this node; returns their status."""
+        grace = self._graces.pop(agent_id, None)
+        if grace is not None:
+            grace.cancel()
+        status = await self.directory.status(agent_id)
+        if status is None:
+            status = "away"  # nobody is handed chats before saying they are available
+            await self.directory.set_status(agent_id, status)
+        return status
 
-    async def agent_disconnected(self, agent_id: str) -> None:
-        st = self.agents.get(agent_id)
-        if st is None:
-            return
-        st.connections -= 1
-        if st.connections <= 0:
-            st.connections = 0
-            st.grace = asyncio.get_running_loop().create_task(self._expire(agent_id))
+    def agent_offline(self, agent_id: str) -> None:
+        """The agent has no connection on any node (their last one closed, or
+        their node died): start the grace period on this node."""
+        if agent_id not in self._graces:
+            self._graces[agent_id] = asyncio.get_running_loop().create_task(self._expire(agent_id))
 
     async def _expire(self, agent_id: str) -> None:
         await asyncio.sleep(self.grace_s)
-        st = self.agents.get(agent_id)
-        if st is None or st.connections > 0:
-            return
-        del self.agents[agent_id]
+        self._graces.pop(agent_id, None)
+        if await self.presence.online([agent_id]):
+            return  # back on some node
+        await self.directory.forget(agent_id)
         requeued = 0
         for conv in await self._store.assigned_to(agent_id):
-            rank = now_ms() - FRONT_OFFSET
             back = await self._store.update(
                 conv["conversation_id"], {"status": "assigned", "assignee": agent_id},
-                {"status": "queued", "queue_rank": rank, "updated_ts": now_ms()},
-                unset=("assignee",))
+                {"status": "queued", "queue_rank": now_ms() - FRONT_OFFSET,
+                 "updated_ts": now_ms()}, unset=("assignee",))
             if back is not None:
                 requeued += 1
                 await self._changed(back)
-        log.info("agent %s gone after the grace period; %d conversations requeued",
-                 agent_id, requeued)
+        log.info("agent gone after the grace period; %d conversations requeued", requeued)
         await self.pump()
 
-    async def set_status(self, agent_id: str, status: str) -> AgentState:
-        st = self.agents[agent_id]
-        st.status = status
+    async def set_status(self, agent_id: str, status: str) -> tuple[str, int]:
+        await self.directory.set_status(agent_id, status)
         if status == "available":
             await self.pump()
-        return st
+        load = (await self._store.load_by_agent()).get(agent_id, 0)
+        return status, load
 
-    def available(self) -> int:
-        return sum(1 for a in self.agents.values() if a.status == "available" and a.connections)
+    async def is_online(self, agent_id: str) -> bool:
+        return bool(await self.presence.online([agent_id]))
 
     # -- queue -----------------------------------------------------------
-    def _pick(self) -> str | None:
-        best: tuple[int, str] | None = None
-        for agent_id, st in self.agents.items():
-            if st.status != "available" or st.connections == 0 or st.load >= self.cap:
-                continue
-            if best is None or (st.load, agent_id) < best:
-                best = (st.load, agent_id)
-        return best[1] if best else None
+    async def _pick(self) -> str | None:
+        statuses = await self.directory.statuses()
+        available = [a for a, s in statuses.items() if s == "available"]
+        online = await self.presence.online(available)
+        self.available_agents = len(online)
+        if not online:
+            return None
+        loads = await self._store.load_by_agent()
+        best = min(((loads.get(a, 0), a) for a in online), default=None)
+        if best is None or best[0] >= self.cap:
+            return None
+        return best[1]
 
     async def pump(self) -> None:
         """Assign waiting conversations while agents have room; then tell the
         customers still waiting where they stand."""
-        async with self._lock:
+        async with self._pump_lock():
             while True:
-                agent_id = self._pick()
-                if agent_id is None:
-                    break
                 head = await self._store.queued(1)
                 if not head:
+                    break
+                agent_id = await self._pick()
+                if agent_id is None:
                     break
                 conv = await self._store.update(
                     head[0]["conversation_id"], {"status": "queued"},
@@ -141,7 +184,6 @@ class Router:
                      "updated_ts": now_ms()})
                 if conv is None:
                     continue  # closed or claimed meanwhile
-                self.agents[agent_id].load += 1
                 self._positions.pop(conv["conversation_id"], None)
                 await self._changed(conv)
             await self._push_positions()
@@ -158,19 +200,10 @@ class Router:
             live = {c["conversation_id"] for c in waiting}
             self._positions = {k: v for k, v in self._positions.items() if k in live}
 
-    def released(self, agent_id: str | None) -> None:
-        st = self.agents.get(agent_id) if agent_id else None
-        if st is not None and st.load > 0:
-            st.load -= 1
-
-    def took(self, agent_id: str) -> None:
-        st = self.agents.get(agent_id)
-        if st is not None:
-            st.load += 1
-
     async def close(self) -> None:
-        for st in self.agents.values():
-            if st.grace is not None:
-                st.grace.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await st.grace
+        for task in self._graces.values():
+            task.cancel()
+        for task in list(self._graces.values()):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._graces.clear()

@@ -238,8 +238,6 @@ class ChatService:
              "closed_by": actor.as_dict()}, unset=("open_key",))
         if closed is None:
             raise Conflict("the conversation changed meanwhile; retry")
-        if conv["status"] == "assigned":
-            self.router.released(conv.get("assignee"))
         await self.router.pump()
         return closed
 
@@ -265,8 +263,7 @@ class ChatService:
             raise Forbidden("only the assigned agent or an admin may transfer")
         if conv["status"] == "closed":
             raise Conflict("this conversation is closed")
-        target = self.router.agents.get(to_agent)
-        if target is None or target.connections == 0:
+        if not await self.router.is_online(to_agent):
             raise Conflict(f"agent {to_agent!r} is not online")
         if to_agent == conv.get("assignee"):
             raise Conflict(f"already assigned to {to_agent!r}")
@@ -276,9 +273,6 @@ class ChatService:
              "transferred_from": conv.get("assignee")})
         if moved is None:
             raise Conflict("the conversation changed meanwhile; retry")
-        if conv["status"] == "assigned":
-            self.router.released(conv.get("assignee"))
-        self.router.took(to_agent)
         await self.router.pump()  # the previous agent may have room for a waiting customer
         return moved
 

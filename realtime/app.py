@@ -16,10 +16,13 @@ from chat.service import ChatService
 from realtime.api import CTX, api_middleware, json_response, setup_routes
 from realtime.auth import TokenVerifier
 from realtime.context import Context
+from realtime.engine import build_engine
 from realtime.errors import ok
 from realtime.metrics import Metrics
 from realtime.namespaces.chat import NAMESPACE as CHAT_NS
 from realtime.namespaces.chat import ChatNamespace
+from realtime.namespaces.ops import NAMESPACE as OPS_NS
+from realtime.namespaces.ops import OpsNamespace
 from realtime.namespaces.orders import NAMESPACE as ORDERS_NS
 from realtime.namespaces.orders import OrdersNamespace
 from realtime.namespaces.tracking import NAMESPACE as TRACKING_NS
@@ -31,9 +34,8 @@ from storage.embedded import EmbeddedMongo
 from storage.mongo import MongoOrderStore, connect, ensure_indexes
 from storage.trails import TrailWriter, ensure_trail_indexes
 from tracking.eta import EtaConfig
-from tracking.locations import FilterConfig, MemoryRateLimiter
+from tracking.locations import FilterConfig
 from tracking.orders import Event, Order, OrderService
-from tracking.positions import MemoryPositions
 from tracking.service import TrackingConfig, TrackingService
 
 log = logging.getLogger(__name__)
@@ -63,8 +65,10 @@ def cors_policy(settings: Settings) -> Any:
 def create_app(settings: Settings) -> web.Application:
     settings.ensure_secret()
     metrics = Metrics()
+    engine = build_engine(settings)
     sio = RealtimeServer(
         async_mode="aiohttp",
+        client_manager=engine.manager,
         cors_allowed_origins=cors_policy(settings),
         max_http_buffer_size=settings.max_message_bytes,
         ping_interval=settings.ping_interval_s,
@@ -73,12 +77,18 @@ def create_app(settings: Settings) -> web.Application:
         logger=False,
         engineio_logger=False,
     )
-    ctx = Context(settings=settings, metrics=metrics, verifier=TokenVerifier(settings), sio=sio)
+    ctx = Context(settings=settings, metrics=metrics, verifier=TokenVerifier(settings), sio=sio,
+                  engine=engine)
     orders_ns = OrdersNamespace(ORDERS_NS, ctx)
     tracking_ns = TrackingNamespace(TRACKING_NS, ctx)
     chat_ns = ChatNamespace(CHAT_NS, ctx)
-    for ns in (orders_ns, tracking_ns, chat_ns):
+    ops_ns = OpsNamespace(OPS_NS, ctx)
+    ctx.ops = ops_ns
+    for ns in (orders_ns, tracking_ns, chat_ns, ops_ns):
         sio.register_namespace(ns)
+    engine.bus.on("leave_user", orders_ns.on_leave_user)
+    if engine.manager is not None:
+        engine.manager._on_restored = lambda: resync(sio)
 
     async def order_changed(order: Order, event: Event) -> None:
         await orders_ns.publish(order, event)
@@ -103,10 +113,14 @@ def create_app(settings: Settings) -> web.Application:
             await embedded.start()
             url = embedded.url
         client = connect(url, settings.mongo_timeout_ms)
+        trails: TrailWriter | None = None
+        background: list[asyncio.Task[None]] = []
         try:
             db = client[settings.mongo_db]
             await asyncio.wait_for(_ensure_indexes_retrying(db), STORE_START_TIMEOUT_S)
             await ensure_trail_indexes(db, settings.trail_ttl_days)
+            chat_store = MongoChatStore(client, db, metrics.observe_store)
+            await chat_store.ensure_indexes()
             ctx.mongo = client
             order_store = MongoOrderStore(client, db, metrics.observe_store)
             ctx._orders = OrderService(order_store, order_changed)
@@ -115,41 +129,48 @@ def create_app(settings: Settings) -> web.Application:
             trails.start()
             ctx.trails = trails
             ctx._tracking = TrackingService(
-                positions=MemoryPositions(),
+                positions=engine.positions,
                 orders=ctx._orders,
                 active_orders=order_store,
                 trails=trails,
-                limiter=MemoryRateLimiter(settings.location_rate, settings.location_burst),
+                limiter=engine.limiter,
                 publish_position=tracking_ns.publish_position,
                 position_changed=tracking_ns.area.changed,
                 count=lambda outcome: metrics.points.labels(outcome).inc(),
                 config=tracking_config(settings),
             )
-            chat_store = MongoChatStore(client, db, metrics.observe_store)
-            await chat_store.ensure_indexes()
-            router = Router(chat_store, conversation_changed=chat_ns.conversation_changed,
-                            queue_position=chat_ns.queue_position, cap=settings.agent_cap,
-                            grace_s=settings.agent_grace_s)
+            router = Router(chat_store, directory=engine.directory, presence=engine.agent_presence,
+                            conversation_changed=chat_ns.conversation_changed,
+                            queue_position=chat_ns.queue_position, pump_lock=engine.pump_lock,
+                            cap=settings.agent_cap, grace_s=settings.agent_grace_s)
             metrics.queue_length.set_function(lambda: router.queue_length)
+            metrics.agents_available.set_function(lambda: router.available_agents)
             ctx.chat_store = chat_store
             ctx._chat = ChatService(chat_store, ctx._orders, router, chat_ns.delivered)
             tracking_ns.area.start()
-            log.info("store ready (%s)", "embedded" if embedded else "MONGO_URL")
+            background.append(asyncio.get_running_loop().create_task(
+                presence_keeper(ctx, settings.presence_ttl_s)))
+            log.info("store ready (%s); %s engine, node %s",
+                     "embedded" if embedded else "MONGO_URL", engine.name, engine.node_id)
             yield
         finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             if ctx._chat is not None:
                 await ctx._chat.router.close()
             ctx._chat = None
             await tracking_ns.area.stop()
             if ctx._tracking is not None:
                 await ctx._tracking.close()
-            if ctx.trails is not None:
-                await ctx.trails.close()
+            if trails is not None:
+                await trails.close()
             ctx._tracking = None
             ctx.trails = None
             ctx._orders = None
             ctx.mongo = None
             await client.close()
+            await engine.close()
             if embedded is not None:
                 await embedded.stop()
 
@@ -160,6 +181,33 @@ def create_app(settings: Settings) -> web.Application:
 
     app.on_shutdown.append(say_goodbye)
     return app
+
+
+async def resync(sio: RealtimeServer) -> None:
+    """After a Redis outage: cross-node emits were lost; ask every client to
+    replay its durable streams (`subscribe`/`join` with `since_seq`)."""
+    for ns in (ORDERS_NS, CHAT_NS, TRACKING_NS):
+        await sio.emit("resync", {"reason": "cluster_link_restored"}, namespace=ns)
+
+
+async def presence_keeper(ctx: Context, ttl_s: float) -> None:
+    """Refresh this node's presence claims, and announce users whose node
+    died (their claims lapsed) as offline; a dead agent's chats start their
+    grace period."""
+    engine = ctx.engine
+    interval = max(0.2, min(5.0, ttl_s / 3))
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await engine.tech_presence.heartbeat()
+            await engine.agent_presence.heartbeat()
+            for tech in await engine.tech_presence.sweep():
+                await ctx.ops.announce("technician", tech, False)
+            for agent in await engine.agent_presence.sweep():
+                ctx.chat.router.agent_offline(agent)
+                await ctx.ops.announce("agent", agent, False)
+        except Exception as exc:  # Redis away: try again next round
+            log.warning("presence upkeep failed: %s", type(exc).__name__)
 
 
 def tracking_config(settings: Settings) -> TrackingConfig:
@@ -188,6 +236,6 @@ async def index(request: web.Request) -> web.Response:
     return json_response(ok({
         "service": "realtime",
         "socketio_path": "/socket.io/",
-        "namespaces": [ORDERS_NS, TRACKING_NS, CHAT_NS],
+        "namespaces": [ORDERS_NS, TRACKING_NS, CHAT_NS, OPS_NS],
         "docs": "docs/protocol.md",
     }))

@@ -25,6 +25,8 @@ from typing import Any
 import socketio
 from redis import asyncio as aioredis
 
+from realtime.bus import PREFIX, Bus
+
 log = logging.getLogger(__name__)
 
 # Bounded publish pool: a handful of connections saturate one Redis from one
@@ -38,10 +40,12 @@ LOG_EVERY_S = 10.0  # at most one "Redis is down" line per this many seconds
 class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
     name = "realtime-redis"
 
-    def __init__(self, url: str, channel: str = "realtime",
+    def __init__(self, url: str, bus: Bus, channel: str = "realtime",
                  on_link_restored: Callable[[], Awaitable[None]] | None = None,
                  on_publish_error: Callable[[], None] | None = None) -> None:
         super().__init__(url, channel=channel)
+        self.bus = bus
+        bus.remote = self._publish_signal
         self._on_restored = on_link_restored
         self._on_publish_error = on_publish_error or (lambda: None)
         self._pub: aioredis.Redis | None = None
@@ -49,6 +53,20 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         self.link_ok = True
         self.publish_failures = 0
         self._publish_failed = False
+
+    async def _publish_signal(self, name: str, data: dict[str, Any]) -> None:
+        await self._publish({"method": "emit", "event": PREFIX + name, "data": [data],
+                             "namespace": "/", "room": None, "skip_sid": None,
+                             "callback": None, "host_id": self.host_id})
+
+    async def _handle_emit(self, message: dict[str, Any]) -> None:
+        event = message.get("event")
+        if isinstance(event, str) and event.startswith(PREFIX):
+            if message.get("host_id") != self.host_id:  # ours ran when published
+                data = message.get("data") or [{}]
+                await self.bus.dispatch(event[len(PREFIX):], data[0])
+            return
+        await super()._handle_emit(message)
 
     def _publisher(self) -> aioredis.Redis:
         if self._pub is None:

@@ -13,6 +13,8 @@ if TYPE_CHECKING:
     from pymongo import AsyncMongoClient
 
     from chat.service import ChatService
+    from realtime.engine import Engine
+    from realtime.namespaces.ops import OpsNamespace
     from realtime.sio import RealtimeServer
     from storage.chat import MongoChatStore
     from storage.trails import TrailWriter
@@ -26,10 +28,12 @@ class Context:
     metrics: Metrics
     verifier: TokenVerifier
     sio: RealtimeServer
+    engine: Engine
     # Set by the store's cleanup_ctx once the store is reachable.
     mongo: AsyncMongoClient[dict[str, Any]] | None = None
     trails: TrailWriter | None = None
     chat_store: MongoChatStore | None = None
+    ops: OpsNamespace = field(init=False, repr=False)
     _orders: OrderService | None = field(default=None, repr=False)
     _tracking: TrackingService | None = field(default=None, repr=False)
     _chat: ChatService | None = field(default=None, repr=False)

@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         default=None, validation_alias=AliasChoices("REDIS_URL", "REALTIME_REDIS_URL")
     )
+    # Redis engine: the channel all nodes share, and how long a node's claim
+    # that a user is online lasts without a heartbeat (a killed node's users
+    # go offline within this).
+    redis_channel: str = "realtime"
+    presence_ttl_s: float = Field(default=30.0, ge=1.0, le=3600)
     # Executable of the embedded MongoDB-protocol server (SecantusDB).
     embedded_mongo_cmd: str = "secantusd-py"
 

@@ -124,6 +124,14 @@ class MongoChatStore:
         cursor = self._convs.find({"assignee": agent_id, "status": "assigned"})
         return [_conv(d) async for d in cursor]
 
+    async def load_by_agent(self) -> dict[str, int]:
+        """Assigned (open) support conversations per agent."""
+        cursor = await self._convs.aggregate([
+            {"$match": {"status": "assigned"}},
+            {"$group": {"_id": "$assignee", "n": {"$sum": 1}}},
+        ])
+        return {d["_id"]: int(d["n"]) async for d in cursor if d["_id"]}
+
     async def for_user(self, field: str, user_id: str, limit: int) -> list[Conversation]:
         cursor = self._convs.find({field: user_id}).sort("updated_ts", DESCENDING).limit(limit)
         return [_conv(d) async for d in cursor]

@@ -1,13 +1,10 @@
 """Redis implementations of the shared live state: latest positions (GEO +
-a record per technician, latest-wins atomically in Lua), rate limits (a
-token bucket in Lua on Redis's clock) and presence (per-node heartbeats
-with TTLs, so a killed node's users go offline by themselves)."""
+a record per technician, latest-wins atomically in Lua) and rate limits (a
+token bucket in Lua on Redis's clock). Presence is in realtime/presence."""
 
 from __future__ import annotations
 
 import json
-import math
-import time
 from typing import Any, Final
 
 from redis import asyncio as aioredis
@@ -15,7 +12,6 @@ from redis import asyncio as aioredis
 from tracking.geo import haversine_m
 from tracking.positions import Position
 
-GEO_KEY: Final = "rt:pos:geo"
 # A latest position older than this is gone from Redis; staleness filters
 # (nearby search, area views) cut much earlier.
 POSITION_TTL_S: Final = 24 * 3600
@@ -45,10 +41,6 @@ return wait
 """
 
 
-def _pos_key(technician_id: str) -> str:
-    return f"rt:pos:{technician_id}"
-
-
 def _text(raw: Any) -> str:
     return raw.decode() if isinstance(raw, bytes) else str(raw)
 
@@ -60,16 +52,21 @@ def _decode(raw: bytes | str | None) -> Position | None:
 
 
 class RedisPositions:
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: aioredis.Redis, prefix: str = "rt") -> None:
         self._r = redis
         self._put = redis.register_script(_PUT_IF_NEWER)
+        self._prefix = prefix
+        self._geo = f"{prefix}:pos:geo"
+
+    def _key(self, technician_id: str) -> str:
+        return f"{self._prefix}:pos:{technician_id}"
 
     async def get(self, technician_id: str) -> Position | None:
-        return _decode(await self._r.hget(_pos_key(technician_id), "j"))
+        return _decode(await self._r.hget(self._key(technician_id), "j"))
 
     async def put_if_newer(self, pos: Position) -> bool:
         done = await self._put(
-            keys=[_pos_key(pos.technician_id), GEO_KEY],
+            keys=[self._key(pos.technician_id), self._geo],
             args=[pos.ts, json.dumps(pos.as_dict(), separators=(",", ":")), pos.lng, pos.lat,
                   pos.technician_id, POSITION_TTL_S])
         return bool(done)
@@ -79,7 +76,7 @@ class RedisPositions:
             return []
         async with self._r.pipeline(transaction=False) as pipe:
             for tid in ids:
-                pipe.hget(_pos_key(tid), "j")
+                pipe.hget(self._key(tid), "j")
             raws = await pipe.execute()
         return [p for p in (_decode(r) for r in raws) if p is not None]
 
@@ -88,108 +85,54 @@ class RedisPositions:
         clat, clng = (min_lat + max_lat) / 2, (min_lng + max_lng) / 2
         width = max(1.0, haversine_m(clat, min_lng, clat, max_lng))
         height = max(1.0, haversine_m(min_lat, clng, max_lat, clng))
-        ids = await self._r.geosearch(GEO_KEY, longitude=clng, latitude=clat, width=width,
+        ids = await self._r.geosearch(self._geo, longitude=clng, latitude=clat, width=width,
                                       height=height, unit="m", sort="ASC", count=limit * 2)
         found = await self._records([_text(i) for i in ids])
         return [p for p in found
                 if min_lat <= p.lat <= max_lat and min_lng <= p.lng <= max_lng][:limit]
 
     async def near(self, lat: float, lng: float, radius_m: float, limit: int) -> list[Position]:
-        ids = await self._r.geosearch(GEO_KEY, longitude=lng, latitude=lat, radius=radius_m,
+        ids = await self._r.geosearch(self._geo, longitude=lng, latitude=lat, radius=radius_m,
                                       unit="m", sort="ASC", count=limit)
         return await self._records([_text(i) for i in ids])
 
 
 class RedisRateLimiter:
     def __init__(self, redis: aioredis.Redis, rate: float, burst: float,
-                 prefix: str = "rt:rl:") -> None:
+                 prefix: str = "rt") -> None:
         self._take = redis.register_script(_TAKE_TOKEN)
-        self.rate, self.burst, self.prefix = rate, burst, prefix
+        self.rate, self.burst, self.prefix = rate, burst, f"{prefix}:rl:"
 
     async def take(self, key: str) -> int:
         return int(await self._take(keys=[self.prefix + key], args=[self.rate, self.burst]))
 
 
-class RedisPresence:
-    """Per user a sorted set of nodes scored by when their claim expires.
+class RedisAgentDirectory:
+    """Agents' chosen status, shared by every node (a hash)."""
 
-    A node claims each local user on connect and refreshes the claims of all
-    its users every ttl/3; on the user's last local disconnect it drops the
-    claim. A killed node stops refreshing, so its claims lapse within the TTL.
-    `rt:presence:{kind}` scores every user by their latest claim so a sweeper
-    can announce who lapsed (exactly one node wins each ZREM).
-    """
-
-    def __init__(self, redis: aioredis.Redis, kind: str, node_id: str, ttl_s: float) -> None:
+    def __init__(self, redis: aioredis.Redis, prefix: str = "rt") -> None:
         self._r = redis
-        self.kind, self.node, self.ttl = kind, node_id, ttl_s
-        self.local: dict[str, int] = {}
+        self.KEY = f"{prefix}:agents:status"
 
-    def _key(self, user_id: str) -> str:
-        return f"rt:presence:{self.kind}:{user_id}"
+    async def set_status(self, agent_id: str, status: str) -> None:
+        await self._r.hset(self.KEY, agent_id, status)
 
-    @property
-    def _all(self) -> str:
-        return f"rt:presence:{self.kind}"
+    async def status(self, agent_id: str) -> str | None:
+        raw = await self._r.hget(self.KEY, agent_id)
+        return _text(raw) if raw is not None else None
 
-    async def _claim(self, user_ids: list[str]) -> None:
-        if not user_ids:
-            return
-        until = time.time() + self.ttl
-        async with self._r.pipeline(transaction=False) as pipe:
-            for u in user_ids:
-                pipe.zadd(self._key(u), {self.node: until})
-                pipe.expire(self._key(u), math.ceil(self.ttl) + 5)
-                pipe.zadd(self._all, {u: until}, gt=True)
-            await pipe.execute()
+    async def statuses(self) -> dict[str, str]:
+        raw = await self._r.hgetall(self.KEY)
+        return {_text(k): _text(v) for k, v in raw.items()}
 
-    async def connect(self, user_id: str) -> bool:
-        n = self.local.get(user_id, 0) + 1
-        self.local[user_id] = n
-        was_online = await self.online([user_id])
-        await self._claim([user_id])
-        return not was_online
+    async def forget(self, agent_id: str) -> None:
+        await self._r.hdel(self.KEY, agent_id)
 
-    async def disconnect(self, user_id: str) -> bool:
-        n = self.local.get(user_id, 0) - 1
-        if n > 0:
-            self.local[user_id] = n
-            return False
-        self.local.pop(user_id, None)
-        await self._r.zrem(self._key(user_id), self.node)
-        gone = not await self.online([user_id])
-        if gone:
-            await self._r.zrem(self._all, user_id)
-        return gone
 
-    async def online(self, user_ids: list[str]) -> set[str]:
-        if not user_ids:
-            return set()
-        now = time.time()
-        async with self._r.pipeline(transaction=False) as pipe:
-            for u in user_ids:
-                pipe.zcount(self._key(u), now, "+inf")
-            counts = await pipe.execute()
-        return {u for u, c in zip(user_ids, counts, strict=True) if c}
+def redis_lock(redis: aioredis.Redis, name: str, timeout_s: float = 10.0) -> Any:
+    """A cluster-wide lock (expires by itself if its holder dies)."""
 
-    async def heartbeat(self) -> None:
-        await self._claim(list(self.local))
+    def held() -> Any:
+        return redis.lock(name, timeout=timeout_s, blocking_timeout=timeout_s)
 
-    async def sweep(self) -> list[str]:
-        """Users whose every claim lapsed (a node died): each reported once, cluster-wide."""
-        now = time.time()
-        lapsed = await self._r.zrangebyscore(self._all, "-inf", now)
-        gone = []
-        for raw in lapsed:
-            u = _text(raw)
-            if await self.online([u]):
-                continue
-            if await self._r.zrem(self._all, u):
-                gone.append(u)
-        return gone
-
-    async def count(self) -> int:
-        return int(await self._r.zcount(self._all, time.time(), "+inf"))
-
-    def snapshot(self) -> dict[str, Any]:
-        return {"node": self.node, "local_users": len(self.local)}
+    return held

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -96,13 +97,29 @@ class Live:
 StartApp = Callable[..., Awaitable[Live]]
 
 
+# Every test that starts an app runs on both engines: memory (one node) and
+# Redis (the cluster engine, here one node; tests/test_cluster.py runs several).
+ENGINES = [e for e in os.environ.get("REALTIME_TEST_ENGINES", "memory,redis").split(",") if e]
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture
-async def start_app(mongo_server: MongoServer) -> AsyncIterator[StartApp]:
+async def start_app(mongo_server: MongoServer, redis_server: RedisServer,
+                    engine: str) -> AsyncIterator[StartApp]:
     runners: list[web.AppRunner] = []
     lives: list[Live] = []
     session = aiohttp.ClientSession()
 
+    channel = uid("t")  # this test's own Redis keys and channel
+
     async def start(**overrides: Any) -> Live:
+        if engine == "redis":
+            overrides.setdefault("redis_url", redis_server.url)
+            overrides.setdefault("redis_channel", channel)
         settings = make_settings(overrides.pop("mongo_url", mongo_server.url), **overrides)
         app = create_app(settings)
         runner = web.AppRunner(app, handle_signals=False, access_log=None)

@@ -99,6 +99,17 @@ class MongoServer:
         stop_process(self.proc)
 
 
+def server_errors(records: list[Any]) -> list[Any]:
+    """Log records that mean the server failed: ERROR and above, or a traceback.
+
+    Not counted: asyncio's "Task was destroyed but it is pending", which the
+    garbage collector logs at an arbitrary later moment for request tasks
+    of apps that earlier tests already tore down."""
+    return [r for r in records
+            if (r.levelno >= 40 or r.exc_info)
+            and not (r.name == "asyncio" and "Task was destroyed" in r.getMessage())]
+
+
 def uid(prefix: str = "") -> str:
     return f"{prefix}{uuid.uuid4().hex[:12]}"
 

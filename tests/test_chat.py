@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import signal
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from aiohttp import web
 
 from realtime.app import create_app
 from tests.conftest import Live, StartApp, make_settings
-from tests.harness import Client, free_port, stop_process, uid, wait_port
+from tests.harness import Client, free_port, server_errors, stop_process, uid, wait_port
 from tests.wire import assert_error
 
 NS = "/chat"
@@ -40,8 +39,7 @@ def _no_server_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     """A bad payload or a store outage is answered, never logged as a crash (no record
     at ERROR, no traceback) while the test ran."""
     yield
-    bad = [r for r in caplog.get_records("setup") + caplog.get_records("call")
-           if r.levelno >= logging.ERROR or r.exc_info]
+    bad = server_errors(caplog.get_records("setup") + caplog.get_records("call"))
     assert not bad, "server logged errors:\n" + "\n".join(
         f"{r.levelname} {r.name}: {r.getMessage()} {r.exc_info[1] if r.exc_info else ''}" for r in bad)
 

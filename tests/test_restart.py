@@ -241,7 +241,7 @@ async def test_killed_server_takes_its_store_along_and_restart_recovers(
     assert status == 200, body
 
     assert await stop(first, signal.SIGKILL) == -signal.SIGKILL
-    await wait_gone(store_pid, 20.0)
+    await wait_gone(store_pid, 45.0)  # it stops gracefully (a checkpoint); slow on a busy CI
     assert not alive(store_pid), f"the embedded store (pid {store_pid}) outlived a killed server"
     assert processes_using(data_dir) == []
 

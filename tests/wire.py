@@ -8,12 +8,13 @@ import base64
 import hashlib
 import hmac
 import json
-import logging
 import time
 from typing import Any
 
 import aiohttp
 import pytest
+
+from tests.harness import server_errors
 
 RAW_TIMEOUT = 10.0
 
@@ -154,7 +155,7 @@ def assert_error(reply: Any, code: str, fields: set[str] | None = None) -> dict[
 
 def assert_no_server_errors(caplog: pytest.LogCaptureFixture) -> None:
     """No record at ERROR or above, and no traceback at any level."""
-    bad = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    bad = server_errors(caplog.records)
     assert not bad, "server logged errors:\n" + "\n".join(
         f"{r.levelname} {r.name}: {r.getMessage()} "
         f"{type(r.exc_info[1]).__name__ + ': ' + str(r.exc_info[1]) if r.exc_info and r.exc_info[1] else ''}"

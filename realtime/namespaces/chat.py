@@ -94,16 +94,16 @@ class ChatNamespace(BaseNamespace):
 
     async def connected(self, sid: str, p: Principal) -> None:
         if p.role == "agent":
-            await self.chat.router.agent_connected(p.id, p.name)
-            self._gauges()
+            came_online = await self.ctx.engine.agent_presence.connect(p.id)
+            status = await self.chat.router.agent_connected(p.id)
+            if came_online:
+                await self.ctx.ops.announce("agent", p.id, True, status)
 
     async def disconnected(self, sid: str, p: Principal) -> None:
         if p.role == "agent" and self.ctx._chat is not None:
-            await self.chat.router.agent_disconnected(p.id)
-            self._gauges()
-
-    def _gauges(self) -> None:
-        self.ctx.metrics.agents_available.set(self.chat.router.available())
+            if await self.ctx.engine.agent_presence.disconnect(p.id):
+                self.chat.router.agent_offline(p.id)
+                await self.ctx.ops.announce("agent", p.id, False)
 
     # -- fan-out (called by the chat service) -----------------------------
     def _audience(self, conv: dict[str, Any]) -> tuple[list[tuple[Actor, str]], list[str]]:
@@ -202,7 +202,6 @@ class ChatNamespace(BaseNamespace):
     async def close(self, p: Principal, sid: str, body: ConvRef) -> dict[str, Any]:
         conv = await self.chat.close(actor_of(p), body.conversation_id)
         await self.conversation_changed(conv)
-        self._gauges()
         return {"conversation": conversation_view(conv, actor_of(p))}
 
     @handles("rate", RateIn)
@@ -214,9 +213,9 @@ class ChatNamespace(BaseNamespace):
     async def set_status(self, p: Principal, sid: str, body: StatusIn) -> dict[str, Any]:
         if p.role != "agent":
             raise Forbidden("only agents have a status")
-        st = await self.chat.router.set_status(p.id, body.status)
-        self._gauges()
-        return {"status": st.status, "load": st.load, "cap": self.chat.router.cap}
+        status, load = await self.chat.router.set_status(p.id, body.status)
+        await self.ctx.ops.announce("agent", p.id, True, status)
+        return {"status": status, "load": load, "cap": self.chat.router.cap}
 
     @handles("transfer", TransferIn)
     async def transfer(self, p: Principal, sid: str, body: TransferIn) -> dict[str, Any]:

@@ -82,10 +82,15 @@ class OrdersNamespace(BaseNamespace):
         await self.emit("order_event", event, to=rooms)
         previous = event["data"].get("previous_technician_id") if event["type"] == "reassigned" else None
         if previous:
-            # The order is no longer theirs: stop its stream to them.
-            room = order_room(order["order_id"])
-            for sid, _ in list(self.server.manager.get_participants(self.namespace, user_room(previous))):
-                await self.leave_room(sid, room)
+            # The order is no longer theirs: stop its stream to them, on every node.
+            await self.ctx.engine.bus.publish(
+                "leave_user", {"user_id": previous, "room": order_room(order["order_id"])})
+
+    async def on_leave_user(self, data: dict[str, Any]) -> None:
+        """Bus signal: drop this node's sockets of a user from a room."""
+        user, room = str(data.get("user_id")), str(data.get("room"))
+        for sid, _ in list(self.server.manager.get_participants(self.namespace, user_room(user))):
+            await self.leave_room(sid, room)
 
     @handles("subscribe", SubscribeIn)
     async def subscribe(self, p: Principal, sid: str, body: SubscribeIn) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from realtime.errors import WireError, validation_details
 from realtime.namespaces.base import BaseNamespace, handles
 from realtime.namespaces.models import Id, Inbound, Ts
 from realtime.namespaces.orders import actor_of
-from realtime.presence.memory import MemoryPresence
+from realtime.presence import Presence
 from tracking.errors import Forbidden
 from tracking.geo import CoordSys, from_wgs84, to_wgs84
 from tracking.locations import Point
@@ -146,7 +146,6 @@ class TrackingNamespace(BaseNamespace):
 
     def __init__(self, namespace: str, ctx: Context) -> None:
         super().__init__(namespace, ctx)
-        self.presence = MemoryPresence()
         self.area = AreaWatch(self)
         self.watching: dict[str, set[str]] = {}  # sid -> order ids watched
 
@@ -154,15 +153,21 @@ class TrackingNamespace(BaseNamespace):
     def svc(self) -> TrackingService:
         return self.ctx.tracking
 
+    @property
+    def presence(self) -> Presence:
+        return self.ctx.engine.tech_presence
+
     async def connected(self, sid: str, p: Principal) -> None:
         if p.role == "technician":
-            await self.presence.connect(p.id)
+            if await self.presence.connect(p.id):
+                await self.ctx.ops.announce("technician", p.id, True)
             with contextlib.suppress(Exception):  # store down: the TTL refresh retries
                 await self.svc.technician_connected(p.id)
 
     async def disconnected(self, sid: str, p: Principal) -> None:
         if p.role == "technician" and await self.presence.disconnect(p.id):
             self.svc.technician_gone(p.id)
+            await self.ctx.ops.announce("technician", p.id, False)
         self.watching.pop(sid, None)
         self.area.watchers.pop(sid, None)
         self._watch_gauges()

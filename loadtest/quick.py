@@ -1,0 +1,251 @@
+"""Quick single-process measurements with the official Python client.
+
+    python -m loadtest.quick tracking --techs 100 --rate 5 --duration 20
+    python -m loadtest.quick chat --pairs 20 --rate 50 --duration 20
+
+Each starts its own SecantusDB and `python -m realtime` (pinned to CPU 0 with
+taskset when available; the generator runs on CPU 1), drives it with
+`socketio.AsyncClient`s over real TCP, and prints medians and percentiles.
+The full side-by-side benchmark is `python -m loadtest` (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import socketio
+
+from realtime.auth import mint_token
+from realtime.settings import Settings
+
+SECRET = "loadtest-secret-0123456789abcdef"
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(p / 100 * len(s)))]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Stack:
+    """A store and one server process, pinned apart from the generator."""
+
+    def __init__(self) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="rt-quick-"))
+        self.mongo_port, self.port = free_port(), free_port()
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def _pin(self, cpu: str) -> list[str]:
+        return ["taskset", "-c", cpu] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else []
+
+    def start(self) -> None:
+        exe = str(Path(sys.executable).parent / "secantusd-py")
+        self.procs.append(subprocess.Popen(
+            [*self._pin("1"), exe, "--host", "127.0.0.1", "--port", str(self.mongo_port),
+             "--storage-path", ":memory:", "--log-level", "WARNING"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        env = {**os.environ, "REALTIME_JWT_SECRET": SECRET, "REALTIME_PORT": str(self.port),
+               "REALTIME_HOST": "127.0.0.1", "REALTIME_DATA_DIR": str(self.tmp),
+               "MONGO_URL": f"mongodb://127.0.0.1:{self.mongo_port}/?directConnection=true",
+               "REALTIME_LOG_LEVEL": "WARNING", "REALTIME_LOCATION_RATE": "1000",
+               "REALTIME_LOCATION_BURST": "1000"}
+        env.pop("REDIS_URL", None)
+        self.procs.append(subprocess.Popen([*self._pin("0"), sys.executable, "-m", "realtime"],
+                                           env=env, stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.DEVNULL))
+        self.settings = Settings(jwt_secret=SECRET)
+
+    async def ready(self) -> None:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(600):
+                try:
+                    async with s.get(f"{self.url}/readyz") as r:
+                        if r.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+        raise RuntimeError("server not ready")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def token(self, role: str, sub: str) -> str:
+        return mint_token(self.settings, sub=sub, role=role)
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            p.terminate()
+            p.wait(15)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+async def client(stack: Stack, ns: str, role: str, sub: str) -> socketio.AsyncClient:
+    c = socketio.AsyncClient(reconnection=False)
+    await c.connect(stack.url, namespaces=[ns], auth={"token": stack.token(role, sub)},
+                    transports=["websocket"], wait_timeout=20)
+    return c
+
+
+async def http(stack: Stack, method: str, path: str, body: Any) -> Any:
+    async with aiohttp.ClientSession() as s, s.request(
+            method, stack.url + path, json=body,
+            headers={"Authorization": f"Bearer {stack.token('service', 'backend')}"}) as r:
+        return await r.json()
+
+
+async def run_tracking(stack: Stack, techs: int, rate: float, duration: float) -> dict[str, Any]:
+    """`techs` technicians, each sending `rate` points/s, each watched by one customer."""
+    run = uuid.uuid4().hex[:6]
+    latencies: list[float] = []
+    acks: list[float] = []
+    tech_clients, watchers = [], []
+    for i in range(techs):
+        oid, cid, tid = f"q{run}-{i}", f"qc{run}-{i}", f"qt{run}-{i}"
+        await http(stack, "POST", "/api/orders", {
+            "order_id": oid, "customer_id": cid, "service": {"code": "x", "name": "x"},
+            "address": {"lat": 31.23, "lng": 121.47, "text": "x"},
+            "window": {"start_ts": 0, "end_ts": 1}})
+        await http(stack, "POST", f"/api/orders/{oid}/assign", {"technician_id": tid})
+        t = await client(stack, "/tracking", "technician", tid)
+        w = await client(stack, "/tracking", "customer", cid)
+
+        def on_position(data: dict[str, Any]) -> None:
+            latencies.append(time.time() * 1000 - data["ts"])
+
+        w.on("position", on_position, namespace="/tracking")
+        await w.call("watch", {"order_id": oid}, namespace="/tracking")
+        tech_clients.append(t)
+        watchers.append(w)
+
+    async def drive(i: int, t: socketio.AsyncClient) -> int:
+        sent = 0
+        interval = 1.0 / rate
+        start = time.monotonic() + (i / techs) * interval
+        while (now := time.monotonic()) < start + duration:
+            await asyncio.sleep(max(0.0, start + sent * interval - now))
+            t0 = time.perf_counter()
+            ts = int(time.time() * 1000)
+            await t.call("location", {"lat": 31.0 + sent * 1e-5, "lng": 121.0, "ts": ts},
+                         namespace="/tracking", timeout=30)
+            acks.append((time.perf_counter() - t0) * 1000)
+            sent += 1
+        return sent
+
+    t0 = time.monotonic()
+    sent = sum(await asyncio.gather(*(drive(i, t) for i, t in enumerate(tech_clients))))
+    elapsed = time.monotonic() - t0
+    await asyncio.sleep(1.0)
+    for c in tech_clients + watchers:
+        await c.disconnect()
+    return {"scenario": "tracking", "technicians": techs, "offered_per_s": techs * rate,
+            "accepted_per_s": round(sent / elapsed, 1), "delivered": len(latencies), "sent": sent,
+            "fanout_ms": {"p50": round(pct(latencies, 50), 2), "p99": round(pct(latencies, 99), 2)},
+            "ack_ms": {"p50": round(pct(acks, 50), 2), "p99": round(pct(acks, 99), 2)}}
+
+
+async def run_chat(stack: Stack, pairs: int, rate: float, duration: float) -> dict[str, Any]:
+    """`pairs` order chats (customer → technician), `rate` sends/s in total."""
+    run = uuid.uuid4().hex[:6]
+    senders, convs = [], []
+    recv: list[float] = []
+    acks: list[float] = []
+    sent_at: dict[str, float] = {}
+    for i in range(pairs):
+        oid, cid, tid = f"qc{run}-{i}", f"qcc{run}-{i}", f"qct{run}-{i}"
+        await http(stack, "POST", "/api/orders", {
+            "order_id": oid, "customer_id": cid, "service": {"code": "x", "name": "x"},
+            "address": {"lat": 31.23, "lng": 121.47, "text": "x"},
+            "window": {"start_ts": 0, "end_ts": 1}})
+        await http(stack, "POST", f"/api/orders/{oid}/assign", {"technician_id": tid})
+        c = await client(stack, "/chat", "customer", cid)
+        t = await client(stack, "/chat", "technician", tid)
+        reply = await c.call("open", {"kind": "order", "order_id": oid}, namespace="/chat")
+        conv = reply["data"]["conversation"]["conversation_id"]
+
+        def on_message(m: dict[str, Any]) -> None:
+            if m["client_msg_id"] in sent_at:
+                recv.append((time.perf_counter() - sent_at[m["client_msg_id"]]) * 1000)
+
+        t.on("message", on_message, namespace="/chat")
+        senders.append((c, t))
+        convs.append(conv)
+
+    interval = pairs / rate
+
+    async def drive(i: int) -> int:
+        c, _ = senders[i]
+        n = 0
+        start = time.monotonic() + (i / pairs) * interval
+        while (now := time.monotonic()) < start + duration:
+            await asyncio.sleep(max(0.0, start + n * interval - now))
+            cmid = f"{i}-{n}"
+            sent_at[cmid] = time.perf_counter()
+            await c.call("send", {"conversation_id": convs[i], "client_msg_id": cmid,
+                                  "body": "您好，师傅大概几点到？"}, namespace="/chat", timeout=30)
+            acks.append((time.perf_counter() - sent_at[cmid]) * 1000)
+            n += 1
+        return n
+
+    t0 = time.monotonic()
+    sent = sum(await asyncio.gather(*(drive(i) for i in range(pairs))))
+    elapsed = time.monotonic() - t0
+    await asyncio.sleep(1.0)
+    for c, t in senders:
+        await c.disconnect()
+        await t.disconnect()
+    return {"scenario": "chat", "conversations": pairs, "offered_per_s": rate,
+            "sent_per_s": round(sent / elapsed, 1), "sent": sent, "received": len(recv),
+            "send_ack_ms": {"p50": round(pct(acks, 50), 2), "p99": round(pct(acks, 99), 2)},
+            "send_receive_ms": {"p50": round(pct(recv, 50), 2), "p99": round(pct(recv, 99), 2)},
+            "median_ack_ms": round(statistics.median(acks), 2) if acks else None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m loadtest.quick")
+    ap.add_argument("scenario", choices=["tracking", "chat"])
+    ap.add_argument("--techs", type=int, default=100)
+    ap.add_argument("--pairs", type=int, default=20)
+    ap.add_argument("--rate", type=float, default=None,
+                    help="tracking: points/s per technician (default 5); chat: sends/s in total (50)")
+    ap.add_argument("--duration", type=float, default=20.0)
+    args = ap.parse_args()
+    stack = Stack()
+    stack.start()
+    try:
+        async def go() -> dict[str, Any]:
+            await stack.ready()
+            if args.scenario == "tracking":
+                return await run_tracking(stack, args.techs, args.rate or 5.0, args.duration)
+            return await run_chat(stack, args.pairs, args.rate or 50.0, args.duration)
+
+        print(json.dumps(asyncio.run(go()), ensure_ascii=False))
+    finally:
+        stack.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""Node-to-node signals that are not client events: "drop user U's sockets
+from room R", "technician T answered offer O". Handlers run on every node,
+this one included. With the memory engine there is one node; with Redis the
+signal rides the Socket.IO manager's channel, so it keeps the ordering of the
+emits around it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+log = logging.getLogger(__name__)
+
+PREFIX: Final = "\x00bus:"
+Handler = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class Bus:
+    def __init__(self) -> None:
+        self._handlers: dict[str, Handler] = {}
+        self.remote: Callable[[str, dict[str, Any]], Awaitable[None]] | None = None
+
+    def on(self, name: str, handler: Handler) -> None:
+        self._handlers[name] = handler
+
+    async def publish(self, name: str, data: dict[str, Any]) -> None:
+        await self.dispatch(name, data)
+        if self.remote is not None:
+            await self.remote(name, data)
+
+    async def dispatch(self, name: str, data: dict[str, Any]) -> None:
+        handler = self._handlers.get(name)
+        if handler is None:
+            return
+        try:
+            await handler(data)
+        except Exception as exc:  # one failed signal must not break the listener
+            log.warning("bus handler %s failed: %s", name, type(exc).__name__)

@@ -1,0 +1,84 @@
+"""The engine: memory (one node) or Redis (any number of nodes), chosen by
+REDIS_URL. Both give the same pieces with the same interfaces, so the rest
+of the server does not know which one runs."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis import asyncio as aioredis
+
+from chat.routing import AgentDirectory, MemoryAgentDirectory, PumpLock, local_lock
+from realtime.bus import Bus
+from realtime.cluster import ClusterManager
+from realtime.presence import Presence
+from realtime.presence.memory import MemoryPresence
+from realtime.presence.redis import RedisPresence
+from realtime.settings import Settings
+from storage.redis_state import RedisAgentDirectory, RedisPositions, RedisRateLimiter, redis_lock
+from tracking.locations import MemoryRateLimiter
+from tracking.positions import MemoryPositions, PositionStore
+from tracking.service import RateLimiter
+
+# Shared-state calls are small and many; a bounded pool keeps a burst from
+# opening thousands of connections, and the timeout turns a dead Redis into
+# a prompt error instead of a hung handler.
+STATE_POOL = 32
+STATE_TIMEOUT_S = 2.0
+
+
+@dataclass
+class Engine:
+    name: str
+    node_id: str
+    bus: Bus
+    positions: PositionStore
+    limiter: RateLimiter
+    tech_presence: Presence
+    agent_presence: Presence
+    directory: AgentDirectory
+    pump_lock: PumpLock
+    manager: ClusterManager | None = None
+    redis: aioredis.Redis | None = field(default=None, repr=False)
+
+    async def close(self) -> None:
+        if self.manager is not None:
+            await self.manager.aclose()
+        if self.redis is not None:
+            await self.redis.aclose()
+
+
+def build_engine(settings: Settings) -> Engine:
+    node_id = uuid.uuid4().hex[:12]
+    bus = Bus()
+    if not settings.redis_url:
+        return Engine(
+            name="memory", node_id=node_id, bus=bus, positions=MemoryPositions(),
+            limiter=MemoryRateLimiter(settings.location_rate, settings.location_burst),
+            tech_presence=MemoryPresence(), agent_presence=MemoryPresence(),
+            directory=MemoryAgentDirectory(), pump_lock=local_lock(),
+        )
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=STATE_POOL, timeout=STATE_TIMEOUT_S,
+        socket_timeout=STATE_TIMEOUT_S, socket_connect_timeout=STATE_TIMEOUT_S)
+    redis = aioredis.Redis(connection_pool=pool)
+    ttl = settings.presence_ttl_s
+    # Every key starts with the channel name: deployments (or test runs)
+    # sharing one Redis stay apart.
+    prefix = settings.redis_channel
+    return Engine(
+        name="redis", node_id=node_id, bus=bus, redis=redis,
+        manager=ClusterManager(settings.redis_url, bus, channel=settings.redis_channel),
+        positions=RedisPositions(redis, prefix),
+        limiter=RedisRateLimiter(redis, settings.location_rate, settings.location_burst, prefix),
+        tech_presence=RedisPresence(redis, "technician", node_id, ttl, prefix),
+        agent_presence=RedisPresence(redis, "agent", node_id, ttl, prefix),
+        directory=RedisAgentDirectory(redis, prefix),
+        pump_lock=redis_lock(redis, f"{prefix}:chat:pump"),
+    )
+
+
+def describe(engine: Engine) -> dict[str, Any]:
+    return {"engine": engine.name, "node": engine.node_id}

@@ -1,0 +1,102 @@
+"""Presence shared through Redis, with TTLs: a killed node's users go offline
+by themselves within the TTL, and a user connected to two nodes is online
+until both connections are gone."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from redis import asyncio as aioredis
+
+
+def _text(raw: Any) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+class RedisPresence:
+    """Per user a sorted set of nodes scored by when their claim expires.
+
+    A node claims each local user on connect and refreshes the claims of all
+    its users every ttl/3; on the user's last local disconnect it drops the
+    claim. A killed node stops refreshing, so its claims lapse within the TTL.
+    `rt:presence:{kind}` scores every user by their latest claim so a sweeper
+    can announce who lapsed (exactly one node wins each ZREM).
+    """
+
+    def __init__(self, redis: aioredis.Redis, kind: str, node_id: str, ttl_s: float,
+                 prefix: str = "rt") -> None:
+        self._r = redis
+        self.kind, self.node, self.ttl = kind, node_id, ttl_s
+        self.prefix = prefix
+        self.local: dict[str, int] = {}
+
+    def _key(self, user_id: str) -> str:
+        return f"{self.prefix}:presence:{self.kind}:{user_id}"
+
+    @property
+    def _all(self) -> str:
+        return f"{self.prefix}:presence:{self.kind}"
+
+    async def _claim(self, user_ids: list[str]) -> None:
+        if not user_ids:
+            return
+        until = time.time() + self.ttl
+        async with self._r.pipeline(transaction=False) as pipe:
+            for u in user_ids:
+                pipe.zadd(self._key(u), {self.node: until})
+                pipe.expire(self._key(u), math.ceil(self.ttl) + 5)
+                pipe.zadd(self._all, {u: until}, gt=True)
+            await pipe.execute()
+
+    async def connect(self, user_id: str) -> bool:
+        n = self.local.get(user_id, 0) + 1
+        self.local[user_id] = n
+        was_online = await self.online([user_id])
+        await self._claim([user_id])
+        return not was_online
+
+    async def disconnect(self, user_id: str) -> bool:
+        n = self.local.get(user_id, 0) - 1
+        if n > 0:
+            self.local[user_id] = n
+            return False
+        self.local.pop(user_id, None)
+        await self._r.zrem(self._key(user_id), self.node)
+        gone = not await self.online([user_id])
+        if gone:
+            await self._r.zrem(self._all, user_id)
+        return gone
+
+    async def online(self, user_ids: list[str]) -> set[str]:
+        if not user_ids:
+            return set()
+        now = time.time()
+        async with self._r.pipeline(transaction=False) as pipe:
+            for u in user_ids:
+                pipe.zcount(self._key(u), now, "+inf")
+            counts = await pipe.execute()
+        return {u for u, c in zip(user_ids, counts, strict=True) if c}
+
+    async def heartbeat(self) -> None:
+        await self._claim(list(self.local))
+
+    async def sweep(self) -> list[str]:
+        """Users whose every claim lapsed (a node died): each reported once, cluster-wide."""
+        now = time.time()
+        lapsed = await self._r.zrangebyscore(self._all, "-inf", now)
+        gone = []
+        for raw in lapsed:
+            u = _text(raw)
+            if await self.online([u]):
+                continue
+            if await self._r.zrem(self._all, u):
+                gone.append(u)
+        return gone
+
+    async def count(self) -> int:
+        return int(await self._r.zcount(self._all, time.time(), "+inf"))
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"node": self.node, "local_users": len(self.local)}
