@@ -11,7 +11,7 @@ import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from aiohttp import web
 from pydantic import BaseModel, Field, StringConstraints, field_validator
@@ -297,6 +297,68 @@ async def list_feedback(request: web.Request) -> web.Response:
     return json_response(ok({"feedback": items, "has_more": len(items) == limit}))
 
 
+class DispatchIn(Inbound):
+    strategy: Literal["sequential", "broadcast"] | None = None
+    radius_m: Annotated[float, Field(gt=0, le=100_000, allow_inf_nan=False)] | None = None
+    count: Annotated[int, Field(ge=1, le=100)] | None = None
+    timeout_s: Annotated[float, Field(gt=0, le=600, allow_inf_nan=False)] | None = None
+
+
+async def start_dispatch(request: web.Request) -> web.Response:
+    p = principal(request)
+    require_role(p, "service", "admin")
+    body = await parse(request, DispatchIn) if request.body_exists else DispatchIn()
+    doc = await request.app[CTX].dispatch.start(
+        actor_of(p), request.match_info["order_id"], strategy=body.strategy,
+        radius_m=body.radius_m, count=body.count, timeout_s=body.timeout_s)
+    return json_response(ok({"dispatch": doc}), 202)
+
+
+async def get_dispatches(request: web.Request) -> web.Response:
+    """Every dispatch round of an order, with each technician considered and why."""
+    p = principal(request)
+    require_role(p, "agent", "admin", "service")
+    ctx = request.app[CTX]
+    order_id = request.match_info["order_id"]
+    await ctx.orders.get(order_id)
+    assert ctx.dispatch_store is not None
+    return json_response(ok({"order_id": order_id,
+                             "dispatches": await ctx.dispatch_store.for_order(order_id)}))
+
+
+def float_query(request: web.Request, name: str, lo: float, hi: float,
+                default: float | None = None) -> float:
+    raw = request.query.get(name)
+    if raw is None:
+        if default is None:
+            raise WireError("invalid", f"{name} is required", [{"field": name, "error": "required"}])
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not lo <= value <= hi:  # also refuses NaN
+        raise WireError("invalid", f"{name} must be a number within {lo}..{hi}",
+                        [{"field": name, "error": f"must be within {lo}..{hi}"}])
+    return value
+
+
+async def nearby(request: web.Request) -> web.Response:
+    """Available technicians near a point, nearest first (fresh positions only)."""
+    p = principal(request)
+    require_role(p, "service", "admin", "agent")
+    lat = float_query(request, "lat", -90, 90)
+    lng = float_query(request, "lng", -180, 180)
+    radius = float_query(request, "radius_m", 1, 100_000, 5000)
+    limit = int_query(request, "limit", 20, 1, 50)
+    skill = request.query.get("skill") or None
+    if skill is not None and len(skill) > 64:
+        raise WireError("invalid", "skill is at most 64 characters",
+                        [{"field": "skill", "error": "too long"}])
+    found = await request.app[CTX].dispatch.nearby(lat, lng, radius, skill, limit)
+    return json_response(ok({"technicians": found}))
+
+
 async def healthz(request: web.Request) -> web.Response:
     return json_response(ok({"status": "alive"}))
 
@@ -331,6 +393,9 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_post(f"/api/orders/{oid}/assign", assign_order)
     app.router.add_post(f"/api/orders/{oid}/events", post_event)
     app.router.add_get(f"/api/orders/{oid}/trail", get_trail)
+    app.router.add_post(f"/api/orders/{oid}/dispatch", start_dispatch)
+    app.router.add_get(f"/api/orders/{oid}/dispatch", get_dispatches)
+    app.router.add_get("/api/technicians/nearby", nearby)
     app.router.add_get("/api/conversations/{conversation_id:[A-Za-z0-9_.:@-]{1,64}}/messages",
                        get_transcript)
     app.router.add_post("/api/feedback", post_feedback)

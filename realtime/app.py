@@ -30,9 +30,11 @@ from realtime.namespaces.tracking import TrackingNamespace
 from realtime.settings import Settings
 from realtime.sio import RealtimeServer
 from storage.chat import MongoChatStore
+from storage.dispatch import MongoDispatchStore
 from storage.embedded import EmbeddedMongo
 from storage.mongo import MongoOrderStore, connect, ensure_indexes
 from storage.trails import TrailWriter, ensure_trail_indexes
+from tracking.dispatch import DispatchConfig, DispatchService
 from tracking.eta import EtaConfig
 from tracking.locations import FilterConfig
 from tracking.orders import Event, Order, OrderService
@@ -87,6 +89,12 @@ def create_app(settings: Settings) -> web.Application:
     for ns in (orders_ns, tracking_ns, chat_ns, ops_ns):
         sio.register_namespace(ns)
     engine.bus.on("leave_user", orders_ns.on_leave_user)
+
+    async def dispatch_answered(data: dict[str, Any]) -> None:
+        if ctx._dispatch is not None:
+            ctx._dispatch.wake(str(data.get("dispatch_id")))
+
+    engine.bus.on("dispatch_answer", dispatch_answered)
     if engine.manager is not None:
         engine.manager._on_restored = lambda: resync(sio)
 
@@ -147,6 +155,18 @@ def create_app(settings: Settings) -> web.Application:
             metrics.agents_available.set_function(lambda: router.available_agents)
             ctx.chat_store = chat_store
             ctx._chat = ChatService(chat_store, ctx._orders, router, chat_ns.delivered)
+            dispatch_store = MongoDispatchStore(db)
+            await dispatch_store.ensure_indexes()
+            ctx._dispatch = DispatchService(
+                orders=ctx._orders, positions=engine.positions, presence=engine.tech_presence,
+                busy=order_store, store=dispatch_store, send_offer=orders_ns.send_offer,
+                withdraw=orders_ns.withdraw_offer,
+                config=DispatchConfig(strategy=settings.dispatch_strategy,
+                                      radius_m=settings.dispatch_radius_m,
+                                      count=settings.dispatch_count,
+                                      timeout_s=settings.dispatch_timeout_s,
+                                      stale_after_s=settings.stale_position_s))
+            ctx.dispatch_store = dispatch_store
             tracking_ns.area.start()
             background.append(asyncio.get_running_loop().create_task(
                 presence_keeper(ctx, settings.presence_ttl_s)))
@@ -154,6 +174,9 @@ def create_app(settings: Settings) -> web.Application:
                      "embedded" if embedded else "MONGO_URL", engine.name, engine.node_id)
             yield
         finally:
+            if ctx._dispatch is not None:
+                await ctx._dispatch.close()
+            ctx._dispatch = None
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)

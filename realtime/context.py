@@ -17,7 +17,9 @@ if TYPE_CHECKING:
     from realtime.namespaces.ops import OpsNamespace
     from realtime.sio import RealtimeServer
     from storage.chat import MongoChatStore
+    from storage.dispatch import MongoDispatchStore
     from storage.trails import TrailWriter
+    from tracking.dispatch import DispatchService
     from tracking.orders import OrderService
     from tracking.service import TrackingService
 
@@ -33,10 +35,12 @@ class Context:
     mongo: AsyncMongoClient[dict[str, Any]] | None = None
     trails: TrailWriter | None = None
     chat_store: MongoChatStore | None = None
+    dispatch_store: MongoDispatchStore | None = None
     ops: OpsNamespace = field(init=False, repr=False)
     _orders: OrderService | None = field(default=None, repr=False)
     _tracking: TrackingService | None = field(default=None, repr=False)
     _chat: ChatService | None = field(default=None, repr=False)
+    _dispatch: DispatchService | None = field(default=None, repr=False)
 
     @property
     def orders(self) -> OrderService:
@@ -55,3 +59,9 @@ class Context:
         if self._chat is None:
             raise RuntimeError("the chat service is not started")
         return self._chat
+
+    @property
+    def dispatch(self) -> DispatchService:
+        if self._dispatch is None:
+            raise RuntimeError("the dispatch service is not started")
+        return self._dispatch

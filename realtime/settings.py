@@ -78,6 +78,13 @@ class Settings(BaseSettings):
     trail_ttl_days: int = Field(default=30, ge=1)
     trail_flush_s: float = Field(default=1.0, gt=0)
 
+    # Dispatch defaults (each call may override them).
+    dispatch_strategy: Literal["sequential", "broadcast"] = "sequential"
+    dispatch_radius_m: float = Field(default=5000.0, gt=0)
+    dispatch_count: int = Field(default=5, ge=1, le=100)
+    dispatch_timeout_s: float = Field(default=20.0, gt=0, le=600)
+    stale_position_s: float = Field(default=300.0, gt=0)
+
     # Support chat routing.
     agent_cap: int = Field(default=5, ge=1, le=100)  # concurrent conversations per agent
     agent_grace_s: float = Field(default=60.0, ge=0)  # keep a disconnected agent's chats this long

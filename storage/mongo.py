@@ -161,6 +161,15 @@ class MongoOrderStore:
         self._observe("order_active", time.perf_counter() - t0)
         return _order_out(doc) if doc else None
 
+    async def busy_among(self, technician_ids: list[str]) -> set[str]:
+        """Which of these technicians are on an order right now."""
+        if not technician_ids:
+            return set()
+        cursor = self._orders.find(
+            {"technician_id": {"$in": technician_ids}, "state": {"$in": list(TECHNICIAN_PHASE)}},
+            {"technician_id": 1})
+        return {d["technician_id"] async for d in cursor}
+
     async def events(self, order_id: str, since_seq: int, limit: int) -> list[Event]:
         t0 = time.perf_counter()
         cursor = self._events.find(

@@ -48,7 +48,7 @@ def _text(raw: Any) -> str:
 def _decode(raw: bytes | str | None) -> Position | None:
     if raw is None:
         return None
-    return Position(**json.loads(raw))
+    return Position.from_dict(json.loads(raw))
 
 
 class RedisPositions:

@@ -157,6 +157,16 @@ class OrderService:
 
         return await self._apply(actor, order_id, decide)
 
+    async def note(self, actor: Actor, order_id: str, ev_type: str,
+                   data: dict[str, Any]) -> tuple[Order, Event]:
+        """An event that records something without changing the state
+        (e.g. `dispatch_failed`); it still takes the next seq."""
+
+        def decide(order: Order) -> tuple[dict[str, Any], str, dict[str, Any]]:
+            return {}, ev_type, data
+
+        return await self._apply(actor, order_id, decide)
+
     async def _apply(
         self,
         actor: Actor,

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
+from tracking.geo import haversine_m
+
 
 @dataclass(frozen=True, slots=True)
 class Position:
@@ -21,6 +23,11 @@ class Position:
     eta_s: int | None = None
     distance_m: int | None = None
     status: str = "available"  # available | busy (offline is presence's word)
+    skills: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Position:
+        return cls(**{**d, "skills": tuple(d.get("skills") or ())})
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -34,6 +41,9 @@ class PositionStore(Protocol):
 
     async def in_box(self, min_lat: float, min_lng: float, max_lat: float,
                      max_lng: float, limit: int) -> list[Position]: ...
+
+    async def near(self, lat: float, lng: float, radius_m: float, limit: int) -> list[Position]:
+        """Nearest first, within radius_m."""
 
 
 class MemoryPositions:
@@ -61,3 +71,9 @@ class MemoryPositions:
                 if len(out) >= limit:
                     break
         return out
+
+    async def near(self, lat: float, lng: float, radius_m: float, limit: int) -> list[Position]:
+        found = [(haversine_m(lat, lng, p.lat, p.lng), p) for p in self._latest.values()]
+        found = [x for x in found if x[0] <= radius_m]
+        found.sort(key=lambda x: x[0])
+        return [p for _, p in found[:limit]]

@@ -195,8 +195,8 @@ class TrackingService:
                 st.active_at = time.monotonic()
 
     # -- ingest ----------------------------------------------------------
-    async def ingest(self, tech: Actor, name: str | None,
-                     items: list[Point | PointResult]) -> list[PointResult]:
+    async def ingest(self, tech: Actor, name: str | None, items: list[Point | PointResult],
+                     skills: tuple[str, ...] = ()) -> list[PointResult]:
         """Filter and store a technician's points (oldest first). Items that
         already failed validation at the edge come in as PointResults."""
         wait_ms = await self._limiter.take(tech.id)
@@ -227,10 +227,11 @@ class TrackingService:
                 results.append(PointResult("dropped", reason, ts=item.ts))
                 self._count(reason)
         if accepted:
-            await self._accept(tech.id, name, accepted)
+            await self._accept(tech.id, name, skills, accepted)
         return results
 
-    async def _accept(self, technician_id: str, name: str | None, points: list[Point]) -> None:
+    async def _accept(self, technician_id: str, name: str | None, skills: tuple[str, ...],
+                      points: list[Point]) -> None:
         st = self._tech(technician_id)
         active = self._active(technician_id)
         active_id = active.order_id if active else None
@@ -254,7 +255,7 @@ class TrackingService:
         pos = Position(
             technician_id=technician_id, lat=newest.lat, lng=newest.lng, ts=newest.ts, name=name,
             speed=newest.speed, heading=newest.heading, accuracy=newest.accuracy,
-            status="busy" if active else "available",
+            status="busy" if active else "available", skills=skills,
         )
         if active is not None:
             dist = haversine_m(newest.lat, newest.lng, active.lat, active.lng)

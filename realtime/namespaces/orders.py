@@ -56,6 +56,10 @@ class ResolveRefundIn(Inbound):
     note: ShortText | None = None
 
 
+class AnswerIn(Inbound):
+    order_id: Id
+
+
 class RateIn(Inbound):
     order_id: Id
     stars: Stars
@@ -136,3 +140,24 @@ class OrdersNamespace(BaseNamespace):
     async def rate(self, p: Principal, sid: str, body: RateIn) -> dict[str, Any]:
         rating = body.model_dump(exclude={"order_id"}, exclude_none=True)
         return changed(*await self.ctx.orders.rate(actor_of(p), body.order_id, rating))
+
+    # -- dispatch offers ---------------------------------------------------
+    async def send_offer(self, technician_id: str, offer: dict[str, Any]) -> None:
+        await self.emit("offer", offer, to=user_room(technician_id))
+
+    async def withdraw_offer(self, technician_id: str, data: dict[str, Any]) -> None:
+        await self.emit("offer_withdrawn", data, to=user_room(technician_id))
+
+    async def _answer(self, p: Principal, order_id: str, accept: bool) -> dict[str, Any]:
+        result = await self.ctx.dispatch.answer(actor_of(p), order_id, accept)
+        # Wake the node driving the round, wherever it runs.
+        await self.ctx.engine.bus.publish("dispatch_answer", {"dispatch_id": result["dispatch_id"]})
+        return result
+
+    @handles("accept", AnswerIn)
+    async def accept(self, p: Principal, sid: str, body: AnswerIn) -> dict[str, Any]:
+        return await self._answer(p, body.order_id, True)
+
+    @handles("decline", AnswerIn)
+    async def decline(self, p: Principal, sid: str, body: AnswerIn) -> dict[str, Any]:
+        return await self._answer(p, body.order_id, False)

@@ -184,7 +184,7 @@ class TrackingNamespace(BaseNamespace):
     @handles("location", PointIn)
     async def location(self, p: Principal, sid: str, body: PointIn) -> dict[str, Any]:
         self._only_technicians(p)
-        [result] = await self.svc.ingest(actor_of(p), p.name, [body.to_point()])
+        [result] = await self.svc.ingest(actor_of(p), p.name, [body.to_point()], p.skills)
         if result.status == "invalid":
             raise WireError("invalid", "point rejected", result.details)
         return result.as_dict()
@@ -202,7 +202,7 @@ class TrackingNamespace(BaseNamespace):
                 items.append(PointResult("invalid", "invalid", details=validation_details(exc)))
             except WireError as exc:
                 items.append(PointResult("invalid", "invalid", details=exc.message))
-        results = await self.svc.ingest(actor_of(p), p.name, items)
+        results = await self.svc.ingest(actor_of(p), p.name, items, p.skills)
         counts = {"accepted": 0, "dropped": 0, "invalid": 0}
         for r in results:
             counts[r.status] += 1

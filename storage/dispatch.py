@@ -1,0 +1,75 @@
+"""Dispatch rounds in MongoDB: one document per round, with every technician
+considered and what became of them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pymongo import ASCENDING, IndexModel
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
+
+from tracking.errors import Conflict
+
+INDEXES = [
+    IndexModel([("order_id", ASCENDING), ("created_ts", ASCENDING)]),
+    # At most one running round per order.
+    IndexModel([("order_id", ASCENDING)], unique=True, name="one_running",
+               partialFilterExpression={"status": "running"}),
+]
+
+
+def _out(doc: dict[str, Any] | None) -> dict[str, Any] | None:
+    if doc is None:
+        return None
+    doc = dict(doc)
+    doc["dispatch_id"] = doc.pop("_id")
+    return doc
+
+
+class MongoDispatchStore:
+    def __init__(self, db: AsyncDatabase[dict[str, Any]]) -> None:
+        self._c = db["dispatches"]
+
+    async def ensure_indexes(self) -> None:
+        await self._c.create_indexes(INDEXES)
+
+    async def insert(self, doc: dict[str, Any]) -> None:
+        stored = dict(doc)
+        stored["_id"] = stored.pop("dispatch_id")
+        try:
+            await self._c.insert_one(stored)
+        except DuplicateKeyError:
+            raise Conflict("a dispatch round for this order is already running") from None
+
+    async def get(self, dispatch_id: str) -> dict[str, Any] | None:
+        return _out(await self._c.find_one({"_id": dispatch_id}))
+
+    async def for_order(self, order_id: str) -> list[dict[str, Any]]:
+        cursor = self._c.find({"order_id": order_id}).sort("created_ts", ASCENDING)
+        return [d for d in [_out(x) async for x in cursor] if d is not None]
+
+    async def running_for(self, order_id: str) -> dict[str, Any] | None:
+        return _out(await self._c.find_one({"order_id": order_id, "status": "running"}))
+
+    async def set_candidate(self, dispatch_id: str, technician_id: str, expect: str,
+                            changes: dict[str, Any]) -> bool:
+        """Update one candidate's entry, only if its status is still `expect`."""
+        res = await self._c.update_one(
+            {"_id": dispatch_id,
+             "candidates": {"$elemMatch": {"technician_id": technician_id, "status": expect}}},
+            {"$set": {f"candidates.$.{k}": v for k, v in changes.items()}})
+        return res.modified_count == 1
+
+    async def claim(self, dispatch_id: str, technician_id: str, now: int) -> bool:
+        """The one winning accept: running -> assigned, in a single conditional write."""
+        res = await self._c.update_one(
+            {"_id": dispatch_id, "status": "running",
+             "candidates": {"$elemMatch": {"technician_id": technician_id, "status": "offered"}}},
+            {"$set": {"status": "assigned", "assigned_to": technician_id, "finished_ts": now,
+                      "candidates.$.status": "accepted", "candidates.$.answered_ts": now}})
+        return res.modified_count == 1
+
+    async def finish(self, dispatch_id: str, status: str, changes: dict[str, Any]) -> None:
+        await self._c.update_one({"_id": dispatch_id, "status": "running"},
+                                 {"$set": {"status": status, **changes}})

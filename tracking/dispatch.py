@@ -1,0 +1,291 @@
+"""Dispatch (人员调度): offer an order to the nearest suitable technicians.
+
+Candidates come from the latest positions around the address. Every
+technician considered gets a reason in the round's record, so a dispatcher
+can see why someone was or was not offered the job (skill_mismatch,
+out_of_radius, stale_position, busy, offline, declined, timed_out).
+
+Strategies: `sequential` offers to one candidate at a time (the next after a
+decline or `timeout_s`); `broadcast` offers to the top `count` at once, and
+the first accept wins. Exactly one accept ever succeeds: the round's status
+flips from `running` to `assigned` in one conditional write in the store,
+and the order's own state machine refuses a second assignment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+from tracking.clock import now_ms
+from tracking.errors import Conflict, Forbidden
+from tracking.geo import haversine_m
+from tracking.lifecycle import Actor
+from tracking.orders import OrderService
+from tracking.positions import Position, PositionStore
+
+log = logging.getLogger(__name__)
+
+DISPATCH_ACTOR: Final = Actor("dispatch", "system")
+MAX_CONSIDERED: Final = 200
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchConfig:
+    strategy: str = "sequential"
+    radius_m: float = 5000.0
+    count: int = 5  # broadcast: offers at once; sequential: at most this many in turn
+    timeout_s: float = 20.0
+    stale_after_s: float = 300.0  # Fleet Engine's cut: a fix older than 5 min says nothing
+
+
+class DispatchStore(Protocol):
+    async def insert(self, doc: dict[str, Any]) -> None: ...
+    async def get(self, dispatch_id: str) -> dict[str, Any] | None: ...
+    async def for_order(self, order_id: str) -> list[dict[str, Any]]: ...
+    async def running_for(self, order_id: str) -> dict[str, Any] | None: ...
+    async def set_candidate(self, dispatch_id: str, technician_id: str, expect: str,
+                            changes: dict[str, Any]) -> bool: ...
+    async def claim(self, dispatch_id: str, technician_id: str, now: int) -> bool: ...
+    async def finish(self, dispatch_id: str, status: str, changes: dict[str, Any]) -> None: ...
+
+
+class Online(Protocol):
+    async def online(self, user_ids: list[str]) -> set[str]: ...
+
+
+class Busy(Protocol):
+    async def busy_among(self, technician_ids: list[str]) -> set[str]: ...
+
+
+SendOffer = Callable[[str, dict[str, Any]], Awaitable[None]]
+Withdraw = Callable[[str, dict[str, Any]], Awaitable[None]]
+
+
+def judge(pos: Position, *, lat: float, lng: float, radius_m: float, skills: list[str],
+          online: set[str], busy: set[str], now: int,
+          stale_after_s: float) -> tuple[float, str | None]:
+    """Distance and why this technician is not eligible (None when eligible)."""
+    dist = haversine_m(lat, lng, pos.lat, pos.lng)
+    if pos.technician_id not in online:
+        return dist, "offline"
+    if now - pos.ts > stale_after_s * 1000:
+        return dist, "stale_position"
+    if pos.technician_id in busy:
+        return dist, "busy"
+    if any(s not in pos.skills for s in skills):
+        return dist, "skill_mismatch"
+    if dist > radius_m:
+        return dist, "out_of_radius"
+    return dist, None
+
+
+class DispatchService:
+    def __init__(self, *, orders: OrderService, positions: PositionStore, presence: Online,
+                 busy: Busy, store: DispatchStore, send_offer: SendOffer, withdraw: Withdraw,
+                 config: DispatchConfig | None = None) -> None:
+        self.orders = orders
+        self.busy = busy
+        self.positions = positions
+        self.presence = presence
+        self.store = store
+        self._send_offer = send_offer
+        self._withdraw = withdraw
+        self.cfg = config or DispatchConfig()
+        self._wakeups: dict[str, asyncio.Event] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def nearby(self, lat: float, lng: float, radius_m: float, skill: str | None,
+                     limit: int) -> list[dict[str, Any]]:
+        """Available technicians with the skill, nearest first, fresh positions only."""
+        found = await self.positions.near(lat, lng, radius_m, MAX_CONSIDERED)
+        online = await self.presence.online([p.technician_id for p in found])
+        busy = await self.busy.busy_among([p.technician_id for p in found])
+        now = now_ms()
+        out = []
+        for p in found:
+            dist, reason = judge(p, lat=lat, lng=lng, radius_m=radius_m,
+                                 skills=[skill] if skill else [], online=online, busy=busy, now=now,
+                                 stale_after_s=self.cfg.stale_after_s)
+            if reason is None:
+                out.append({"id": p.technician_id, "name": p.name, "lat": p.lat, "lng": p.lng,
+                            "ts": p.ts, "distance_m": round(dist), "skills": list(p.skills),
+                            "status": p.status})
+            if len(out) >= limit:
+                break
+        return out
+
+    async def start(self, actor: Actor, order_id: str, *, strategy: str | None = None,
+                    radius_m: float | None = None, count: int | None = None,
+                    timeout_s: float | None = None) -> dict[str, Any]:
+        if actor.role not in ("service", "admin"):
+            raise Forbidden("dispatch is started by the backend or an admin")
+        order = await self.orders.get(order_id)
+        if order["state"] != "created":
+            raise Conflict(f"only a `created` order is dispatched (it is {order['state']})",
+                           {"state": order["state"]})
+        running = await self.store.running_for(order_id)
+        if running is not None:
+            raise Conflict("a dispatch round for this order is already running",
+                           {"dispatch_id": running["dispatch_id"]})
+        strategy = strategy or self.cfg.strategy
+        radius = radius_m or self.cfg.radius_m
+        count = count or self.cfg.count
+        timeout = timeout_s or self.cfg.timeout_s
+        addr = order["address"]
+        # Look a little past the radius, so "out of radius" is a visible reason.
+        found = await self.positions.near(addr["lat"], addr["lng"], radius * 2, MAX_CONSIDERED)
+        online = await self.presence.online([p.technician_id for p in found])
+        busy = await self.busy.busy_among([p.technician_id for p in found])
+        now = now_ms()
+        candidates, eligible = [], []
+        for p in found:
+            dist, reason = judge(p, lat=addr["lat"], lng=addr["lng"], radius_m=radius,
+                                 skills=list(order.get("skills") or []), online=online,
+                                 busy=busy, now=now,
+                                 stale_after_s=self.cfg.stale_after_s)
+            entry = {"technician_id": p.technician_id, "distance_m": round(dist),
+                     "status": "skipped" if reason else "eligible", "reason": reason}
+            candidates.append(entry)
+            if reason is None:
+                eligible.append(entry)
+        for extra in eligible[count:]:
+            extra["status"], extra["reason"] = "not_offered", "beyond_count"
+        doc = {
+            "dispatch_id": "d-" + uuid.uuid4().hex, "order_id": order_id, "strategy": strategy,
+            "radius_m": radius, "count": count, "timeout_s": timeout, "status": "running",
+            "created_ts": now, "finished_ts": None, "assigned_to": None,
+            "started_by": actor.as_dict(), "candidates": candidates,
+        }
+        await self.store.insert(doc)
+        task = asyncio.get_running_loop().create_task(
+            self._drive(doc, order, eligible[:count]))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return doc
+
+    def _offer_payload(self, order: dict[str, Any], dispatch_id: str, expires: int) -> dict[str, Any]:
+        return {"order_id": order["order_id"], "dispatch_id": dispatch_id,
+                "service": order["service"], "address": order["address"],
+                "window": order["window"], "expires_ts": expires}
+
+    async def _drive(self, doc: dict[str, Any], order: dict[str, Any],
+                     offers: list[dict[str, Any]]) -> None:
+        did = doc["dispatch_id"]
+        wake = self._wakeups.setdefault(did, asyncio.Event())
+        timeout = float(doc["timeout_s"])
+        try:
+            groups = [offers] if doc["strategy"] == "broadcast" else [[c] for c in offers]
+            for group in groups:
+                expires = now_ms() + int(timeout * 1000)
+                for c in group:
+                    await self.store.set_candidate(did, c["technician_id"], "eligible",
+                                                   {"status": "offered", "offered_ts": now_ms(),
+                                                    "expires_ts": expires})
+                    await self._send_offer(c["technician_id"],
+                                           self._offer_payload(order, did, expires))
+                deadline = time.monotonic() + timeout
+                while True:
+                    current = await self.store.get(did)
+                    if current is None or current["status"] != "running":
+                        await self._withdraw_others(current, group)
+                        return
+                    pending = [c for c in current["candidates"]
+                               if c["status"] == "offered"
+                               and c["technician_id"] in {g["technician_id"] for g in group}]
+                    left = deadline - time.monotonic()
+                    if not pending or left <= 0:
+                        break
+                    wake.clear()
+                    try:
+                        await asyncio.wait_for(wake.wait(), left)
+                    except TimeoutError:
+                        pass
+                for c in group:
+                    if await self.store.set_candidate(did, c["technician_id"], "offered",
+                                                      {"status": "timed_out",
+                                                       "reason": "timed_out",
+                                                       "answered_ts": now_ms()}):
+                        await self._withdraw(c["technician_id"],
+                                             {"order_id": order["order_id"], "dispatch_id": did,
+                                              "reason": "timed_out"})
+            await self._fail(did, order["order_id"])
+        except Exception as exc:  # the round ends as failed rather than hanging
+            log.warning("dispatch %s failed: %s", did, type(exc).__name__)
+            await self.store.finish(did, "failed", {"finished_ts": now_ms(),
+                                                    "error": type(exc).__name__})
+        finally:
+            self._wakeups.pop(did, None)
+
+    async def _withdraw_others(self, current: dict[str, Any] | None,
+                               group: list[dict[str, Any]]) -> None:
+        if current is None:
+            return
+        for c in current["candidates"]:
+            if c["status"] == "offered":
+                await self.store.set_candidate(current["dispatch_id"], c["technician_id"], "offered",
+                                               {"status": "withdrawn", "answered_ts": now_ms()})
+                await self._withdraw(c["technician_id"], {
+                    "order_id": current["order_id"], "dispatch_id": current["dispatch_id"],
+                    "reason": "taken"})
+
+    async def _fail(self, dispatch_id: str, order_id: str) -> None:
+        current = await self.store.get(dispatch_id)
+        if current is None or current["status"] != "running":
+            return
+        await self.store.finish(dispatch_id, "failed", {"finished_ts": now_ms()})
+        reasons: dict[str, int] = {}
+        for c in current["candidates"]:
+            r = c.get("reason") or c["status"]
+            reasons[r] = reasons.get(r, 0) + 1
+        await self.orders.note(DISPATCH_ACTOR, order_id, "dispatch_failed",
+                               {"dispatch_id": dispatch_id, "reasons": reasons,
+                                "considered": len(current["candidates"])})
+
+    async def answer(self, tech: Actor, order_id: str, accept: bool) -> dict[str, Any]:
+        """A technician's accept or decline of their live offer for the order."""
+        if tech.role != "technician":
+            raise Forbidden("only technicians answer offers")
+        round_ = await self.store.running_for(order_id)
+        if round_ is None:
+            raise Conflict("this order has no open offer (taken, expired or never made)")
+        mine = next((c for c in round_["candidates"] if c["technician_id"] == tech.id), None)
+        if mine is None:
+            raise Forbidden("this order was not offered to you")
+        if mine["status"] != "offered":
+            raise Conflict(f"your offer is {mine['status']}")
+        did = round_["dispatch_id"]
+        if mine.get("expires_ts") and now_ms() > mine["expires_ts"]:
+            raise Conflict("the offer expired")
+        if not accept:
+            await self.store.set_candidate(did, tech.id, "offered",
+                                           {"status": "declined", "reason": "declined",
+                                            "answered_ts": now_ms()})
+            return {"order_id": order_id, "dispatch_id": did, "status": "declined"}
+        if not await self.store.claim(did, tech.id, now_ms()):
+            raise Conflict("the order was taken by another technician")
+        try:
+            order, _ = await self.orders.transition(
+                DISPATCH_ACTOR, order_id, "assigned",
+                {"technician_id": tech.id, "dispatch_id": did})
+        except Conflict:
+            await self.store.finish(did, "failed", {"finished_ts": now_ms(),
+                                                    "error": "order_changed"})
+            raise
+        return {"order_id": order_id, "dispatch_id": did, "status": "accepted", "order": order}
+
+    def wake(self, dispatch_id: str) -> None:
+        ev = self._wakeups.get(dispatch_id)
+        if ev is not None:
+            ev.set()
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
