@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 DISPATCH_ACTOR: Final = Actor("dispatch", "system")
 MAX_CONSIDERED: Final = 200
+# A running round past its longest possible end by this much lost its driver.
+DRIVER_SLACK_MS: Final = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,8 +133,14 @@ class DispatchService:
                            {"state": order["state"]})
         running = await self.store.running_for(order_id)
         if running is not None:
-            raise Conflict("a dispatch round for this order is already running",
-                           {"dispatch_id": running["dispatch_id"]})
+            rounds = running["count"] if running["strategy"] == "sequential" else 1
+            ends = running["created_ts"] + int(rounds * running["timeout_s"] * 1000) + DRIVER_SLACK_MS
+            if now_ms() < ends:
+                raise Conflict("a dispatch round for this order is already running",
+                               {"dispatch_id": running["dispatch_id"]})
+            # Its driving node died: the round can never finish by itself.
+            await self.store.finish(running["dispatch_id"], "failed",
+                                    {"finished_ts": now_ms(), "error": "driver_lost"})
         strategy = strategy or self.cfg.strategy
         radius = radius_m or self.cfg.radius_m
         count = count or self.cfg.count
