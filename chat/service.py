@@ -145,11 +145,14 @@ class ChatService:
                    body: str, kind: str, origin: str | None = None) -> Message:
         conv = await self.get(conv_id)
         check_write(actor, conv)
-        existing = await self.store.find_by_client_id(conv_id, actor.id, client_msg_id)
-        if existing is not None:
-            return message_view(existing, actor)
         if conv["status"] == "closed":
+            # A retry of a send that was stored before the close still gets its message.
+            existing = await self.store.find_by_client_id(conv_id, actor.id, client_msg_id)
+            if existing is not None:
+                return message_view(existing, actor)
             raise Conflict("this conversation is closed")
+        # No look-up first: the unique index turns a retry into "return the
+        # stored one" (one round trip fewer on every first send).
         msg: Message = {
             "id": uuid.uuid4().hex, "conversation_id": conv_id, "client_msg_id": client_msg_id,
             "sender": {"id": actor.id, "role": actor.role, "name": name},

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -31,6 +32,20 @@ def token(role: str, sub: str | None = None, **kw: Any) -> str:
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+class TimedClient(Client):
+    """A recording client that also notes when (perf_counter) each event arrived."""
+
+    def __init__(self, base_url: str, namespace: str, token: str | None) -> None:
+        super().__init__(base_url, namespace, token)
+        self.times: dict[str, list[float]] = defaultdict(list)
+
+        @self.sio.on("*", namespace=namespace)
+        async def _any(event: str, data: Any = None) -> None:
+            self.times[event].append(time.perf_counter())
+            self.received[event].append(data)
+            self._queues[event].put_nowait(data)
 
 
 class RestartableRedis:
@@ -112,8 +127,12 @@ class Cluster:
 
     async def start(self, n: int) -> list[ServerProcess]:
         new = [server_process(dict(self.env)) for _ in range(n)]
+        for s in new:  # server_process drops store URLs from the environment: ours are meant
+            s.env.update(REDIS_URL=self.redis_url, MONGO_URL=self.mongo_url)
         self.nodes.extend(new)
         await asyncio.gather(*(start(s) for s in new))
+        for s in new:  # really one cluster: the shared store and the Redis engine
+            assert "store ready (MONGO_URL); redis engine" in log_text(s), log_text(s)[-3000:]
         return new
 
     async def close(self) -> None:
@@ -125,8 +144,8 @@ class Cluster:
         return Http(node.url, self.session)
 
     async def client(self, node: ServerProcess, namespace: str, role: str, sub: str | None = None,
-                     **kw: Any) -> Client:
-        c = Client(node.url, namespace, token(role, sub, **kw))
+                     **kw: Any) -> TimedClient:
+        c = TimedClient(node.url, namespace, token(role, sub, **kw))
         self.clients.append(c)
         return await c.connect()
 
