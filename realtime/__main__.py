@@ -25,6 +25,7 @@ def serve(args: argparse.Namespace) -> None:
     import uvloop
     from aiohttp import web
 
+    from realtime.api import CTX
     from realtime.app import create_app
 
     settings = _settings()
@@ -35,6 +36,7 @@ def serve(args: argparse.Namespace) -> None:
     # aiohttp logs every request at INFO; keep access logs out unless asked.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     app = create_app(settings)
+    app[CTX].metrics.watch_gc()
     logging.getLogger("realtime").info(
         "listening on http://%s:%d (Socket.IO at /socket.io/)", settings.host, settings.port
     )

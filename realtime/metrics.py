@@ -73,6 +73,35 @@ class Metrics:
             "realtime_chat_queue_length", "Support conversations waiting for an agent", registry=r
         )
 
+        self.gc_pause = Histogram(
+            "realtime_gc_pause_seconds", "Garbage collector pauses (the process's event loop stalls)",
+            ["generation"], buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
+            registry=r,
+        )
+        self.gc_pause_max = Gauge(
+            "realtime_gc_pause_max_seconds", "Longest garbage collector pause since start", registry=r
+        )
+
+    def watch_gc(self) -> None:
+        """Time every collection (process-wide: call once, from the process's main)."""
+        import gc
+        import time
+
+        started: list[float] = [0.0]
+        longest: list[float] = [0.0]
+
+        def callback(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                started[0] = time.perf_counter()
+                return
+            pause = time.perf_counter() - started[0]
+            self.gc_pause.labels(str(info.get("generation", "?"))).observe(pause)
+            if pause > longest[0]:
+                longest[0] = pause
+                self.gc_pause_max.set(pause)
+
+        gc.callbacks.append(callback)
+
     def observe_store(self, op: str, seconds: float) -> None:
         self.store_latency.labels(op).observe(seconds)
 

@@ -70,6 +70,7 @@ class MongoDispatchStore:
                       "candidates.$.status": "accepted", "candidates.$.answered_ts": now}})
         return res.modified_count == 1
 
-    async def finish(self, dispatch_id: str, status: str, changes: dict[str, Any]) -> None:
-        await self._c.update_one({"_id": dispatch_id, "status": "running"},
+    async def finish(self, dispatch_id: str, status: str, changes: dict[str, Any],
+                     expect: str = "running") -> None:
+        await self._c.update_one({"_id": dispatch_id, "status": expect},
                                  {"$set": {"status": status, **changes}})

@@ -21,9 +21,24 @@ local cur = redis.call('HGET', KEYS[1], 'ts')
 if cur and tonumber(cur) >= tonumber(ARGV[1]) then return 0 end
 redis.call('HSET', KEYS[1], 'ts', ARGV[1], 'j', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[6])
-redis.call('GEOADD', KEYS[2], ARGV[3], ARGV[4], ARGV[5])
+-- Redis GEO covers latitudes within +-85.05112878 (Web Mercator); a fix
+-- beyond goes to a plain set that searches scan (there are few up there).
+if math.abs(tonumber(ARGV[4])) <= 85.05112878 then
+  redis.call('GEOADD', KEYS[2], ARGV[3], ARGV[4], ARGV[5])
+  redis.call('SREM', KEYS[3], ARGV[5])
+else
+  redis.call('ZREM', KEYS[2], ARGV[5])
+  redis.call('SADD', KEYS[3], ARGV[5])
+end
 return 1
 """
+
+GEO_MAX_LAT: Final = 85.05112878
+
+
+def _geo_lat(lat: float) -> float:
+    return max(-GEO_MAX_LAT, min(GEO_MAX_LAT, lat))
+
 
 _TAKE_TOKEN = """
 local t = redis.call('TIME')
@@ -57,6 +72,7 @@ class RedisPositions:
         self._put = redis.register_script(_PUT_IF_NEWER)
         self._prefix = prefix
         self._geo = f"{prefix}:pos:geo"
+        self._polar = f"{prefix}:pos:polar"
 
     def _key(self, technician_id: str) -> str:
         return f"{self._prefix}:pos:{technician_id}"
@@ -66,7 +82,7 @@ class RedisPositions:
 
     async def put_if_newer(self, pos: Position) -> bool:
         done = await self._put(
-            keys=[self._key(pos.technician_id), self._geo],
+            keys=[self._key(pos.technician_id), self._geo, self._polar],
             args=[pos.ts, json.dumps(pos.as_dict(), separators=(",", ":")), pos.lng, pos.lat,
                   pos.technician_id, POSITION_TTL_S])
         return bool(done)
@@ -82,19 +98,30 @@ class RedisPositions:
 
     async def in_box(self, min_lat: float, min_lng: float, max_lat: float,
                      max_lng: float, limit: int) -> list[Position]:
-        clat, clng = (min_lat + max_lat) / 2, (min_lng + max_lng) / 2
+        clat, clng = _geo_lat((min_lat + max_lat) / 2), (min_lng + max_lng) / 2
         width = max(1.0, haversine_m(clat, min_lng, clat, max_lng))
         height = max(1.0, haversine_m(min_lat, clng, max_lat, clng))
         ids = await self._r.geosearch(self._geo, longitude=clng, latitude=clat, width=width,
                                       height=height, unit="m", sort="ASC", count=limit * 2)
         found = await self._records([_text(i) for i in ids])
+        if max_lat > GEO_MAX_LAT or min_lat < -GEO_MAX_LAT:
+            found += await self._polar_records()
         return [p for p in found
                 if min_lat <= p.lat <= max_lat and min_lng <= p.lng <= max_lng][:limit]
 
+    async def _polar_records(self) -> list[Position]:
+        return await self._records([_text(i) for i in await self._r.smembers(self._polar)])
+
     async def near(self, lat: float, lng: float, radius_m: float, limit: int) -> list[Position]:
-        ids = await self._r.geosearch(self._geo, longitude=lng, latitude=lat, radius=radius_m,
-                                      unit="m", sort="ASC", count=limit)
-        return await self._records([_text(i) for i in ids])
+        ids = await self._r.geosearch(self._geo, longitude=lng, latitude=_geo_lat(lat),
+                                      radius=radius_m, unit="m", sort="ASC", count=limit)
+        found = await self._records([_text(i) for i in ids])
+        # A circle that reaches past the GEO band may hold polar fixes too.
+        if abs(lat) + radius_m / 111_000 > GEO_MAX_LAT:
+            polar = [p for p in await self._polar_records()
+                     if haversine_m(lat, lng, p.lat, p.lng) <= radius_m]
+            found = sorted(found + polar, key=lambda p: haversine_m(lat, lng, p.lat, p.lng))[:limit]
+        return found
 
 
 class RedisRateLimiter:

@@ -54,7 +54,8 @@ class DispatchStore(Protocol):
     async def set_candidate(self, dispatch_id: str, technician_id: str, expect: str,
                             changes: dict[str, Any]) -> bool: ...
     async def claim(self, dispatch_id: str, technician_id: str, now: int) -> bool: ...
-    async def finish(self, dispatch_id: str, status: str, changes: dict[str, Any]) -> None: ...
+    async def finish(self, dispatch_id: str, status: str, changes: dict[str, Any],
+                     expect: str = "running") -> None: ...
 
 
 class Online(Protocol):
@@ -278,12 +279,16 @@ class DispatchService:
         if not await self.store.claim(did, tech.id, now_ms()):
             raise Conflict("the order was taken by another technician")
         try:
+            # Only from `created`: the backend may have assigned or cancelled
+            # the order by hand while the offer was out.
             order, _ = await self.orders.transition(
                 DISPATCH_ACTOR, order_id, "assigned",
-                {"technician_id": tech.id, "dispatch_id": did})
+                {"technician_id": tech.id, "dispatch_id": did}, expect_state="created")
         except Conflict:
-            await self.store.finish(did, "failed", {"finished_ts": now_ms(),
-                                                    "error": "order_changed"})
+            await self.store.set_candidate(did, tech.id, "accepted",
+                                           {"status": "too_late", "reason": "order_changed"})
+            await self.store.finish(did, "failed", {"finished_ts": now_ms(), "assigned_to": None,
+                                                    "error": "order_changed"}, expect="assigned")
             raise
         return {"order_id": order_id, "dispatch_id": did, "status": "accepted", "order": order}
 

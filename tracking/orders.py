@@ -114,11 +114,17 @@ class OrderService:
         return order, True
 
     async def transition(
-        self, actor: Actor, order_id: str, target: str, data: dict[str, Any] | None = None
+        self, actor: Actor, order_id: str, target: str, data: dict[str, Any] | None = None,
+        expect_state: str | None = None,
     ) -> tuple[Order, Event]:
+        """Move an order; with `expect_state`, only from that state (decided
+        atomically with the write, so a concurrent change gives `conflict`)."""
         data = dict(data or {})
 
         def decide(order: Order) -> tuple[dict[str, Any], str, dict[str, Any]]:
+            if expect_state is not None and order["state"] != expect_state:
+                raise Conflict(f"the order is {order['state']}, no longer {expect_state}",
+                               {"state": order["state"]})
             check_transition(
                 actor,
                 state=order["state"],
