@@ -15,6 +15,7 @@ from chat.routing import Router
 from chat.service import ChatService
 from realtime.api import CTX, api_middleware, json_response, setup_routes
 from realtime.auth import TokenVerifier
+from realtime.cluster import ClusterManager
 from realtime.context import Context
 from realtime.engine import build_engine
 from realtime.errors import ok
@@ -27,6 +28,7 @@ from realtime.namespaces.orders import NAMESPACE as ORDERS_NS
 from realtime.namespaces.orders import OrdersNamespace
 from realtime.namespaces.tracking import NAMESPACE as TRACKING_NS
 from realtime.namespaces.tracking import TrackingNamespace
+from realtime.pages import setup_pages
 from realtime.settings import Settings
 from realtime.sio import RealtimeServer
 from storage.chat import MongoChatStore
@@ -76,6 +78,9 @@ def create_app(settings: Settings) -> web.Application:
         ping_interval=settings.ping_interval_s,
         ping_timeout=settings.ping_timeout_s,
         http_compression=False,
+        # Engine.IO already runs each inbound message in its own task; a
+        # second task per event at the Socket.IO layer is pure overhead.
+        async_handlers=False,
         logger=False,
         engineio_logger=False,
     )
@@ -89,13 +94,14 @@ def create_app(settings: Settings) -> web.Application:
     for ns in (orders_ns, tracking_ns, chat_ns, ops_ns):
         sio.register_namespace(ns)
     engine.bus.on("leave_user", orders_ns.on_leave_user)
+    engine.bus.on("position", tracking_ns.on_position)
 
     async def dispatch_answered(data: dict[str, Any]) -> None:
         if ctx._dispatch is not None:
             ctx._dispatch.wake(str(data.get("dispatch_id")))
 
     engine.bus.on("dispatch_answer", dispatch_answered)
-    if engine.manager is not None:
+    if isinstance(engine.manager, ClusterManager):
         engine.manager._on_restored = lambda: resync(sio)
 
     async def order_changed(order: Order, event: Event) -> None:
@@ -111,6 +117,7 @@ def create_app(settings: Settings) -> web.Application:
     app[CTX] = ctx
     sio.attach(app)
     setup_routes(app)
+    setup_pages(app, settings)
     app.router.add_get("/", index)
 
     async def store(app: web.Application) -> AsyncIterator[None]:
@@ -142,8 +149,7 @@ def create_app(settings: Settings) -> web.Application:
                 active_orders=order_store,
                 trails=trails,
                 limiter=engine.limiter,
-                publish_position=tracking_ns.publish_position,
-                position_changed=tracking_ns.area.changed,
+                position_out=tracking_ns.position_out,
                 count=lambda outcome: metrics.points.labels(outcome).inc(),
                 config=tracking_config(settings),
             )

@@ -26,6 +26,7 @@ import socketio
 from redis import asyncio as aioredis
 
 from realtime.bus import PREFIX, Bus
+from realtime.fanout import local_emit
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,14 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
                 data = message.get("data") or [{}]
                 await self.bus.dispatch(event[len(PREFIX):], data[0])
             return
-        await super()._handle_emit(message)
+        if message.get("callback") is not None or message.get("binary"):
+            await super()._handle_emit(message)
+            return
+        data = message.get("data")
+        if isinstance(data, list):
+            data = data[0] if len(data) == 1 else tuple(data)
+        local_emit(self, str(event), data, message.get("namespace") or "/", message.get("room"),
+                   message.get("skip_sid"))
 
     def _publisher(self) -> aioredis.Redis:
         if self._pub is None:

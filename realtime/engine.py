@@ -13,6 +13,7 @@ from redis import asyncio as aioredis
 from chat.routing import AgentDirectory, MemoryAgentDirectory, PumpLock, local_lock
 from realtime.bus import Bus
 from realtime.cluster import ClusterManager
+from realtime.fanout import LocalManager
 from realtime.presence import Presence
 from realtime.presence.memory import MemoryPresence
 from realtime.presence.redis import RedisPresence
@@ -40,11 +41,11 @@ class Engine:
     agent_presence: Presence
     directory: AgentDirectory
     pump_lock: PumpLock
-    manager: ClusterManager | None = None
+    manager: ClusterManager | LocalManager = field(default_factory=LocalManager)
     redis: aioredis.Redis | None = field(default=None, repr=False)
 
     async def close(self) -> None:
-        if self.manager is not None:
+        if isinstance(self.manager, ClusterManager):
             await self.manager.aclose()
         if self.redis is not None:
             await self.redis.aclose()

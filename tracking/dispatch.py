@@ -200,6 +200,9 @@ class DispatchService:
                                            self._offer_payload(order, did, expires))
                 deadline = time.monotonic() + timeout
                 while True:
+                    # Clear before reading: an answer that lands between the
+                    # read and the wait must still wake us.
+                    wake.clear()
                     current = await self.store.get(did)
                     if current is None or current["status"] != "running":
                         await self._withdraw_others(current, group)
@@ -210,7 +213,6 @@ class DispatchService:
                     left = deadline - time.monotonic()
                     if not pending or left <= 0:
                         break
-                    wake.clear()
                     try:
                         await asyncio.wait_for(wake.wait(), left)
                     except TimeoutError:

@@ -103,8 +103,9 @@ class PointResult:
         return out
 
 
-PublishPosition = Callable[[str, dict[str, Any]], Awaitable[None]]
-PositionChanged = Callable[[Position], None]
+# (the new latest position, the `position` payload for the watchers of the
+# order it belongs to, or None when the order's watchers may not see it)
+PositionOut = Callable[[Position, dict[str, Any] | None], Awaitable[None]]
 Counter = Callable[[str], None]
 
 
@@ -117,8 +118,7 @@ class TrackingService:
         active_orders: ActiveOrders,
         trails: TrailSink,
         limiter: RateLimiter,
-        publish_position: PublishPosition,
-        position_changed: PositionChanged,
+        position_out: PositionOut,
         count: Counter,
         config: TrackingConfig | None = None,
     ) -> None:
@@ -127,8 +127,7 @@ class TrackingService:
         self._active_orders = active_orders
         self._trails = trails
         self._limiter = limiter
-        self._publish = publish_position
-        self._position_changed = position_changed
+        self._position_out = position_out
         self._count = count
         self.cfg = config or TrackingConfig()
         self._techs: dict[str, _TechState] = {}
@@ -263,12 +262,9 @@ class TrackingService:
             pos = replace(pos, order_id=active.order_id, eta_s=eta, distance_m=round(dist))
         if not await self.positions.put_if_newer(pos):
             return  # a newer fix arrived meanwhile (another connection or node)
-        self._position_changed(pos)
-        if active is None:
-            return
-        if active.state in VISIBLE:
-            await self._publish(active.order_id, self.position_payload(pos))
-        if active.state == "en_route":
+        visible = active is not None and active.state in VISIBLE
+        await self._position_out(pos, self.position_payload(pos) if visible else None)
+        if active is not None and active.state == "en_route":
             self._check_arrival(st, active, points)
 
     def _check_arrival(self, st: _TechState, active: _ActiveOrder, points: list[Point]) -> None:

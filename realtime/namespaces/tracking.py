@@ -12,6 +12,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from realtime.auth import Principal
 from realtime.errors import WireError, validation_details
+from realtime.fanout import has_local_members, local_emit
 from realtime.namespaces.base import BaseNamespace, handles
 from realtime.namespaces.models import Id, Inbound, Ts
 from realtime.namespaces.orders import actor_of
@@ -138,7 +139,9 @@ class AreaWatch:
                 if box.min_lat <= p.lat <= box.max_lat and box.min_lng <= p.lng <= box.max_lng
             ][:AREA_LIMIT]
             if items:
-                await self.ns.emit("positions", {"technicians": items}, to=sid)
+                # This node's own watchers, from every node's positions (the bus).
+                local_emit(self.ns.server.manager, "positions", {"technicians": items},
+                           self.ns.namespace, sid)
 
 
 class TrackingNamespace(BaseNamespace):
@@ -209,9 +212,24 @@ class TrackingNamespace(BaseNamespace):
         return {**counts, "results": [r.as_dict() for r in results]}
 
     # -- customers, agents: one order ------------------------------------
-    async def publish_position(self, order_id: str, payload: dict[str, Any]) -> None:
+    async def position_out(self, pos: Position, payload: dict[str, Any] | None) -> None:
+        """A new latest position: to every node (one message), where
+        `on_position` hands it to the local watchers."""
+        await self.ctx.engine.bus.publish("position", {"pos": pos.as_dict(), "payload": payload})
+
+    async def on_position(self, data: dict[str, Any]) -> None:
+        """Bus signal, on every node: the area views' batch, and the order's
+        watchers in the coordinate system each asked for. Rooms with no
+        member on this node cost nothing (no conversion, no encoding)."""
+        self.area.changed(Position.from_dict(data["pos"]))
+        payload = data.get("payload")
+        if not payload:
+            return
+        manager = self.server.manager
         for cs in COORD_SYSTEMS:
-            await self.emit("position", convert(payload, cs), room=watch_room(order_id, cs))
+            room = watch_room(payload["order_id"], cs)
+            if has_local_members(manager, self.namespace, room):
+                local_emit(manager, "position", convert(payload, cs), self.namespace, room)
 
     @handles("watch", WatchIn)
     async def watch(self, p: Principal, sid: str, body: WatchIn) -> dict[str, Any]:

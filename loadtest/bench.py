@@ -1,0 +1,269 @@
+"""Side-by-side benchmark: the same lean generator against ours and the
+Node.js socket.io reference peer (memory and Redis engines), plus the raw
+aiohttp ceiling, in one run on one machine. Writes results/<run>.json, a PNG
+plot per run and docs/benchmarks.md.
+
+    python -m loadtest bench [--quick]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import jwt
+
+from loadtest.targets import ROOT, SECRET, Services, Target, pin
+
+P99_LIMIT_MS = 100.0
+DELIVERY_MIN = 0.999
+# The generator is saturated (its figures say nothing about the server) when
+# it uses most of its core or its event loop lags.
+GEN_CPU_MAX = 0.92
+GEN_LAG_MAX_MS = 50.0
+
+
+def token(sub: str, role: str, **extra: Any) -> str:
+    claims = {"sub": sub, "role": role, "exp": int(time.time()) + 7200, **extra}
+    return jwt.encode(claims, SECRET, algorithm="HS256")
+
+
+async def setup_orders(target: Target, techs: int, run: str) -> list[tuple[str, str, str]]:
+    """(technician, customer, order) triples; ours needs the orders to exist and
+    be assigned (the relay follows the technician's active order)."""
+    triples = [(f"t{run}-{i}", f"c{run}-{i}", f"o{run}-{i}") for i in range(techs)]
+    if target.kind != "ours":
+        return triples
+    headers = {"Authorization": f"Bearer {token('backend', 'service')}"}
+    url = target.urls[0]
+    sem = asyncio.Semaphore(20)
+    async with aiohttp.ClientSession(headers=headers) as s:
+        async def one(t: str, c: str, o: str) -> None:
+            async with sem:
+                body = {"order_id": o, "customer_id": c, "service": {"code": "x", "name": "x"},
+                        "address": {"lat": 31.2304, "lng": 121.4737, "text": "x"},
+                        "window": {"start_ts": 0, "end_ts": 1}}
+                async with s.post(f"{url}/api/orders", json=body) as r:
+                    await r.read()
+                async with s.post(f"{url}/api/orders/{o}/assign", json={"technician_id": t}) as r:
+                    await r.read()
+        await asyncio.gather(*(one(*x) for x in triples))
+    return triples
+
+
+def run_generator(target: Target, triples: list[tuple[str, str, str]], *, rate: float,
+                  duration: float, warmup: float, watchers_per_tech: int = 2, area: bool = True,
+                  idle: bool = False, burst: dict[str, Any] | None = None,
+                  node_of_watchers: int = 0) -> dict[str, Any]:
+    urls = target.urls
+    cfg = {
+        "url": urls[0], "ns": "/tracking", "rate": rate, "duration": duration, "warmup": warmup,
+        "idle": idle, "burst": burst, "connect_parallel": 100,
+        "techs": [{"token": token(t, "technician", oid=o), "order_id": o} for t, _, o in triples],
+        "watchers": [{"token": token(c, "customer"), "order_id": o}
+                     for _, c, o in triples for _ in range(watchers_per_tech)],
+        "area": token("ops", "admin") if area else None,
+    }
+    if len(urls) > 1:
+        cfg["watchers_url"] = urls[node_of_watchers % len(urls)]
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(cfg, f)
+        path = f.name
+    try:
+        out = subprocess.run([*pin("1"), "node", str(ROOT / "loadtest/gen/gen.mjs"), path],
+                             capture_output=True, text=True, timeout=duration + warmup + 180)
+    finally:
+        os.unlink(path)
+    if out.returncode != 0 or not out.stdout.strip():
+        raise RuntimeError(f"generator failed: {out.stderr[-2000:]}")
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def verdict(r: dict[str, Any]) -> str:
+    gen = r["generator"]
+    if gen["cpu_ratio"] > GEN_CPU_MAX or gen["loop_lag_p99_ms"] > GEN_LAG_MAX_MS:
+        return "generator-bound"
+    p99 = r["latency_ms"]["p99"]
+    ok = (p99 is not None and p99 <= P99_LIMIT_MS
+          and (r["delivered_ratio"] or 0) >= DELIVERY_MIN)
+    return "ok" if ok else "over"
+
+
+def ramp(target: Target, services: Services, rates: list[float], techs: int,
+         duration: float, warmup: float, log: Any) -> dict[str, Any]:
+    runs = []
+    capacity = 0.0
+    for rate in rates:
+        target.start(services, ["0"] if target.nodes == 1 else ["0", "0"])
+        try:
+            triples = asyncio.run(setup_orders(target, techs, uuid.uuid4().hex[:6]))
+            cpu0 = target.cpu_seconds()
+            r = run_generator(target, triples, rate=rate, duration=duration, warmup=warmup)
+            cpu = target.cpu_seconds() - cpu0
+        finally:
+            target.stop()
+        r["verdict"] = verdict(r)
+        deliveries = max(1, r.get("delivered_measured", 0))
+        r["server_cpu_s"] = cpu
+        r["cpu_us_per_delivery"] = cpu / (r["sent"] * 2 + r["sent"]) * 1e6 if r.get("sent") else None
+        runs.append({"rate": rate, **{k: r[k] for k in (
+            "verdict", "latency_ms", "ack_ms", "delivered_ratio", "sent", "delivered_measured",
+            "generator", "server_cpu_s", "cpu_us_per_delivery")}})
+        log(f"{target.name:12s} rate={rate:>7.0f}/s  p50={r['latency_ms']['p50']}  "
+            f"p99={r['latency_ms']['p99']}  delivered={r['delivered_ratio']}  {r['verdict']}"
+            f"  gen_cpu={r['generator']['cpu_ratio']:.2f}  deliveries={deliveries}")
+        if r["verdict"] == "ok":
+            capacity = rate
+        else:
+            break
+    return {"target": target.name, "capacity": capacity, "runs": runs}
+
+
+def idle_rss(target: Target, services: Services, conns: int) -> dict[str, Any]:
+    """RSS per idle connection: sampled while the generator holds `conns` sockets."""
+    target.start(services, ["0"])
+    try:
+        triples = asyncio.run(setup_orders(target, 1, uuid.uuid4().hex[:6]))
+        time.sleep(1)
+        before = target.rss_kb()
+        cfg = {"url": target.urls[0], "ns": "/tracking", "idle": True, "duration": 8,
+               "connect_parallel": 100, "area": None, "watchers": [],
+               "techs": [{"token": token(f"idle{i}", "technician", oid=triples[0][2]),
+                          "order_id": triples[0][2]} for i in range(conns)]}
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(cfg, f)
+        proc = subprocess.Popen([*pin("1"), "node", str(ROOT / "loadtest/gen/gen.mjs"), f.name],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        held = 0
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if line.startswith("holding"):
+                held = int(line.split()[1])
+                break
+        time.sleep(2)
+        after = target.rss_kb()
+        proc.wait(60)
+        os.unlink(f.name)
+    finally:
+        target.stop()
+    return {"target": target.name, "connections": held, "rss_before_kb": before,
+            "rss_after_kb": after, "kb_per_connection": (after - before) / max(1, held)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m loadtest bench")
+    ap.add_argument("--quick", action="store_true", help="fewer, shorter steps")
+    ap.add_argument("--techs", type=int, default=500)
+    ap.add_argument("--targets", default="ours-memory,node-memory,ours-redis,node-redis,raw")
+    args = ap.parse_args(argv)
+    duration, warmup = (5.0, 2.0) if args.quick else (8.0, 3.0)
+    rates = [500, 1000, 2000, 3000, 4000, 6000, 8000, 12000, 16000, 24000, 32000]
+    catalog = {
+        "ours-memory": Target("ours-memory", "ours"),
+        "ours-redis": Target("ours-redis", "ours", redis=True),
+        "node-memory": Target("node-memory", "node"),
+        "node-redis": Target("node-redis", "node", redis=True),
+        "raw": Target("raw", "raw"),
+    }
+    names = [n for n in args.targets.split(",") if n]
+    results: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
+                               "techs": args.techs, "watchers_per_tech": 2, "ramps": [], "idle": []}
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    services = Services().start()
+    try:
+        for name in names:
+            results["ramps"].append(ramp(catalog[name], services, rates, args.techs, duration,
+                                         warmup, log))
+        for name in names:
+            if name != "raw":
+                results["idle"].append(idle_rss(catalog[name], services, 2000))
+                log(f"idle {name}: {results['idle'][-1]['kb_per_connection']:.1f} KB/connection")
+    finally:
+        services.stop()
+    out_dir = ROOT / "loadtest/results"
+    out_dir.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (out_dir / f"bench-{stamp}.json").write_text(json.dumps(results, indent=1))
+    plot(results, ROOT / "docs" / "bench-tracking.png")
+    write_markdown(results, ROOT / "docs" / "benchmarks-latest.md")
+    log(json.dumps({r["target"]: r["capacity"] for r in results["ramps"]}))
+
+
+def machine() -> dict[str, Any]:
+    def version(cmd: list[str]) -> str:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
+        except OSError:
+            return "?"
+
+    cpu = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": sys.version.split()[0],
+            "node": version(["node", "--version"]), "platform": platform.platform(),
+            "redis": version(["redis-server", "--version"])}
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for ramp_ in results["ramps"]:
+        xs = [r["rate"] for r in ramp_["runs"] if r["latency_ms"]["p99"] is not None]
+        p99 = [r["latency_ms"]["p99"] for r in ramp_["runs"] if r["latency_ms"]["p99"] is not None]
+        p50 = [r["latency_ms"]["p50"] for r in ramp_["runs"] if r["latency_ms"]["p50"] is not None]
+        line, = ax.plot(xs, p99, marker="o", label=f"{ramp_['target']} p99")
+        ax.plot(xs, p50, marker=".", linestyle="--", color=line.get_color(), label=f"{ramp_['target']} p50")
+    ax.axhline(P99_LIMIT_MS, color="grey", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("offered points/s (each delivered to 2 watchers + area)")
+    ax.set_ylabel("delivery latency, ms")
+    ax.set_title("tracking relay: latency against offered rate")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def write_markdown(results: dict[str, Any], path: Path) -> None:
+    caps = {r["target"]: r["capacity"] for r in results["ramps"]}
+    lines = [f"# Benchmark run {results['started']}", "",
+             f"Machine: {results['machine']}", "",
+             "| target | capacity (points/s, p99 ≤ 100 ms, ≥ 99.9 % delivered) |", "| --- | --- |"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in caps.items()]
+    for ours, node in (("ours-memory", "node-memory"), ("ours-redis", "node-redis")):
+        if caps.get(node):
+            lines.append(f"\nratio {ours}/{node}: {caps.get(ours, 0) / caps[node]:.2f}")
+    lines += ["", "| target | rate | p50 ms | p99 ms | delivered | CPU µs/delivery | verdict |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for ramp_ in results["ramps"]:
+        for r in ramp_["runs"]:
+            cpu = r["cpu_us_per_delivery"]
+            lines.append(f"| {ramp_['target']} | {r['rate']} | {r['latency_ms']['p50']:.1f} | "
+                         f"{r['latency_ms']['p99']:.1f} | {r['delivered_ratio']:.4f} | "
+                         f"{cpu:.1f} | {r['verdict']} |" if r["latency_ms"]["p50"] is not None else
+                         f"| {ramp_['target']} | {r['rate']} | – | – | – | – | {r['verdict']} |")
+    lines += ["", "| target | idle connections | KB per connection |", "| --- | --- | --- |"]
+    for i in results["idle"]:
+        lines.append(f"| {i['target']} | {i['connections']} | {i['kb_per_connection']:.1f} |")
+    path.write_text("\n".join(lines) + "\n")

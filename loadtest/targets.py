@@ -1,0 +1,165 @@
+"""Servers under test, started pinned to one core: ours (memory or Redis
+engine, one or more nodes), the Node.js socket.io reference peer (memory or
+Redis adapter), and the raw aiohttp ceiling."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "bench-secret-0123456789abcdef-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pin(cpu: str) -> list[str]:
+    return ["taskset", "-c", cpu] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else []
+
+
+def wait_http(url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} not ready")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+@dataclass
+class Services:
+    """The shared backing services: one Redis and one SecantusDB, on core 1."""
+
+    tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="rt-bench-")))
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    redis_port: int = 0
+    mongo_port: int = 0
+
+    def start(self) -> Services:
+        self.redis_port, self.mongo_port = free_port(), free_port()
+        self.procs.append(subprocess.Popen(
+            [*pin("1"), "redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL))
+        self.procs.append(subprocess.Popen(
+            [*pin("1"), str(Path(sys.executable).parent / "secantusd-py"), "--host", "127.0.0.1",
+             "--port", str(self.mongo_port), "--storage-path", ":memory:", "--log-level", "WARNING"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for port in (self.redis_port, self.mongo_port):
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    socket.create_connection(("127.0.0.1", port), 0.5).close()
+                    break
+                except OSError:
+                    time.sleep(0.05)
+        return self
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def mongo_url(self) -> str:
+        return f"mongodb://127.0.0.1:{self.mongo_port}/?directConnection=true"
+
+    def stop(self) -> None:
+        for p in self.procs:
+            stop(p)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@dataclass
+class Target:
+    name: str  # ours-memory | ours-redis | node-memory | node-redis | raw
+    kind: str  # ours | node | raw
+    nodes: int = 1
+    redis: bool = False
+    ports: list[int] = field(default_factory=list)
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{p}" for p in self.ports]
+
+    def start(self, services: Services, cpus: list[str]) -> Target:
+        for i in range(self.nodes):
+            port = free_port()
+            self.ports.append(port)
+            cpu = cpus[i % len(cpus)]
+            if self.kind == "ours":
+                env = {**os.environ, "REALTIME_JWT_SECRET": SECRET, "REALTIME_PORT": str(port),
+                       "REALTIME_HOST": "127.0.0.1", "MONGO_URL": services.mongo_url,
+                       "REALTIME_DATA_DIR": str(services.tmp), "REALTIME_LOG_LEVEL": "WARNING",
+                       "REALTIME_LOCATION_RATE": "100", "REALTIME_LOCATION_BURST": "200",
+                       "REALTIME_REDIS_CHANNEL": f"bench{services.redis_port}"}
+                env.pop("REDIS_URL", None)
+                if self.redis:
+                    env["REDIS_URL"] = services.redis_url
+                cmd = [*pin(cpu), sys.executable, "-m", "realtime"]
+                health = "/readyz"
+            elif self.kind == "node":
+                env = {**os.environ, "PORT": str(port), "JWT_SECRET": SECRET}
+                env.pop("REDIS_URL", None)
+                if self.redis:
+                    env["REDIS_URL"] = services.redis_url
+                cmd = [*pin(cpu), "node", str(ROOT / "loadtest/peer/server.mjs")]
+                health = "/healthz"
+            else:
+                env = dict(os.environ)
+                cmd = [*pin(cpu), sys.executable, "-m", "loadtest.rawpeer", "--port", str(port)]
+                health = "/healthz"
+            self.procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                               stderr=subprocess.DEVNULL))
+            wait_http(f"http://127.0.0.1:{port}{health}")
+        return self
+
+    def stop(self) -> None:
+        for p in self.procs:
+            stop(p)
+        self.procs.clear()
+        self.ports.clear()
+
+    def rss_kb(self) -> int:
+        return sum(rss_kb(p.pid) for p in self.procs)
+
+    def cpu_seconds(self) -> float:
+        return sum(cpu_seconds(p.pid) for p in self.procs)
