@@ -95,6 +95,7 @@ def create_app(settings: Settings) -> web.Application:
         sio.register_namespace(ns)
     engine.bus.on("leave_user", orders_ns.on_leave_user)
     engine.bus.on("position", tracking_ns.on_position)
+    engine.bus.on("order_changed", tracking_ns.on_order_changed)
 
     async def dispatch_answered(data: dict[str, Any]) -> None:
         if ctx._dispatch is not None:

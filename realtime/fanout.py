@@ -10,11 +10,27 @@ local member cost a dictionary look-up and nothing else (no encoding).
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import socketio
 from engineio import packet as eio_packet
-from socketio import packet as sio_packet
+
+# One encoder for every packet (json.dumps with arguments builds a new
+# encoder per call); compact and ASCII-only, as python-socketio encodes.
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def encode_event(namespace: str, event: str, args: list[Any]) -> str:
+    """A Socket.IO v5 EVENT packet, without python-socketio's per-packet scan
+    for binary attachments (our protocol is JSON-only)."""
+    prefix = "2" if namespace == "/" else f"2{namespace},"
+    return prefix + _dumps([event, *args])
+
+
+def encode_ack(namespace: str, ack_id: int, args: list[Any]) -> str:
+    prefix = "3" if namespace == "/" else f"3{namespace},"
+    return f"{prefix}{ack_id}{_dumps(args)}"
 
 
 def local_emit(manager: Any, event: str, data: Any, namespace: str,
@@ -42,9 +58,7 @@ def local_emit(manager: Any, event: str, data: Any, namespace: str,
     else:
         skip = set()
     args = list(data) if isinstance(data, tuple) else ([] if data is None else [data])
-    encoded = manager.server.packet_class(sio_packet.EVENT, namespace=namespace,
-                                          data=[event, *args]).encode()
-    pkt = eio_packet.Packet(eio_packet.MESSAGE, encoded)
+    pkt = eio_packet.Packet(eio_packet.MESSAGE, encode_event(namespace, event, args))
     sockets = manager.server.eio.sockets
     sent = 0
     for sid, eio_sid in list(members.items()):

@@ -23,6 +23,8 @@ from aiohttp.web import WebSocketResponse
 from engineio.async_drivers import aiohttp as eio_aiohttp
 from socketio import packet
 
+from realtime.fanout import encode_ack
+
 log = logging.getLogger(__name__)
 
 # Names the Socket.IO protocol reserves for the server's own lifecycle
@@ -84,6 +86,16 @@ class RealtimeServer(socketio.AsyncServer):  # type: ignore[misc]
         super().__init__(**kwargs)
         quiet_engineio_logs()
         self.eio._async = {**self.eio._async, "websocket": _PlainWebSocket}
+
+    async def _handle_event_internal(self, server: Any, sid: str, eio_sid: str, data: Any,
+                                     namespace: str, id: Any) -> None:
+        """As python-socketio's, with the ack encoded directly (no per-packet
+        binary scan, one shared JSON encoder)."""
+        r = await server._trigger_event(data[0], namespace, sid, *data[1:])
+        if r is self.not_handled or id is None:
+            return
+        args = [] if r is None else list(r) if isinstance(r, tuple) else [r]
+        await self.eio.send(eio_sid, encode_ack(namespace or "/", id, args))
 
     async def _handle_eio_disconnect(self, eio_sid: str, reason: Any) -> None:
         await super()._handle_eio_disconnect(eio_sid, reason)

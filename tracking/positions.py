@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from tracking.geo import haversine_m
@@ -30,7 +30,13 @@ class Position:
         return cls(**{**d, "skills": tuple(d.get("skills") or ())})
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # By hand: dataclasses.asdict deep-copies field by field (hot path).
+        return {
+            "technician_id": self.technician_id, "lat": self.lat, "lng": self.lng, "ts": self.ts,
+            "name": self.name, "speed": self.speed, "heading": self.heading,
+            "accuracy": self.accuracy, "order_id": self.order_id, "eta_s": self.eta_s,
+            "distance_m": self.distance_m, "status": self.status, "skills": list(self.skills),
+        }
 
 
 class PositionStore(Protocol):

@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 VISIBLE: Final = frozenset({"assigned", "en_route", "arrived"})
 GEOFENCE_ACTOR: Final = Actor("geofence", "system")
 # How long a cached "which order is this technician on" is trusted before a
-# background refresh; order events on this node update it at once.
-ACTIVE_ORDER_TTL_S: Final = 5.0
+# background refresh. Order changes on every node update it at once (the
+# node bus); the refresh only repairs what an outage of the bus lost.
+ACTIVE_ORDER_TTL_S: Final = 60.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -256,13 +256,24 @@ class TrackingNamespace(BaseNamespace):
     async def order_changed(self, order: dict[str, Any], event: dict[str, Any]) -> None:
         """Privacy: once an order leaves the visible phases, its watchers are
         dropped (on every node) and must not see the technician again."""
-        self.svc.on_order_event(order, event)
+        # Every node's cache of "which order is this technician on" (nothing
+        # on the GPS path reads MongoDB for it).
+        await self.ctx.engine.bus.publish("order_changed", {
+            "order": {k: order.get(k) for k in (
+                "order_id", "state", "customer_id", "technician_id", "address")},
+            "event": {"type": event["type"], "data": {
+                "previous_technician_id": event.get("data", {}).get("previous_technician_id")}},
+        })
         if order["state"] not in VISIBLE:
             for cs in COORD_SYSTEMS:
                 await self.close_room(watch_room(order["order_id"], cs))
             for orders in self.watching.values():
                 orders.discard(order["order_id"])
             self._watch_gauges()
+
+    async def on_order_changed(self, data: dict[str, Any]) -> None:
+        """Bus signal, on every node."""
+        self.svc.on_order_event(data["order"], data["event"])
 
     # -- agents, admins: an area ------------------------------------------
     def area_item(self, pos: Position, online: set[str], cs: CoordSys) -> dict[str, Any]:
