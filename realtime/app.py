@@ -103,7 +103,7 @@ def create_app(settings: Settings) -> web.Application:
 
     engine.bus.on("dispatch_answer", dispatch_answered)
     if isinstance(engine.manager, ClusterManager):
-        engine.manager._on_restored = lambda: resync(sio)
+        engine.manager._on_restored = lambda: resync(sio, ctx)
 
     async def order_changed(order: Order, event: Event) -> None:
         await orders_ns.publish(order, event)
@@ -213,9 +213,12 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
-async def resync(sio: RealtimeServer) -> None:
+async def resync(sio: RealtimeServer, ctx: Context) -> None:
     """After a Redis outage: cross-node emits were lost; ask every client to
-    replay its durable streams (`subscribe`/`join` with `since_seq`)."""
+    replay its durable streams (`subscribe`/`join` with `since_seq`), and
+    re-read what this node cached from bus messages."""
+    if ctx._tracking is not None:
+        ctx._tracking.invalidate_all()
     for ns in (ORDERS_NS, CHAT_NS, TRACKING_NS):
         await sio.emit("resync", {"reason": "cluster_link_restored"}, namespace=ns)
 

@@ -18,6 +18,7 @@ from realtime.presence import Presence
 from realtime.presence.memory import MemoryPresence
 from realtime.presence.redis import RedisPresence
 from realtime.settings import Settings
+from storage.fallback import FallbackDirectory, FallbackPositions, FallbackRateLimiter
 from storage.redis_state import RedisAgentDirectory, RedisPositions, RedisRateLimiter, redis_lock
 from tracking.locations import MemoryRateLimiter
 from tracking.positions import MemoryPositions, PositionStore
@@ -72,11 +73,15 @@ def build_engine(settings: Settings) -> Engine:
     return Engine(
         name="redis", node_id=node_id, bus=bus, redis=redis,
         manager=ClusterManager(settings.redis_url, bus, channel=settings.redis_channel),
-        positions=RedisPositions(redis, prefix),
-        limiter=RedisRateLimiter(redis, settings.location_rate, settings.location_burst, prefix),
+        # While Redis is away each node keeps serving its own clients from
+        # memory (storage/fallback.py).
+        positions=FallbackPositions(RedisPositions(redis, prefix)),
+        limiter=FallbackRateLimiter(
+            RedisRateLimiter(redis, settings.location_rate, settings.location_burst, prefix),
+            settings.location_rate, settings.location_burst),
         tech_presence=RedisPresence(redis, "technician", node_id, ttl, prefix),
         agent_presence=RedisPresence(redis, "agent", node_id, ttl, prefix),
-        directory=RedisAgentDirectory(redis, prefix),
+        directory=FallbackDirectory(RedisAgentDirectory(redis, prefix)),
         pump_lock=redis_lock(redis, f"{prefix}:chat:pump"),
     )
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 from pymongo.errors import ConnectionFailure, PyMongoError, ServerSelectionTimeoutError
+from redis.exceptions import RedisError
 
 from tracking.errors import DomainError
 
@@ -73,6 +74,9 @@ def to_error(exc: BaseException) -> WireError:
     if isinstance(exc, PyMongoError):
         log.error("store error: %s", type(exc).__name__, exc_info=exc)
         return WireError("unavailable", "store error; retry")
+    if isinstance(exc, RedisError):
+        log.warning("Redis error: %s", type(exc).__name__)
+        return WireError("unavailable", "the cluster link is unreachable; retry")
     log.error("internal error", exc_info=exc)
     return WireError("internal", "internal error")
 

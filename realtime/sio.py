@@ -15,11 +15,15 @@ tests/test_hardening.py fails if either hook stops working.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
 import socketio
+from aiohttp import WSMsgType
 from aiohttp.web import WebSocketResponse
+from engineio import exceptions as eio_exceptions
+from engineio import packet as eio_packet
 from engineio.async_drivers import aiohttp as eio_aiohttp
 from socketio import packet
 
@@ -58,7 +62,11 @@ class _PlainWebSocket(eio_aiohttp.WebSocket):  # type: ignore[misc]
         )
         await self._sock.prepare(request)
         self.environ = environ
-        await self.handler(self)
+        sock = getattr(self.handler, "__self__", None)
+        if sock is not None and not sock.connected:
+            await _serve_websocket(sock, self._sock)
+        else:  # an upgrade from long-polling: the stock handshake
+            await self.handler(self)
         return self._sock
 
 
@@ -74,6 +82,72 @@ def quiet_engineio_logs() -> None:
     logger = logging.getLogger("engineio.server")
     if not any(isinstance(f, _QuietInvalidSession) for f in logger.filters):
         logger.addFilter(_QuietInvalidSession())
+
+
+async def _serve_websocket(sock: Any, ws: WebSocketResponse) -> None:
+    """A websocket-only Engine.IO session, as python-engineio's handler does
+    it but without two tasks and a timer per inbound frame (ensure_future +
+    wait_for) or a timer per outbound batch: the reader awaits frames with
+    aiohttp's own timeout, the writer drains the socket's queue."""
+    sock.connected = True
+    sock.upgraded = True
+    server = sock.server
+    queue = sock.queue
+
+    async def writer() -> None:
+        try:
+            while True:
+                pkt = await queue.get()
+                queue.task_done()
+                stop = pkt is None
+                batch = [] if stop else [pkt]
+                while not stop and not queue.empty():
+                    nxt = queue.get_nowait()
+                    queue.task_done()
+                    if nxt is None:
+                        stop = True
+                    else:
+                        batch.append(nxt)
+                for p in batch:
+                    data = p.encode()
+                    if isinstance(data, bytes):
+                        await ws.send_bytes(data)
+                    else:
+                        await ws.send_str(data)
+                if stop:
+                    return
+        except Exception:  # the peer went away mid-write
+            return
+        finally:
+            await ws.close()
+
+    writer_task = asyncio.get_running_loop().create_task(writer())
+    timeout = server.ping_interval + server.ping_timeout
+    try:
+        while True:
+            try:
+                msg = await ws.receive(timeout=timeout)
+            except TimeoutError:
+                break
+            if msg.type == WSMsgType.TEXT:
+                data: Any = msg.data
+                if not data or data[0] not in _CLIENT_EIO_TYPES:
+                    log.info("dropped a frame that is not an Engine.IO packet")
+                    continue
+            elif msg.type == WSMsgType.BINARY:
+                data = msg.data
+            else:  # close, closing, closed, error
+                break
+            try:
+                await sock.receive(eio_packet.Packet(encoded_packet=data))
+            except eio_exceptions.SocketIsClosedError:
+                break
+            except Exception:  # one bad packet must not end the session silently
+                log.info("dropped an undecodable Engine.IO packet")
+    finally:
+        await queue.put(None)
+        await writer_task
+        await sock.close(wait=False, abort=True, reason=server.reason.TRANSPORT_CLOSE)
 
 
 def refusal(code: str, message: str) -> socketio.exceptions.ConnectionRefusedError:

@@ -24,19 +24,6 @@ START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
 
 
-def _die_with_parent() -> None:
-    """Linux: the child gets SIGTERM if we die without stopping it (SIGKILL),
-    so a crashed server never leaves a store holding the data dir's lock."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-    except OSError:  # not glibc Linux: fall back to the stop() path only
-        pass
-
-
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -98,14 +85,16 @@ class EmbeddedMongo:
         )
         out = open(log_path, "ab") if log_path else asyncio.subprocess.DEVNULL
         try:
+            # Through a supervisor that stops the store if we die (even by
+            # SIGKILL): a store left behind would hold the data dir's lock.
             self._proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "storage.embedded_shim",
                 exe, "--host", self.host, "--port", str(self.port),
                 "--storage-path", str(self.storage_path), "--log-level", "WARNING",
                 stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
                 # Its own process group: a Ctrl-C in the terminal reaches us,
                 # and we stop it in order, after our last write.
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
             )
         finally:
             if not isinstance(out, int):

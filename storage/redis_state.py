@@ -4,10 +4,14 @@ token bucket in Lua on Redis's clock). Presence is in realtime/presence."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from typing import Any, Final
 
 from redis import asyncio as aioredis
+from redis.exceptions import LockError, RedisError
 
 from tracking.geo import haversine_m
 from tracking.positions import Position
@@ -157,9 +161,25 @@ class RedisAgentDirectory:
 
 
 def redis_lock(redis: aioredis.Redis, name: str, timeout_s: float = 10.0) -> Any:
-    """A cluster-wide lock (expires by itself if its holder dies)."""
+    """A cluster-wide lock (expires by itself if its holder dies). While Redis
+    is away it degrades to a lock of this node alone: the store's atomic
+    claims still keep a conversation from going to two agents."""
+    local = asyncio.Lock()
 
-    def held() -> Any:
-        return redis.lock(name, timeout=timeout_s, blocking_timeout=timeout_s)
+    @contextlib.asynccontextmanager
+    async def held() -> AsyncIterator[None]:
+        try:
+            lock = redis.lock(name, timeout=timeout_s, blocking_timeout=timeout_s)
+            acquired = await lock.acquire()
+        except (RedisError, OSError):
+            async with local:
+                yield
+            return
+        try:
+            yield
+        finally:
+            if acquired:
+                with contextlib.suppress(RedisError, OSError, LockError):
+                    await lock.release()
 
     return held

@@ -174,6 +174,15 @@ class Cluster:
                 return r.status
         return 0
 
+    async def metric(self, node: ServerProcess, series: str) -> float | None:
+        """One sample of the node's /metrics, e.g. 'realtime_connections{namespace="/ops"}'."""
+        async with self.session.get(node.url + "/metrics") as r:
+            text = await r.text()
+        for line in text.splitlines():
+            if line.startswith(series + " "):
+                return float(line.rsplit(" ", 1)[1])
+        return None
+
     def logs(self) -> str:
         return "\n".join(f"--- node {s.port}\n{log_text(s)[-4000:]}" for s in self.nodes)
 

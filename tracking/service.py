@@ -80,6 +80,7 @@ class _TechState:
     active: _ActiveOrder | None = None
     active_at: float = 0.0  # monotonic time of the last authoritative read
     refreshing: bool = False
+    must_refresh: bool = False  # the cache may have missed changes (an outage)
     inside: int = 0  # consecutive fixes inside the arrival radius
     arrival_fired: str | None = None  # order id the geofence already moved
     order_id: str | None = None  # the order the ETA and the geofence count belong to
@@ -176,6 +177,12 @@ class TrackingService:
             self._spawn(self._refresh(technician_id))
         return st.active
 
+    def invalidate_all(self) -> None:
+        """Order changes may have been missed (the node bus was down): every
+        technician's next point re-reads their active order first."""
+        for st in self._techs.values():
+            st.must_refresh = True
+
     def on_order_event(self, order: Order, event: dict[str, Any]) -> None:
         """Keep the active-order cache exact for changes made on this node."""
         tech = order.get("technician_id")
@@ -233,6 +240,13 @@ class TrackingService:
     async def _accept(self, technician_id: str, name: str | None, skills: tuple[str, ...],
                       points: list[Point]) -> None:
         st = self._tech(technician_id)
+        if st.must_refresh:
+            st.must_refresh = False
+            try:
+                await self._refresh(technician_id)
+            except Exception as exc:  # store away too: go on with what we know
+                log.warning("active order refresh failed: %s", type(exc).__name__)
+                st.must_refresh = True
         active = self._active(technician_id)
         active_id = active.order_id if active else None
         if active_id != st.order_id:

@@ -81,7 +81,14 @@ class BaseNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         self.principals[sid] = principal
         await self.enter_room(sid, user_room(principal.id))
         self.ctx.metrics.connections.labels(self.namespace).inc()
-        await self.connected(sid, principal)
+        try:
+            await self.connected(sid, principal)
+        except Exception as exc:  # a backing store is down: refuse clearly, never hang
+            log.warning("%s handshake failed: %s", self.namespace, type(exc).__name__)
+            self.principals.pop(sid, None)
+            self.ctx.metrics.connections.labels(self.namespace).dec()
+            self.ctx.metrics.handshakes_refused.labels(self.namespace, "unavailable").inc()
+            raise refusal("unavailable", "a backing store is unreachable; retry") from None
 
     def _authenticate(self, environ: dict[str, Any], auth: Any) -> Principal:
         query = parse_qs(environ.get("QUERY_STRING", ""))

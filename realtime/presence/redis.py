@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from redis import asyncio as aioredis
+from redis.exceptions import RedisError
 
 
 def _text(raw: Any) -> str:
@@ -53,8 +54,13 @@ class RedisPresence:
     async def connect(self, user_id: str) -> bool:
         n = self.local.get(user_id, 0) + 1
         self.local[user_id] = n
-        was_online = await self.online([user_id])
-        await self._claim([user_id])
+        try:
+            was_online = await self.online([user_id], local_too=False)
+            await self._claim([user_id])
+        except (RedisError, OSError):
+            # Redis away: this node vouches for its own users; the next
+            # heartbeat claims them in Redis again.
+            return n == 1
         return not was_online
 
     async def disconnect(self, user_id: str) -> bool:
@@ -63,21 +69,28 @@ class RedisPresence:
             self.local[user_id] = n
             return False
         self.local.pop(user_id, None)
-        await self._r.zrem(self._key(user_id), self.node)
-        gone = not await self.online([user_id])
-        if gone:
-            await self._r.zrem(self._all, user_id)
+        try:
+            await self._r.zrem(self._key(user_id), self.node)
+            gone = not await self.online([user_id])
+            if gone:
+                await self._r.zrem(self._all, user_id)
+        except (RedisError, OSError):
+            return True  # as far as this node can tell; the claim lapses by its TTL
         return gone
 
-    async def online(self, user_ids: list[str]) -> set[str]:
+    async def online(self, user_ids: list[str], local_too: bool = True) -> set[str]:
         if not user_ids:
             return set()
+        local = {u for u in user_ids if u in self.local} if local_too else set()
         now = time.time()
-        async with self._r.pipeline(transaction=False) as pipe:
-            for u in user_ids:
-                pipe.zcount(self._key(u), now, "+inf")
-            counts = await pipe.execute()
-        return {u for u, c in zip(user_ids, counts, strict=True) if c}
+        try:
+            async with self._r.pipeline(transaction=False) as pipe:
+                for u in user_ids:
+                    pipe.zcount(self._key(u), now, "+inf")
+                counts = await pipe.execute()
+        except (RedisError, OSError):
+            return local
+        return local | {u for u, c in zip(user_ids, counts, strict=True) if c}
 
     async def heartbeat(self) -> None:
         await self._claim(list(self.local))
@@ -96,7 +109,10 @@ class RedisPresence:
         return gone
 
     async def count(self) -> int:
-        return int(await self._r.zcount(self._all, time.time(), "+inf"))
+        try:
+            return int(await self._r.zcount(self._all, time.time(), "+inf"))
+        except (RedisError, OSError):
+            return len(self.local)
 
     def snapshot(self) -> dict[str, Any]:
         return {"node": self.node, "local_users": len(self.local)}
