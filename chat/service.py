@@ -21,7 +21,7 @@ from chat.model import (
     is_participant,
     message_view,
 )
-from chat.routing import Router
+from chat.routing import FRONT_OFFSET, Router
 from tracking.clock import now_ms
 from tracking.errors import Conflict, Forbidden, Invalid, NotFound
 from tracking.lifecycle import Actor
@@ -48,6 +48,8 @@ class ChatStore(Protocol):
     async def add_staff(self, conv_id: str, agent_id: str) -> None: ...
     async def set_read(self, conv_id: str, user_id: str, seq: int) -> int: ...
     async def queue_position(self, conv: Conversation) -> int: ...
+    async def queued(self, limit: int) -> list[Conversation]: ...
+    async def load_by_agent(self) -> dict[str, int]: ...
     async def for_user(self, field: str, user_id: str, limit: int) -> list[Conversation]: ...
     async def assigned_to(self, agent_id: str) -> list[Conversation]: ...
     async def find_by_client_id(self, conv_id: str, sender_id: str, cmid: str) -> Message | None: ...
@@ -104,7 +106,10 @@ class ChatService:
         }
         conv, created = await self.store.insert_open(conv)
         if created:
-            await self.router.pump()
+            try:
+                await self.router.pump()
+            except Exception as exc:  # stored and queued: routing retries on the next change
+                log.warning("routing after open failed: %s", type(exc).__name__)
             conv = await self.get(conv["conversation_id"])
         position = await self.store.queue_position(conv) if conv["status"] == "queued" else None
         return conv, position
@@ -221,6 +226,24 @@ class ChatService:
         field = {"customer": "customer_id", "technician": "technician_id"}.get(actor.role, "assignee")
         convs = await self.store.for_user(field, actor.id, MAX_LIST)
         return [conversation_view(c, actor) for c in convs]
+
+    async def queue(self, actor: Actor, limit: int) -> list[Conversation]:
+        """Extension: the waiting support conversations, first in line first, for
+        agents and admins; each with its `position` and `waiting_since_ts`."""
+        if actor.role not in STAFF:
+            raise Forbidden("only agents and admins see the support queue")
+        out = []
+        for position, conv in enumerate(await self.store.queued(limit), start=1):
+            rank = int(conv.get("queue_rank") or conv["created_ts"])
+            # A requeued conversation ranks FRONT_OFFSET ahead of its requeue time.
+            since = rank + FRONT_OFFSET if rank < 0 else rank
+            out.append({**conversation_view(conv), "position": position, "waiting_since_ts": since})
+        return out
+
+    async def agent_status(self, agent_id: str) -> tuple[str, int]:
+        """An agent's status as routing sees it (away until they say otherwise) and load."""
+        status = await self.router.directory.status(agent_id) or "away"
+        return status, (await self.store.load_by_agent()).get(agent_id, 0)
 
     # -- lifecycle -------------------------------------------------------
     async def close(self, actor: Actor, conv_id: str) -> Conversation:

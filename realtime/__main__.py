@@ -1,9 +1,12 @@
-"""CLI: ``python -m realtime [serve]`` runs the server; ``token`` mints a dev JWT."""
+"""CLI: ``python -m realtime [serve]`` runs the server; ``token`` mints a dev JWT;
+``demo`` runs the server in dev mode with simulated technicians, customers and agents."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import os
 import sys
 
 from pydantic import ValidationError
@@ -51,6 +54,20 @@ def serve(args: argparse.Namespace) -> None:
     )
 
 
+def demo(args: argparse.Namespace) -> None:
+    import uvloop
+
+    from realtime.demo import run
+
+    os.environ["REALTIME_DEV"] = "1"  # the demo signs people in through the dev form
+    settings = _settings()
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(run(settings))
+
+
 def token(args: argparse.Namespace) -> None:
     settings = _settings()
     settings.ensure_secret()
@@ -63,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m realtime")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("serve", help="run the server (default)")
+    sub.add_parser("demo", help="run the server in dev mode with a simulated city (pages demo)")
     t = sub.add_parser("token", help="print a JWT signed with the configured secret")
     t.add_argument("--role", required=True, choices=sorted(ROLES))
     t.add_argument("--sub", required=True, help="user id")
@@ -72,6 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "token":
         token(args)
+    elif args.command == "demo":
+        demo(args)
     else:
         serve(args)
 

@@ -24,7 +24,7 @@ class Settings(BaseSettings):
 
     host: str = "0.0.0.0"
     port: int = Field(default=8080, ge=0, le=65535)
-    # Dev mode admits `*` as a CORS origin and (later) the dev sign-in page.
+    # Dev mode admits `*` as a CORS origin and the pages' dev sign-in (POST /api/dev/token).
     dev: bool = False
     log_level: str = "INFO"
 
@@ -85,6 +85,14 @@ class Settings(BaseSettings):
     dispatch_timeout_s: float = Field(default=20.0, gt=0, le=600)
     stale_position_s: float = Field(default=300.0, gt=0)
 
+    # Pages (web/): the maps' tile layer, a URL template such as
+    # https://tile.openstreetmap.org/{z}/{x}/{y}.png. Unset (or unreachable): the
+    # maps draw on a plain background, so the pages work offline and in tests.
+    tile_url: str | None = None
+    tile_attribution: str | None = None
+    # The tiles' coordinate system: GCJ-02 for Chinese providers (Amap, Tencent).
+    tile_coord_sys: Literal["wgs84", "gcj02"] = "wgs84"
+
     # Support chat routing.
     agent_cap: int = Field(default=5, ge=1, le=100)  # concurrent conversations per agent
     agent_grace_s: float = Field(default=60.0, ge=0)  # keep a disconnected agent's chats this long
@@ -94,6 +102,16 @@ class Settings(BaseSettings):
     def _split_origins(cls, value: object) -> object:
         if isinstance(value, str):
             return [o.strip().rstrip("/") for o in value.split(",") if o.strip()]
+        return value
+
+    @field_validator("tile_url")
+    @classmethod
+    def _tile_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip()
+        if not value.startswith(("http://", "https://", "/")) or "{z}" not in value:
+            raise ValueError("REALTIME_TILE_URL must be an http(s) URL template with {z}, {x} and {y}")
         return value
 
     @model_validator(mode="after")

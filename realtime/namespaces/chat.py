@@ -81,6 +81,10 @@ class ListIn(Inbound):
     pass
 
 
+class QueueIn(Inbound):
+    limit: Annotated[int, Field(ge=1, le=100)] = 50
+
+
 def staff_room(conv_id: str) -> str:
     return f"staff:{conv_id}"
 
@@ -226,3 +230,13 @@ class ChatNamespace(BaseNamespace):
     @handles("list", ListIn)
     async def list_conversations(self, p: Principal, sid: str, body: ListIn) -> dict[str, Any]:
         return {"conversations": await self.chat.conversations(actor_of(p))}
+
+    @handles("queue", QueueIn)
+    async def queue(self, p: Principal, sid: str, body: QueueIn) -> dict[str, Any]:
+        """Extension: the support queue for agents' consoles (oldest first)."""
+        convs = await self.chat.queue(actor_of(p), body.limit)
+        out: dict[str, Any] = {"conversations": convs, "has_more": len(convs) == body.limit}
+        if p.role == "agent":  # the console's header: the caller's own status, across tabs
+            status, load = await self.chat.agent_status(p.id)
+            out["agent"] = {"status": status, "load": load, "cap": self.chat.router.cap}
+        return out
