@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import sys
@@ -40,6 +41,15 @@ def serve(args: argparse.Namespace) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     app = create_app(settings)
     app[CTX].metrics.watch_gc()
+
+    async def freeze_startup_objects(app: web.Application) -> None:
+        # Everything allocated at start (modules, settings, pools) lives
+        # forever: move it out of the collector's sight, so full collections
+        # scan only what traffic allocates (ANCHORS.md: p99 306 ms -> 16 ms).
+        gc.collect()
+        gc.freeze()
+
+    app.on_startup.append(freeze_startup_objects)
     logging.getLogger("realtime").info(
         "listening on http://%s:%d (Socket.IO at /socket.io/)", settings.host, settings.port
     )

@@ -17,8 +17,10 @@ node's clients first and then publishes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -36,6 +38,8 @@ PUBLISH_POOL = 4
 PUBLISH_TIMEOUT_S = 1.0
 LISTEN_BACKOFF_MAX_S = 1.0
 LOG_EVERY_S = 10.0  # at most one "Redis is down" line per this many seconds
+PUBLISH_BATCH = 500  # messages per pipelined round trip
+OUTBOX_MAX = 100_000  # bounded: under a long outage the oldest are dropped first
 
 
 class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
@@ -53,7 +57,11 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         self._last_log = 0.0
         self.link_ok = True
         self.publish_failures = 0
+        self.publish_dropped = 0
         self._publish_failed = False
+        self._outbox: deque[str] = deque()
+        self._outbox_ready = asyncio.Event()
+        self._publisher_task: asyncio.Task[None] | None = None
 
     async def _publish_signal(self, name: str, data: dict[str, Any]) -> None:
         await self._publish({"method": "emit", "event": PREFIX + name, "data": [data],
@@ -92,20 +100,56 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
                         type(exc).__name__)
 
     async def _publish(self, data: Any) -> None:
-        try:
-            await self._publisher().publish(self.channel, self.json.dumps(data))
-            if self._publish_failed:
-                # Our emits were lost while publishing failed: other nodes'
-                # clients must replay too.
-                self._publish_failed = False
-                if self._on_restored is not None and data.get("event") != "resync":
-                    await self._on_restored()
-        except Exception as exc:  # any Redis failure: count it, never raise into an emit
-            self.publish_failures += 1
-            self._publish_failed = True
-            self.link_ok = False
-            self._on_publish_error()
-            self._warn("publish", exc)
+        """Queue a message for the publisher task: an emit never waits on a
+        Redis round trip, and bursts go out pipelined (one round trip for up
+        to PUBLISH_BATCH messages), in order."""
+        if len(self._outbox) >= OUTBOX_MAX:
+            self._outbox.popleft()  # at most once: the oldest goes first
+            self.publish_dropped += 1
+        self._outbox.append(self.json.dumps(data))
+        self._outbox_ready.set()
+        if self._publisher_task is None or self._publisher_task.done():
+            self._publisher_task = asyncio.get_running_loop().create_task(self._publisher_loop())
+
+    async def _publisher_loop(self) -> None:
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            while self._outbox:
+                batch = [self._outbox.popleft()
+                         for _ in range(min(PUBLISH_BATCH, len(self._outbox)))]
+                try:
+                    async with self._publisher().pipeline(transaction=False) as pipe:
+                        for raw in batch:
+                            pipe.publish(self.channel, raw)
+                        await pipe.execute()
+                except Exception as exc:  # Redis away: these are lost (at most once)
+                    self.publish_failures += len(batch)
+                    self._publish_failed = True
+                    self.link_ok = False
+                    self._on_publish_error()
+                    self._warn("publish", exc)
+                    await asyncio.sleep(0.05)
+                    continue
+                if self._publish_failed:
+                    # Our emits were lost while publishing failed: other
+                    # nodes' clients must replay too.
+                    self._publish_failed = False
+                    if self._on_restored is not None:
+                        await self._on_restored()
+
+    async def _listen(self) -> AsyncIterator[Any]:
+        """Messages from other nodes. Our own come back on the channel too;
+        they are recognised by our host id before any JSON is decoded."""
+        channel = self.channel.encode()
+        own = f'"host_id": "{self.host_id}"'.encode()
+        async for message in self._redis_listen_with_retries():
+            if message["channel"] != channel or message["type"] != "message":
+                continue
+            data = message.get("data")
+            if isinstance(data, bytes) and own in data and b'"method": "callback"' not in data:
+                continue
+            yield data
 
     def _redis_connect(self) -> None:
         self.redis = aioredis.Redis.from_url(self.redis_url, socket_connect_timeout=1.0,
@@ -143,6 +187,10 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
                     pass
 
     async def aclose(self) -> None:
+        if self._publisher_task is not None:
+            self._publisher_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._publisher_task
         if self._pub is not None:
             await self._pub.aclose()
             self._pub = None
