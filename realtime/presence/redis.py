@@ -4,12 +4,15 @@ until both connections are gone."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from typing import Any
 
 from redis import asyncio as aioredis
 from redis.exceptions import RedisError
+
+HEARTBEAT_CHUNK = 100
 
 
 def _text(raw: Any) -> str:
@@ -93,7 +96,13 @@ class RedisPresence:
         return local | {u for u, c in zip(user_ids, counts, strict=True) if c}
 
     async def heartbeat(self) -> None:
-        await self._claim(list(self.local))
+        """Refresh every local claim, in small pipelines with a yield between
+        them: one pipeline for thousands of users stalls the event loop for
+        tens of milliseconds (measured as a p99 spike every TTL/3)."""
+        users = list(self.local)
+        for i in range(0, len(users), HEARTBEAT_CHUNK):
+            await self._claim(users[i:i + HEARTBEAT_CHUNK])
+            await asyncio.sleep(0)
 
     async def sweep(self) -> list[str]:
         """Users whose every claim lapsed (a node died): each reported once, cluster-wide."""
