@@ -199,8 +199,9 @@ def main(argv: list[str] | None = None) -> None:
     out_dir.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (out_dir / f"bench-{stamp}.json").write_text(json.dumps(results, indent=1))
-    plot(results, ROOT / "docs" / "bench-tracking.png")
-    write_markdown(results, ROOT / "docs" / "benchmarks-latest.md")
+    plot(results, out_dir / f"bench-{stamp}.png")
+    write_markdown(results, out_dir / f"bench-{stamp}.md")
+    log(f"wrote loadtest/results/bench-{stamp}.json|md|png; curate docs/benchmarks.md from them")
     log(json.dumps({r["target"]: r["capacity"] for r in results["ramps"]}))
 
 
