@@ -3,10 +3,8 @@ gap-free seqs, idempotent sends, read markers, CSAT, order timeline cards."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
-import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol
 
@@ -25,6 +23,7 @@ from chat.routing import FRONT_OFFSET, Router
 from tracking.clock import now_ms
 from tracking.errors import Conflict, Forbidden, Invalid, NotFound
 from tracking.lifecycle import Actor
+from tracking.locks import KeyedLocks
 from tracking.orders import Event, Order, OrderService
 
 log = logging.getLogger(__name__)
@@ -74,13 +73,7 @@ class ChatService:
         self.orders = orders
         self.router = router
         self._delivered = delivered
-        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
-
-    def _lock(self, conv_id: str) -> asyncio.Lock:
-        lock = self._locks.get(conv_id)
-        if lock is None:
-            lock = self._locks[conv_id] = asyncio.Lock()
-        return lock
+        self._lock = KeyedLocks()  # sends to one conversation leave this node in seq order
 
     async def get(self, conv_id: str) -> Conversation:
         conv = await self.store.get(conv_id)

@@ -9,14 +9,13 @@ the same state give one winner and one ``conflict``.
 
 from __future__ import annotations
 
-import asyncio
-import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol
 
 from tracking.clock import now_ms
 from tracking.errors import Conflict, Forbidden, NotFound, Unavailable
 from tracking.lifecycle import Actor, check_transition
+from tracking.locks import KeyedLocks
 
 Order = dict[str, Any]
 Event = dict[str, Any]
@@ -65,16 +64,7 @@ class OrderService:
         self._notify = notify
         # One lock per hot order on this node: events leave this node in seq
         # order, and local writers do not fight each other's optimistic retries.
-        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
-            weakref.WeakValueDictionary()
-        )
-
-    def _lock(self, order_id: str) -> asyncio.Lock:
-        lock = self._locks.get(order_id)
-        if lock is None:
-            lock = asyncio.Lock()
-            self._locks[order_id] = lock
-        return lock
+        self._lock = KeyedLocks()
 
     async def get(self, order_id: str) -> Order:
         order = await self._store.get(order_id)
