@@ -210,8 +210,14 @@ class TrackingService:
         if wait_ms:
             self._count("rate_limited")
             raise RateLimited("too many location messages", wait_ms)
-        latest = await self.positions.get(tech.id)
-        last = Point(latest.lat, latest.lng, latest.ts) if latest else None
+        # The last accepted point: this node's own memory while the technician
+        # streams to it (no round trip per point), the shared store the first
+        # time. Latest-wins across nodes is still decided atomically by
+        # put_if_newer.
+        last = self._tech(tech.id).last_point
+        if last is None:
+            latest = await self.positions.get(tech.id)
+            last = Point(latest.lat, latest.lng, latest.ts) if latest else None
         now = now_ms()
         results: list[PointResult] = []
         accepted: list[Point] = []
