@@ -3,13 +3,15 @@ a live app, with Python Socket.IO clients playing the technician and the backend
 
 Playwright never downloads a browser here: it launches /usr/bin/chromium
 (scripts/setup --test installs it with fonts-noto-cjk, so Chinese renders).
-Screenshots go to test-artifacts/ and, for the README, docs/screenshots/.
+Screenshots go to test-artifacts/ and, with REALTIME_UPDATE_SCREENSHOTS=1,
+to docs/screenshots/ for the README.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import os
 import re
 import shutil
 import time
@@ -93,8 +95,11 @@ async def shot(page: Page, name: str) -> None:
     path = ARTIFACTS / f"{name}.png"
     await page.evaluate("document.getElementById('toasts')?.replaceChildren()")  # transient notes
     await page.screenshot(path=str(path))
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(path, SHOTS / f"{name}.png")
+    # The README's screenshots change only when asked for, so that a test run
+    # leaves the work tree clean: REALTIME_UPDATE_SCREENSHOTS=1 scripts/test -k pages
+    if os.environ.get("REALTIME_UPDATE_SCREENSHOTS") == "1":
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, SHOTS / f"{name}.png")
 
 
 def no_page_errors(page: Page) -> None:
