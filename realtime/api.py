@@ -373,9 +373,20 @@ async def readyz(request: web.Request) -> web.Response:
         checks["mongo"] = "ok"
     except Exception as exc:  # any failure means "not ready"; the reason is the type
         checks["mongo"] = f"down: {type(exc).__name__}"
-    ready = all(v == "ok" for v in checks.values())
+    ready = checks["mongo"] == "ok"
+    redis = ctx.engine.redis
+    if redis is not None:
+        # Reported, not required: without Redis a node still serves its own
+        # clients (docs/operations.md), and failing readiness on every node at
+        # once would leave the load balancer with none.
+        try:
+            await asyncio.wait_for(redis.ping(), 2.0)
+            checks["redis"] = "ok"
+        except Exception as exc:  # reported as degraded
+            checks["redis"] = f"down: {type(exc).__name__}"
     if ready:
-        return json_response(ok({"status": "ready", "checks": checks}))
+        status = "ready" if all(v == "ok" for v in checks.values()) else "degraded"
+        return json_response(ok({"status": status, "checks": checks}))
     err = WireError("unavailable", "a backing store is unreachable", {"checks": checks})
     return json_response(err.body(), 503)
 

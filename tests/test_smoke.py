@@ -24,3 +24,14 @@ async def test_subscribe_receives_order_event(live: Live) -> None:
     assert event["data"]["technician_id"] == "tech-1"
     # Subscribed *and* the order's customer: delivered once, not twice.
     assert customer.drain("order_event") == []
+
+
+async def test_readyz_reports_each_store(live: Live) -> None:
+    status, body = await live.http.request("GET", "/readyz")
+    assert status == 200, body
+    checks = body["data"]["checks"]
+    assert checks["mongo"] == "ok"
+    if live.settings.redis_url:
+        assert checks["redis"] == "ok" and body["data"]["status"] == "ready"
+    else:
+        assert "redis" not in checks
