@@ -28,6 +28,7 @@ from tracking.geo import haversine_m
 from tracking.lifecycle import Actor
 from tracking.orders import OrderService
 from tracking.positions import Position, PositionStore
+from tracking.tasks import BackgroundTasks
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ class DispatchService:
         self._withdraw = withdraw
         self.cfg = config or DispatchConfig()
         self._wakeups: dict[str, asyncio.Event] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._background = BackgroundTasks("dispatch")
 
     async def nearby(self, lat: float, lng: float, radius_m: float, skill: str | None,
                      limit: int) -> list[dict[str, Any]]:
@@ -172,10 +173,7 @@ class DispatchService:
             "started_by": actor.as_dict(), "candidates": candidates,
         }
         await self.store.insert(doc)
-        task = asyncio.get_running_loop().create_task(
-            self._drive(doc, order, eligible[:count]))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._background.spawn(self._drive(doc, order, eligible[:count]))
         return doc
 
     def _offer_payload(self, order: dict[str, Any], dispatch_id: str, expires: int) -> dict[str, Any]:
@@ -300,7 +298,4 @@ class DispatchService:
             ev.set()
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._background.close()

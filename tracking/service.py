@@ -9,7 +9,6 @@ go to a background writer.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -25,6 +24,7 @@ from tracking.lifecycle import TECHNICIAN_PHASE, Actor
 from tracking.locations import INVALID_REASONS, FilterConfig, Point, check_point
 from tracking.orders import Order, OrderService
 from tracking.positions import Position, PositionStore
+from tracking.tasks import BackgroundTasks
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class TrackingService:
         self._count = count
         self.cfg = config or TrackingConfig()
         self._techs: dict[str, _TechState] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._background = BackgroundTasks("tracking")
 
     # -- technicians' state ----------------------------------------------
     def _tech(self, technician_id: str) -> _TechState:
@@ -159,22 +159,11 @@ class TrackingService:
         finally:
             st.refreshing = False
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        async def run() -> None:
-            try:
-                await coro
-            except Exception as exc:  # background work: log, never crash the caller
-                log.warning("tracking background task failed: %s", type(exc).__name__)
-
-        task = asyncio.get_running_loop().create_task(run())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     def _active(self, technician_id: str) -> _ActiveOrder | None:
         st = self._tech(technician_id)
         if not st.refreshing and time.monotonic() - st.active_at > ACTIVE_ORDER_TTL_S:
             st.refreshing = True
-            self._spawn(self._refresh(technician_id))
+            self._background.spawn(self._refresh(technician_id))
         return st.active
 
     def invalidate_all(self) -> None:
@@ -297,7 +286,7 @@ class TrackingService:
             if st.inside >= self.cfg.arrival_fixes:
                 st.arrival_fired = active.order_id
                 st.inside = 0
-                self._spawn(self._arrive(active.order_id, p))
+                self._background.spawn(self._arrive(active.order_id, p))
                 return
 
     async def _arrive(self, order_id: str, p: Point) -> None:
@@ -353,7 +342,4 @@ class TrackingService:
         return view
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._background.close()

@@ -1,0 +1,33 @@
+"""Background work a service starts and must stop: kept referenced (asyncio
+holds tasks weakly), failures logged rather than lost, cancelled on close."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+
+log = logging.getLogger(__name__)
+
+
+class BackgroundTasks:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, coro: Awaitable[None]) -> None:
+        async def run() -> None:
+            try:
+                await coro
+            except Exception as exc:  # background work: log, never crash the caller
+                log.warning("%s background task failed: %s", self.name, type(exc).__name__)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
