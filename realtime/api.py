@@ -238,19 +238,33 @@ class FeedbackIn(Inbound):
     order_id: Id | None = None
 
 
-def int_query(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+def _query_number(request: web.Request, name: str, parse: type[int] | type[float],
+                  lo: float, hi: float, default: float | None) -> float:
+    """A numeric query parameter within lo..hi (NaN and non-numbers refused),
+    or its default; required when there is no default."""
     raw = request.query.get(name)
     if raw is None:
+        if default is None:
+            raise WireError("invalid", f"{name} is required", [{"field": name, "error": "required"}])
         return default
     try:
-        value = int(raw)
+        value: float = parse(raw)
     except ValueError:
-        raise WireError("invalid", f"{name} must be an integer",
-                        [{"field": name, "error": "must be an integer"}]) from None
-    if not lo <= value <= hi:
-        raise WireError("invalid", f"{name} must be within {lo}..{hi}",
-                        [{"field": name, "error": f"must be within {lo}..{hi}"}])
+        value = float("nan")
+    if not lo <= value <= hi:  # also refuses NaN
+        kind = "an integer" if parse is int else "a number"
+        raise WireError("invalid", f"{name} must be {kind} within {lo}..{hi}",
+                        [{"field": name, "error": f"must be {kind} within {lo}..{hi}"}])
     return value
+
+
+def int_query(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    return int(_query_number(request, name, int, lo, hi, default))
+
+
+def float_query(request: web.Request, name: str, lo: float, hi: float,
+                default: float | None = None) -> float:
+    return _query_number(request, name, float, lo, hi, default)
 
 
 async def get_transcript(request: web.Request) -> web.Response:
@@ -324,23 +338,6 @@ async def get_dispatches(request: web.Request) -> web.Response:
     assert ctx.dispatch_store is not None
     return json_response(ok({"order_id": order_id,
                              "dispatches": await ctx.dispatch_store.for_order(order_id)}))
-
-
-def float_query(request: web.Request, name: str, lo: float, hi: float,
-                default: float | None = None) -> float:
-    raw = request.query.get(name)
-    if raw is None:
-        if default is None:
-            raise WireError("invalid", f"{name} is required", [{"field": name, "error": "required"}])
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not lo <= value <= hi:  # also refuses NaN
-        raise WireError("invalid", f"{name} must be a number within {lo}..{hi}",
-                        [{"field": name, "error": f"must be within {lo}..{hi}"}])
-    return value
 
 
 async def nearby(request: web.Request) -> web.Response:
