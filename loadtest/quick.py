@@ -117,6 +117,14 @@ async def http(stack: Stack, method: str, path: str, body: Any) -> Any:
         return await r.json()
 
 
+async def assigned_order(stack: Stack, order_id: str, customer_id: str, technician_id: str) -> None:
+    await http(stack, "POST", "/api/orders", {
+        "order_id": order_id, "customer_id": customer_id, "service": {"code": "x", "name": "x"},
+        "address": {"lat": 31.23, "lng": 121.47, "text": "x"},
+        "window": {"start_ts": 0, "end_ts": 1}})
+    await http(stack, "POST", f"/api/orders/{order_id}/assign", {"technician_id": technician_id})
+
+
 async def run_tracking(stack: Stack, techs: int, rate: float, duration: float) -> dict[str, Any]:
     """`techs` technicians, each sending `rate` points/s, each watched by one customer."""
     run = uuid.uuid4().hex[:6]
@@ -125,11 +133,7 @@ async def run_tracking(stack: Stack, techs: int, rate: float, duration: float) -
     tech_clients, watchers = [], []
     for i in range(techs):
         oid, cid, tid = f"q{run}-{i}", f"qc{run}-{i}", f"qt{run}-{i}"
-        await http(stack, "POST", "/api/orders", {
-            "order_id": oid, "customer_id": cid, "service": {"code": "x", "name": "x"},
-            "address": {"lat": 31.23, "lng": 121.47, "text": "x"},
-            "window": {"start_ts": 0, "end_ts": 1}})
-        await http(stack, "POST", f"/api/orders/{oid}/assign", {"technician_id": tid})
+        await assigned_order(stack, oid, cid, tid)
         t = await client(stack, "/tracking", "technician", tid)
         w = await client(stack, "/tracking", "customer", cid)
 
@@ -176,11 +180,7 @@ async def run_chat(stack: Stack, pairs: int, rate: float, duration: float) -> di
     sent_at: dict[str, float] = {}
     for i in range(pairs):
         oid, cid, tid = f"qc{run}-{i}", f"qcc{run}-{i}", f"qct{run}-{i}"
-        await http(stack, "POST", "/api/orders", {
-            "order_id": oid, "customer_id": cid, "service": {"code": "x", "name": "x"},
-            "address": {"lat": 31.23, "lng": 121.47, "text": "x"},
-            "window": {"start_ts": 0, "end_ts": 1}})
-        await http(stack, "POST", f"/api/orders/{oid}/assign", {"technician_id": tid})
+        await assigned_order(stack, oid, cid, tid)
         c = await client(stack, "/chat", "customer", cid)
         t = await client(stack, "/chat", "technician", tid)
         reply = await c.call("open", {"kind": "order", "order_id": oid}, namespace="/chat")
