@@ -93,6 +93,7 @@ def create_app(settings: Settings) -> web.Application:
     ctx.ops = ops_ns
     for ns in (orders_ns, tracking_ns, chat_ns, ops_ns):
         sio.register_namespace(ns)
+    sio.fast_handlers[TRACKING_NS] = {"location": tracking_ns.fast_location}
     engine.bus.on("leave_user", orders_ns.on_leave_user)
     engine.bus.on("position", tracking_ns.on_position)
     engine.bus.on("order_changed", tracking_ns.on_order_changed)

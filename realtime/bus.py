@@ -13,16 +13,23 @@ from typing import Any, Final
 log = logging.getLogger(__name__)
 
 PREFIX: Final = "\x00bus:"
-Handler = Callable[[dict[str, Any]], Awaitable[None]]
+Handler = Callable[[dict[str, Any]], Awaitable[None] | None]
 
 
 class Bus:
     def __init__(self) -> None:
         self._handlers: dict[str, Handler] = {}
         self.remote: Callable[[str, dict[str, Any]], Awaitable[None]] | None = None
+        # The same, for callers that must not wait (queues the publish).
+        self.remote_nowait: Callable[[str, dict[str, Any]], None] | None = None
 
     def on(self, name: str, handler: Handler) -> None:
         self._handlers[name] = handler
+
+    def to_others(self, name: str, data: dict[str, Any]) -> None:
+        """Only to the other nodes (this one acted already), without waiting."""
+        if self.remote_nowait is not None:
+            self.remote_nowait(name, data)
 
     async def publish(self, name: str, data: dict[str, Any]) -> None:
         await self.dispatch(name, data)
@@ -34,6 +41,8 @@ class Bus:
         if handler is None:
             return
         try:
-            await handler(data)
+            result = handler(data)
+            if result is not None:
+                await result
         except Exception as exc:  # one failed signal must not break the listener
             log.warning("bus handler %s failed: %s", name, type(exc).__name__)

@@ -51,6 +51,7 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         super().__init__(url, channel=channel)
         self.bus = bus
         bus.remote = self._publish_signal
+        bus.remote_nowait = self._queue_signal
         self._on_restored = on_link_restored
         self._on_publish_error = on_publish_error or (lambda: None)
         self._pub: aioredis.Redis | None = None
@@ -64,9 +65,12 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         self._publisher_task: asyncio.Task[None] | None = None
 
     async def _publish_signal(self, name: str, data: dict[str, Any]) -> None:
-        await self._publish({"method": "emit", "event": PREFIX + name, "data": [data],
-                             "namespace": "/", "room": None, "skip_sid": None,
-                             "callback": None, "host_id": self.host_id})
+        self._queue_signal(name, data)
+
+    def _queue_signal(self, name: str, data: dict[str, Any]) -> None:
+        self._enqueue({"method": "emit", "event": PREFIX + name, "data": [data],
+                       "namespace": "/", "room": None, "skip_sid": None,
+                       "callback": None, "host_id": self.host_id})
 
     async def _handle_emit(self, message: dict[str, Any]) -> None:
         event = message.get("event")
@@ -100,6 +104,9 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
                         type(exc).__name__)
 
     async def _publish(self, data: Any) -> None:
+        self._enqueue(data)
+
+    def _enqueue(self, data: Any) -> None:
         """Queue a message for the publisher task: an emit never waits on a
         Redis round trip, and bursts go out pipelined (one round trip for up
         to PUBLISH_BATCH messages), in order."""

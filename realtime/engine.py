@@ -18,8 +18,8 @@ from realtime.presence import Presence
 from realtime.presence.memory import MemoryPresence
 from realtime.presence.redis import RedisPresence
 from realtime.settings import Settings
-from storage.fallback import FallbackDirectory, FallbackPositions, FallbackRateLimiter
-from storage.redis_state import RedisAgentDirectory, RedisPositions, RedisRateLimiter, redis_lock
+from storage.fallback import FallbackDirectory, FallbackPositions
+from storage.redis_state import RedisAgentDirectory, RedisPositions, redis_lock
 from tracking.locations import MemoryRateLimiter
 from tracking.positions import MemoryPositions, PositionStore
 from tracking.service import RateLimiter
@@ -46,6 +46,7 @@ class Engine:
     redis: aioredis.Redis | None = field(default=None, repr=False)
 
     async def close(self) -> None:
+        await self.positions.flush()
         if isinstance(self.manager, ClusterManager):
             await self.manager.aclose()
         if self.redis is not None:
@@ -76,9 +77,9 @@ def build_engine(settings: Settings) -> Engine:
         # While Redis is away each node keeps serving its own clients from
         # memory (storage/fallback.py).
         positions=FallbackPositions(RedisPositions(redis, prefix)),
-        limiter=FallbackRateLimiter(
-            RedisRateLimiter(redis, settings.location_rate, settings.location_burst, prefix),
-            settings.location_rate, settings.location_burst),
+        # Rate limits stay per node: a technician's stream goes to the node
+        # holding its socket (docs/tracking.md).
+        limiter=MemoryRateLimiter(settings.location_rate, settings.location_burst),
         tech_presence=RedisPresence(redis, "technician", node_id, ttl, prefix),
         agent_presence=RedisPresence(redis, "agent", node_id, ttl, prefix),
         directory=FallbackDirectory(RedisAgentDirectory(redis, prefix)),

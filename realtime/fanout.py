@@ -2,10 +2,12 @@
 
 python-socketio's manager encodes a broadcast once but then starts one
 asyncio task per recipient, each awaiting a queue put (ANCHORS.md: a third
-of the CPU under load). Here the packet is encoded once and put straight on
-each recipient's Engine.IO send queue; the socket's own writer task sends
-it, in order with everything else queued for that socket. Rooms with no
-local member cost a dictionary look-up and nothing else (no encoding).
+of the CPU under load). Here the packet is encoded once, and the same
+websocket frame is written straight to every recipient's transport
+(realtime/wsdirect.py); a recipient whose send queue holds something (or a
+long-polling one) gets the packet on that queue instead, so nothing
+overtakes what is queued. Rooms with no local member cost a dictionary
+look-up and nothing else (no encoding).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any
 
 import socketio
 from engineio import packet as eio_packet
+
+from realtime.wsdirect import text_frame
 
 # One encoder for every packet (json.dumps with arguments builds a new
 # encoder per call); compact and ASCII-only, as python-socketio encodes.
@@ -58,7 +62,9 @@ def local_emit(manager: Any, event: str, data: Any, namespace: str,
     else:
         skip = set()
     args = list(data) if isinstance(data, tuple) else ([] if data is None else [data])
-    pkt = eio_packet.Packet(eio_packet.MESSAGE, encode_event(namespace, event, args))
+    text = "4" + encode_event(namespace, event, args)
+    frame: bytes | None = None
+    pkt: Any = None
     sockets = manager.server.eio.sockets
     sent = 0
     for sid, eio_sid in list(members.items()):
@@ -67,9 +73,26 @@ def local_emit(manager: Any, event: str, data: Any, namespace: str,
         sock = sockets.get(eio_sid)
         if sock is None or sock.closed:
             continue
-        sock.queue.put_nowait(pkt)
+        link = getattr(sock, "link", None)
+        if link is not None and sock.queue.empty():
+            if frame is None:
+                frame = text_frame(text)
+            link.write(frame)
+        else:
+            if pkt is None:
+                pkt = eio_packet.Packet(eio_packet.MESSAGE, text[1:])
+            sock.queue.put_nowait(pkt)
         sent += 1
     return sent
+
+
+def deliver(sock: Any, text: str) -> None:
+    """One Socket.IO packet to one socket, directly when nothing is queued."""
+    link = getattr(sock, "link", None)
+    if link is not None and sock.queue.empty():
+        link.write(text_frame("4" + text))
+    else:
+        sock.queue.put_nowait(eio_packet.Packet(eio_packet.MESSAGE, text))
 
 
 def has_local_members(manager: Any, namespace: str, room: str) -> bool:

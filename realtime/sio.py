@@ -16,18 +16,19 @@ tests/test_hardening.py fails if either hook stops working.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import socketio
-from aiohttp import WSMsgType
 from aiohttp.web import WebSocketResponse
-from engineio import exceptions as eio_exceptions
-from engineio import packet as eio_packet
 from engineio.async_drivers import aiohttp as eio_aiohttp
 from socketio import packet
 
-from realtime.fanout import encode_ack
+from realtime.fanout import deliver, encode_ack
+from realtime.wsdirect import CLIENT_EIO_TYPES, DirectWebSocketResponse
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +39,6 @@ RESERVED_EVENTS = frozenset({
 })
 
 
-# Engine.IO v4 packet types a client may send in a text frame: close, ping,
-# pong, message, upgrade, noop.
-_CLIENT_EIO_TYPES = frozenset("123456")
-
-
 class _PlainWebSocket(eio_aiohttp.WebSocket):  # type: ignore[misc]
     """engine.io's aiohttp websocket without permessage-deflate, and deaf to
     frames that are not Engine.IO packets (python-engineio decodes them
@@ -51,23 +47,32 @@ class _PlainWebSocket(eio_aiohttp.WebSocket):  # type: ignore[misc]
     async def wait(self) -> Any:
         while True:
             data = await super().wait()
-            if isinstance(data, bytes) or (data and data[0] in _CLIENT_EIO_TYPES):
+            if isinstance(data, bytes) or (data and data[0] in CLIENT_EIO_TYPES):
                 return data
             log.info("dropped a frame that is not an Engine.IO packet")
 
     async def __call__(self, environ: dict[str, Any]) -> WebSocketResponse:
         request = environ["aiohttp.request"]
-        self._sock = WebSocketResponse(
-            max_msg_size=self.server.max_http_buffer_size, compress=False
-        )
-        await self._sock.prepare(request)
-        self.environ = environ
+        server = self.server
         sock = getattr(self.handler, "__self__", None)
         if sock is not None and not sock.connected:
-            await _serve_websocket(sock, self._sock)
-        else:  # an upgrade from long-polling: the stock handshake
-            await self.handler(self)
-        return self._sock
+            # A websocket-only session: frames handled where they are parsed.
+            direct = DirectWebSocketResponse(
+                timeout=server.ping_interval + server.ping_timeout,
+                max_msg_size=server.max_http_buffer_size)
+            await direct.prepare(request)
+            self._sock: WebSocketResponse = direct
+            self.environ = environ
+            await _serve_direct(sock, direct)
+            return direct
+        # An upgrade from long-polling: the stock handshake, without deflate.
+        ws: WebSocketResponse = WebSocketResponse(max_msg_size=server.max_http_buffer_size,
+                                                  compress=False)
+        self._sock = ws
+        await ws.prepare(request)
+        self.environ = environ
+        await self.handler(self)
+        return ws
 
 
 class _QuietInvalidSession(logging.Filter):
@@ -84,70 +89,51 @@ def quiet_engineio_logs() -> None:
         logger.addFilter(_QuietInvalidSession())
 
 
-async def _serve_websocket(sock: Any, ws: WebSocketResponse) -> None:
-    """A websocket-only Engine.IO session, as python-engineio's handler does
-    it but without two tasks and a timer per inbound frame (ensure_future +
-    wait_for) or a timer per outbound batch: the reader awaits frames with
-    aiohttp's own timeout, the writer drains the socket's queue."""
+async def _serve_direct(sock: Any, ws: DirectWebSocketResponse) -> None:
+    """A websocket-only Engine.IO session (realtime/wsdirect.py): inbound
+    frames are handled as they are parsed; the writer task drains only what
+    python-engineio queues (pings, replies of the slower handlers)."""
+    link = ws.link
+    link.sock = sock
+    link.fast = sock.server.fast_message
+    sock.link = link
     sock.connected = True
     sock.upgraded = True
     server = sock.server
     queue = sock.queue
 
     async def writer() -> None:
-        try:
-            while True:
-                pkt = await queue.get()
+        while True:
+            pkt = await queue.get()
+            queue.task_done()
+            stop = pkt is None
+            batch = [] if stop else [pkt]
+            while not stop and not queue.empty():
+                nxt = queue.get_nowait()
                 queue.task_done()
-                stop = pkt is None
-                batch = [] if stop else [pkt]
-                while not stop and not queue.empty():
-                    nxt = queue.get_nowait()
-                    queue.task_done()
-                    if nxt is None:
-                        stop = True
-                    else:
-                        batch.append(nxt)
-                for p in batch:
-                    data = p.encode()
-                    if isinstance(data, bytes):
-                        await ws.send_bytes(data)
-                    else:
-                        await ws.send_str(data)
-                if stop:
-                    return
-        except Exception:  # the peer went away mid-write
-            return
-        finally:
-            await ws.close()
+                if nxt is None:
+                    stop = True
+                else:
+                    batch.append(nxt)
+            for p in batch:  # written in one go: nothing can slip in between
+                link.send(p.encode())
+            if stop:
+                return
 
     writer_task = asyncio.get_running_loop().create_task(writer())
-    timeout = server.ping_interval + server.ping_timeout
     try:
-        while True:
-            try:
-                msg = await ws.receive(timeout=timeout)
-            except TimeoutError:
-                break
-            if msg.type == WSMsgType.TEXT:
-                data: Any = msg.data
-                if not data or data[0] not in _CLIENT_EIO_TYPES:
-                    log.info("dropped a frame that is not an Engine.IO packet")
-                    continue
-            elif msg.type == WSMsgType.BINARY:
-                data = msg.data
-            else:  # close, closing, closed, error
-                break
-            try:
-                await sock.receive(eio_packet.Packet(encoded_packet=data))
-            except eio_exceptions.SocketIsClosedError:
-                break
-            except Exception:  # one bad packet must not end the session silently
-                log.info("dropped an undecodable Engine.IO packet")
+        await link.done
     finally:
+        sock.link = None
         await queue.put(None)
-        await writer_task
+        with contextlib.suppress(Exception):
+            await writer_task
+        await ws.close()
         await sock.close(wait=False, abort=True, reason=server.reason.TRANSPORT_CLOSE)
+
+
+FastHandler = Callable[[str, dict[str, Any]], "dict[str, Any] | None"]
+_loads = json.loads
 
 
 def refusal(code: str, message: str) -> socketio.exceptions.ConnectionRefusedError:
@@ -160,6 +146,53 @@ class RealtimeServer(socketio.AsyncServer):  # type: ignore[misc]
         super().__init__(**kwargs)
         quiet_engineio_logs()
         self.eio._async = {**self.eio._async, "websocket": _PlainWebSocket}
+        self.eio.fast_message = self.fast_message
+        # namespace -> event -> synchronous handler (sid, payload) -> reply,
+        # or None when this message needs the regular (async) handler.
+        self.fast_handlers: dict[str, dict[str, FastHandler]] = {}
+
+    def fast_message(self, sock: Any, data: str) -> bool:
+        """Handle a Socket.IO EVENT packet inside the frame parser's call when
+        its namespace has a synchronous handler for it (wsdirect.py). False:
+        the packet goes the regular way (which also gives every error reply,
+        so nothing is lost by declining)."""
+        if data[:1] != "2":
+            return False
+        if data[1:2] == "/":
+            comma = data.find(",", 1)
+            if comma < 0:
+                return False
+            namespace, i = data[1:comma], comma + 1
+        else:
+            namespace, i = "/", 1
+        handlers = self.fast_handlers.get(namespace)
+        if handlers is None:
+            return False
+        j = i
+        n = len(data)
+        while j < n and data[j].isdigit():
+            j += 1
+        if not data.startswith('["', j):
+            return False
+        end = data.find('"', j + 2)
+        handler = handlers.get(data[j + 2:end])
+        if handler is None or j - i > 15:
+            return False
+        try:
+            args = _loads(data[j:])
+        except ValueError:
+            return False
+        if len(args) != 2 or not isinstance(args[1], dict):
+            return False
+        sid = self.manager.sid_from_eio_sid(sock.sid, namespace)
+        if sid is None:
+            return False
+        reply = handler(sid, args[1])
+        if reply is None:
+            return False
+        if j > i:
+            deliver(sock, encode_ack(namespace, int(data[i:j]), [reply]))
+        return True
 
     async def _handle_event_internal(self, server: Any, sid: str, eio_sid: str, data: Any,
                                      namespace: str, id: Any) -> None:

@@ -3,7 +3,7 @@
 Each wrapper sends calls to the shared Redis implementation and, when Redis
 fails, answers from this node's own memory instead (a mirror kept current
 on every successful call). Cross-node guarantees lapse while Redis is down
-(latest-wins and rate limits become per node); they return with Redis.
+(latest-wins becomes per node); they return with Redis.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import Any, Final
 
 from redis.exceptions import RedisError
 
-from tracking.locations import MemoryRateLimiter
 from tracking.positions import MemoryPositions, Position
 
 log = logging.getLogger(__name__)
@@ -50,13 +49,15 @@ class FallbackPositions:
             self._d.note(exc)
             return await self.local.get(technician_id)
 
-    async def put_if_newer(self, pos: Position) -> bool:
-        await self.local.put_if_newer(pos)
-        try:
-            return bool(await self.primary.put_if_newer(pos))
-        except (RedisError, OSError) as exc:
-            self._d.note(exc)
-            return True  # the local mirror took it; Redis catches up with the next fix
+    def put(self, pos: Position) -> bool:
+        self.local.put(pos)
+        return bool(self.primary.put(pos))  # written behind: Redis errors surface there
+
+    def forget(self, technician_id: str) -> None:
+        self.primary.forget(technician_id)
+
+    async def flush(self) -> None:
+        await self.primary.flush()
 
     async def in_box(self, min_lat: float, min_lng: float, max_lat: float, max_lng: float,
                      limit: int) -> list[Position]:
@@ -72,20 +73,6 @@ class FallbackPositions:
         except (RedisError, OSError) as exc:
             self._d.note(exc)
             return await self.local.near(lat, lng, radius_m, limit)
-
-
-class FallbackRateLimiter:
-    def __init__(self, primary: Any, rate: float, burst: float) -> None:
-        self.primary = primary
-        self.local = MemoryRateLimiter(rate, burst)
-        self._d = _Degraded("rate limits")
-
-    async def take(self, key: str) -> int:
-        try:
-            return int(await self.primary.take(key))
-        except (RedisError, OSError) as exc:
-            self._d.note(exc)
-            return await self.local.take(key)
 
 
 class FallbackDirectory:

@@ -1,12 +1,14 @@
 """Redis implementations of the shared live state: latest positions (GEO +
-a record per technician, latest-wins atomically in Lua) and rate limits (a
-token bucket in Lua on Redis's clock). Presence is in realtime/presence."""
+a record per technician, latest-wins atomically in Lua, written behind) and
+agents' statuses. Presence is in realtime/presence."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any, Final
 
@@ -16,23 +18,34 @@ from redis.exceptions import LockError, RedisError
 from tracking.geo import haversine_m
 from tracking.positions import Position
 
+log = logging.getLogger(__name__)
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+
 # A latest position older than this is gone from Redis; staleness filters
 # (nearby search, area views) cut much earlier.
 POSITION_TTL_S: Final = 24 * 3600
 
+# Latest wins, for a batch of fixes: KEYS = geo set, polar set, then one
+# record key per fix; ARGV = ttl, then per fix ts, json, lng, lat, id.
 _PUT_IF_NEWER = """
-local cur = redis.call('HGET', KEYS[1], 'ts')
-if cur and tonumber(cur) >= tonumber(ARGV[1]) then return 0 end
-redis.call('HSET', KEYS[1], 'ts', ARGV[1], 'j', ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[6])
--- Redis GEO covers latitudes within +-85.05112878 (Web Mercator); a fix
--- beyond goes to a plain set that searches scan (there are few up there).
-if math.abs(tonumber(ARGV[4])) <= 85.05112878 then
-  redis.call('GEOADD', KEYS[2], ARGV[3], ARGV[4], ARGV[5])
-  redis.call('SREM', KEYS[3], ARGV[5])
-else
-  redis.call('ZREM', KEYS[2], ARGV[5])
-  redis.call('SADD', KEYS[3], ARGV[5])
+local ttl = ARGV[1]
+for i = 3, #KEYS do
+  local a = 2 + (i - 3) * 5
+  local ts, lng, lat, id = ARGV[a], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+  local cur = redis.call('HGET', KEYS[i], 'ts')
+  if not (cur and tonumber(cur) >= tonumber(ts)) then
+    redis.call('HSET', KEYS[i], 'ts', ts, 'j', ARGV[a + 1])
+    redis.call('EXPIRE', KEYS[i], ttl)
+    -- Redis GEO covers latitudes within +-85.05112878 (Web Mercator); a fix
+    -- beyond goes to a plain set that searches scan (there are few up there).
+    if math.abs(tonumber(lat)) <= 85.05112878 then
+      redis.call('GEOADD', KEYS[1], lng, lat, id)
+      redis.call('SREM', KEYS[2], id)
+    else
+      redis.call('ZREM', KEYS[1], id)
+      redis.call('SADD', KEYS[2], id)
+    end
+  end
 end
 return 1
 """
@@ -42,22 +55,6 @@ GEO_MAX_LAT: Final = 85.05112878
 
 def _geo_lat(lat: float) -> float:
     return max(-GEO_MAX_LAT, min(GEO_MAX_LAT, lat))
-
-
-_TAKE_TOKEN = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
-local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
-local tokens = tonumber(b[1]) or burst
-local ts = tonumber(b[2]) or now
-tokens = math.min(burst, tokens + math.max(0, now - ts) * rate / 1000)
-local wait = 0
-if tokens >= 1 then tokens = tokens - 1 else wait = math.ceil((1 - tokens) * 1000 / rate) end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', now)
-redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rate) + 1000)
-return wait
-"""
 
 
 def _text(raw: Any) -> str:
@@ -71,25 +68,77 @@ def _decode(raw: bytes | str | None) -> Position | None:
 
 
 class RedisPositions:
+    """Latest positions shared by every node. Writes go behind: `put` decides
+    latest-wins against what this node has put and returns at once; one
+    writer task sends everything put meanwhile in one Lua call (latest-wins
+    again, atomically, across nodes). So the GPS path never waits on Redis,
+    and under load a round trip carries many fixes (the newest per
+    technician only)."""
+
     def __init__(self, redis: aioredis.Redis, prefix: str = "rt") -> None:
         self._r = redis
         self._put = redis.register_script(_PUT_IF_NEWER)
         self._prefix = prefix
         self._geo = f"{prefix}:pos:geo"
         self._polar = f"{prefix}:pos:polar"
+        self._newest: dict[str, int] = {}  # technician -> newest ts put here
+        self._pending: dict[str, Position] = {}
+        self._writer: asyncio.Task[None] | None = None
+        self._last_log = 0.0
+        self.write_failures = 0
 
     def _key(self, technician_id: str) -> str:
         return f"{self._prefix}:pos:{technician_id}"
 
     async def get(self, technician_id: str) -> Position | None:
+        pending = self._pending.get(technician_id)
+        if pending is not None:
+            return pending
         return _decode(await self._r.hget(self._key(technician_id), "j"))
 
-    async def put_if_newer(self, pos: Position) -> bool:
-        done = await self._put(
-            keys=[self._key(pos.technician_id), self._geo, self._polar],
-            args=[pos.ts, json.dumps(pos.as_dict(), separators=(",", ":")), pos.lng, pos.lat,
-                  pos.technician_id, POSITION_TTL_S])
-        return bool(done)
+    def put(self, pos: Position) -> bool:
+        tid = pos.technician_id
+        newest = self._newest.get(tid)
+        if newest is not None and newest >= pos.ts:
+            return False
+        self._newest[tid] = pos.ts
+        self._pending[tid] = pos
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._write_behind())
+        return True
+
+    def forget(self, technician_id: str) -> None:
+        """The technician left this node: its newest-ts memory may go."""
+        if technician_id not in self._pending:
+            self._newest.pop(technician_id, None)
+
+    async def _write_behind(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, {}
+                keys = [self._geo, self._polar]
+                args: list[Any] = [POSITION_TTL_S]
+                for pos in batch.values():
+                    keys.append(self._key(pos.technician_id))
+                    args += [pos.ts, _dumps(pos.as_dict()), pos.lng, pos.lat, pos.technician_id]
+                try:
+                    await self._put(keys=keys, args=args)
+                except (RedisError, OSError) as exc:
+                    # Lost for Redis only (this node still relays and keeps its
+                    # mirror); the technician's next fix writes again.
+                    self.write_failures += len(batch)
+                    now = time.monotonic()
+                    if now - self._last_log >= 10.0:
+                        self._last_log = now
+                        log.warning("positions not written to Redis (%s)", type(exc).__name__)
+                    await asyncio.sleep(0.1)
+        finally:
+            self._writer = None
+
+    async def flush(self) -> None:
+        """Wait until what was put so far is in Redis (or failed)."""
+        while self._writer is not None:
+            await asyncio.shield(self._writer)
 
     async def _records(self, ids: list[str]) -> list[Position]:
         if not ids:
@@ -126,16 +175,6 @@ class RedisPositions:
                      if haversine_m(lat, lng, p.lat, p.lng) <= radius_m]
             found = sorted(found + polar, key=lambda p: haversine_m(lat, lng, p.lat, p.lng))[:limit]
         return found
-
-
-class RedisRateLimiter:
-    def __init__(self, redis: aioredis.Redis, rate: float, burst: float,
-                 prefix: str = "rt") -> None:
-        self._take = redis.register_script(_TAKE_TOKEN)
-        self.rate, self.burst, self.prefix = rate, burst, f"{prefix}:rl:"
-
-    async def take(self, key: str) -> int:
-        return int(await self._take(keys=[self.prefix + key], args=[self.rate, self.burst]))
 
 
 class RedisAgentDirectory:

@@ -116,21 +116,21 @@ def test_token_bucket_retry_after_is_positive_and_accurate() -> None:
     assert b2.take(s + 0.000999) >= 1
 
 
-async def test_memory_rate_limiter_keys_are_independent() -> None:
+def test_memory_rate_limiter_keys_are_independent() -> None:
     lim = MemoryRateLimiter(rate=1.0, burst=1.0)
-    assert await lim.take("a") == 0
-    assert await lim.take("a") > 0
-    assert await lim.take("b") == 0
+    assert lim.take("a") == 0
+    assert lim.take("a") > 0
+    assert lim.take("b") == 0
 
 
-async def test_memory_rate_limiter_never_forgets_a_drained_bucket() -> None:
+def test_memory_rate_limiter_never_forgets_a_drained_bucket() -> None:
     """Flooding new keys must not reset a technician who is being limited."""
     lim = MemoryRateLimiter(rate=0.001, burst=1.0, max_keys=2)
-    assert await lim.take("a") == 0
-    assert await lim.take("a") > 0
+    assert lim.take("a") == 0
+    assert lim.take("a") > 0
     for k in ("b", "c", "d", "e"):
-        await lim.take(k)
-    assert await lim.take("a") > 0
+        lim.take(k)
+    assert lim.take("a") > 0
 
 
 # -- EtaEstimator ----------------------------------------------------------------------------------

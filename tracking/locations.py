@@ -83,13 +83,15 @@ class TokenBucket:
 
 
 class MemoryRateLimiter:
-    """Per-key token buckets in this process (the Redis engine shares them)."""
+    """Per-key token buckets in this process. Both engines use it: a
+    technician's stream goes to the one node holding its socket, so the
+    bucket lives there (docs/tracking.md)."""
 
     def __init__(self, rate: float, burst: float, max_keys: int = 100_000) -> None:
         self.rate, self.burst, self.max_keys = rate, burst, max_keys
         self._buckets: dict[str, TokenBucket] = {}
 
-    async def take(self, key: str) -> int:
+    def take(self, key: str) -> int:
         bucket = self._buckets.get(key)
         if bucket is None:
             if len(self._buckets) >= self.max_keys:

@@ -42,8 +42,16 @@ class Position:
 class PositionStore(Protocol):
     async def get(self, technician_id: str) -> Position | None: ...
 
-    async def put_if_newer(self, pos: Position) -> bool:
-        """Store `pos` unless a fix with ts >= pos.ts is already stored. Atomic."""
+    def put(self, pos: Position) -> bool:
+        """Store `pos` unless a fix with ts >= pos.ts is already known; False
+        then. Never waits: a shared store writes behind (latest-wins there
+        too, atomically)."""
+
+    def forget(self, technician_id: str) -> None:
+        """The technician left this node (its latest position stays)."""
+
+    async def flush(self) -> None:
+        """Wait until what was put is stored (a graceful stop)."""
 
     async def in_box(self, min_lat: float, min_lng: float, max_lat: float,
                      max_lng: float, limit: int) -> list[Position]: ...
@@ -61,12 +69,18 @@ class MemoryPositions:
     async def get(self, technician_id: str) -> Position | None:
         return self._latest.get(technician_id)
 
-    async def put_if_newer(self, pos: Position) -> bool:
+    def put(self, pos: Position) -> bool:
         old = self._latest.get(pos.technician_id)
         if old is not None and old.ts >= pos.ts:
             return False
         self._latest[pos.technician_id] = pos
         return True
+
+    def forget(self, technician_id: str) -> None:
+        pass  # the position itself is the state: areas and nearby search read it
+
+    async def flush(self) -> None:
+        pass
 
     async def in_box(self, min_lat: float, min_lng: float, max_lat: float,
                      max_lng: float, limit: int) -> list[Position]:

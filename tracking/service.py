@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 from tracking.clock import now_ms
@@ -49,7 +49,8 @@ class TrackingConfig:
 
 
 class RateLimiter(Protocol):
-    async def take(self, key: str) -> int: ...
+    def take(self, key: str) -> int:
+        """0 when the key may go on, else milliseconds until it may."""
 
 
 class TrailSink(Protocol):
@@ -107,7 +108,7 @@ class PointResult:
 
 # (the new latest position, the `position` payload for the watchers of the
 # order it belongs to, or None when the order's watchers may not see it)
-PositionOut = Callable[[Position, dict[str, Any] | None], Awaitable[None]]
+PositionOut = Callable[[Position, dict[str, Any] | None], None]
 Counter = Callable[[str], None]
 
 
@@ -148,6 +149,7 @@ class TrackingService:
 
     def technician_gone(self, technician_id: str) -> None:
         self._techs.pop(technician_id, None)
+        self.positions.forget(technician_id)
 
     async def _refresh(self, technician_id: str) -> None:
         st = self._tech(technician_id)
@@ -195,18 +197,43 @@ class TrackingService:
                      skills: tuple[str, ...] = ()) -> list[PointResult]:
         """Filter and store a technician's points (oldest first). Items that
         already failed validation at the edge come in as PointResults."""
-        wait_ms = await self._limiter.take(tech.id)
-        if wait_ms:
-            self._count("rate_limited")
-            raise RateLimited("too many location messages", wait_ms)
+        self._take_token(tech.id)
+        st = self._tech(tech.id)
+        if st.must_refresh:
+            st.must_refresh = False
+            try:
+                await self._refresh(tech.id)
+            except Exception as exc:  # store away too: go on with what we know
+                log.warning("active order refresh failed: %s", type(exc).__name__)
+                st.must_refresh = True
         # The last accepted point: this node's own memory while the technician
-        # streams to it (no round trip per point), the shared store the first
-        # time. Latest-wins across nodes is still decided atomically by
-        # put_if_newer.
-        last = self._tech(tech.id).last_point
+        # streams to it, the shared store the first time.
+        last = st.last_point
         if last is None:
             latest = await self.positions.get(tech.id)
             last = Point(latest.lat, latest.lng, latest.ts) if latest else None
+        return self._process(st, tech.id, name, skills, items, last)
+
+    def ingest_now(self, technician_id: str, name: str | None, point: Point,
+                   skills: tuple[str, ...] = ()) -> PointResult | None:
+        """One point of a technician already streaming to this node, without
+        waiting on anything (the GPS fast path); None when it needs `ingest`
+        (the first point of a connection, or after the order cache lapsed)."""
+        st = self._techs.get(technician_id)
+        if st is None or st.last_point is None or st.must_refresh:
+            return None
+        self._take_token(technician_id)
+        return self._process(st, technician_id, name, skills, [point], st.last_point)[0]
+
+    def _take_token(self, technician_id: str) -> None:
+        wait_ms = self._limiter.take(technician_id)
+        if wait_ms:
+            self._count("rate_limited")
+            raise RateLimited("too many location messages", wait_ms)
+
+    def _process(self, st: _TechState, technician_id: str, name: str | None,
+                 skills: tuple[str, ...], items: list[Point | PointResult],
+                 last: Point | None) -> list[PointResult]:
         now = now_ms()
         results: list[PointResult] = []
         accepted: list[Point] = []
@@ -229,19 +256,11 @@ class TrackingService:
                 results.append(PointResult("dropped", reason, ts=item.ts))
                 self._count(reason)
         if accepted:
-            await self._accept(tech.id, name, skills, accepted)
+            self._accept(st, technician_id, name, skills, accepted)
         return results
 
-    async def _accept(self, technician_id: str, name: str | None, skills: tuple[str, ...],
-                      points: list[Point]) -> None:
-        st = self._tech(technician_id)
-        if st.must_refresh:
-            st.must_refresh = False
-            try:
-                await self._refresh(technician_id)
-            except Exception as exc:  # store away too: go on with what we know
-                log.warning("active order refresh failed: %s", type(exc).__name__)
-                st.must_refresh = True
+    def _accept(self, st: _TechState, technician_id: str, name: str | None,
+                skills: tuple[str, ...], points: list[Point]) -> None:
         active = self._active(technician_id)
         active_id = active.order_id if active else None
         if active_id != st.order_id:
@@ -261,19 +280,20 @@ class TrackingService:
         self._trails.add(technician_id, active.order_id if active else None, points)
 
         newest = points[-1]
-        pos = Position(
-            technician_id=technician_id, lat=newest.lat, lng=newest.lng, ts=newest.ts, name=name,
-            speed=newest.speed, heading=newest.heading, accuracy=newest.accuracy,
-            status="busy" if active else "available", skills=skills,
-        )
         if active is not None:
             dist = haversine_m(newest.lat, newest.lng, active.lat, active.lng)
             eta = st.eta.estimate(dist, newest.ts, self.cfg.arrival_radius_m)
-            pos = replace(pos, order_id=active.order_id, eta_s=eta, distance_m=round(dist))
-        if not await self.positions.put_if_newer(pos):
-            return  # a newer fix arrived meanwhile (another connection or node)
+            pos = Position(technician_id, newest.lat, newest.lng, newest.ts, name, newest.speed,
+                           newest.heading, newest.accuracy, active.order_id, eta, round(dist),
+                           "busy", skills)
+        else:
+            pos = Position(technician_id, newest.lat, newest.lng, newest.ts, name, newest.speed,
+                           newest.heading, newest.accuracy, status="available", skills=skills)
+        # Latest wins: a newer fix may have come meanwhile (another connection or node).
+        if not self.positions.put(pos):
+            return
         visible = active is not None and active.state in VISIBLE
-        await self._position_out(pos, self.position_payload(pos) if visible else None)
+        self._position_out(pos, self.position_payload(pos) if visible else None)
         if active is not None and active.state == "en_route":
             self._check_arrival(st, active, points)
 

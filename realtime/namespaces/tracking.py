@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from pydantic import Field, ValidationError, model_validator
 
 from realtime.auth import Principal
-from realtime.errors import WireError, validation_details
+from realtime.errors import WireError, ok, to_error, validation_details
 from realtime.fanout import has_local_members, local_emit
 from realtime.namespaces.base import BaseNamespace, handles
 from realtime.namespaces.models import Id, Inbound, Ts
@@ -151,6 +151,8 @@ class TrackingNamespace(BaseNamespace):
         super().__init__(namespace, ctx)
         self.area = AreaWatch(self)
         self.watching: dict[str, set[str]] = {}  # sid -> order ids watched
+        self._location_in = ctx.metrics.events_in.labels(namespace, "location")
+        self._location_acks: dict[str, Any] = {}
 
     @property
     def svc(self) -> TrackingService:
@@ -211,18 +213,52 @@ class TrackingNamespace(BaseNamespace):
             counts[r.status] += 1
         return {**counts, "results": [r.as_dict() for r in results]}
 
-    # -- customers, agents: one order ------------------------------------
-    async def position_out(self, pos: Position, payload: dict[str, Any] | None) -> None:
-        """A new latest position: to every node (one message), where
-        `on_position` hands it to the local watchers."""
-        await self.ctx.engine.bus.publish("position", {"pos": pos.as_dict(), "payload": payload})
+    def fast_location(self, sid: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """`location` where its frame is parsed (realtime/wsdirect.py): a
+        technician already streaming here. None hands the message to the
+        regular handler (first point, bad payload, not a technician), which
+        also words every error."""
+        p = self.principals.get(sid)
+        if p is None or p.role != "technician":
+            return None
+        try:
+            point = PointIn.model_validate(body).to_point()
+        except ValidationError:
+            return None
+        try:
+            result = self.svc.ingest_now(p.id, p.name, point, p.skills)
+            if result is None:
+                return None
+            if result.status == "invalid":
+                raise WireError("invalid", "point rejected", result.details)
+            reply, code = ok(result.as_dict()), "ok"
+        except Exception as exc:
+            err = to_error(exc)
+            reply, code = err.body(), err.code
+        self._location_in.inc()
+        counter = self._location_acks.get(code)
+        if counter is None:
+            counter = self._location_acks[code] = self.ctx.metrics.acks.labels(
+                self.namespace, "location", code)
+        counter.inc()
+        return reply
 
-    async def on_position(self, data: dict[str, Any]) -> None:
-        """Bus signal, on every node: the area views' batch, and the order's
-        watchers in the coordinate system each asked for. Rooms with no
-        member on this node cost nothing (no conversion, no encoding)."""
-        self.area.changed(Position.from_dict(data["pos"]))
-        payload = data.get("payload")
+    # -- customers, agents: one order ------------------------------------
+    def position_out(self, pos: Position, payload: dict[str, Any] | None) -> None:
+        """A new latest position from this node's technician: to the watchers
+        here at once, and to the other nodes (one message, queued)."""
+        self._deliver(pos, payload)
+        self.ctx.engine.bus.to_others("position", {"pos": pos.as_dict(), "payload": payload})
+
+    def on_position(self, data: dict[str, Any]) -> None:
+        """Bus signal from another node."""
+        self._deliver(Position.from_dict(data["pos"]), data.get("payload"))
+
+    def _deliver(self, pos: Position, payload: dict[str, Any] | None) -> None:
+        """The area views' batch, and the order's watchers in the coordinate
+        system each asked for. Rooms with no member on this node cost nothing
+        (no conversion, no encoding)."""
+        self.area.changed(pos)
         if not payload:
             return
         manager = self.server.manager

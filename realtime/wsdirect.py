@@ -1,0 +1,246 @@
+"""Websocket sessions without a task switch per frame.
+
+aiohttp's WebSocketResponse parses frames in `data_received` and parks each
+one on a queue for a reader task; python-engineio then starts a task per
+message and a writer task drains a second queue per socket. Every inbound
+GPS point thus costs several event-loop hand-offs before anything is sent.
+
+Here aiohttp's own frame parser (its C reader) is kept, but the queue it
+feeds is replaced by one that acts on each message where it is parsed:
+
+- A Socket.IO event the server has a synchronous handler for (a technician's
+  `location`) is parsed, handled, fanned out and acked inside the same
+  `data_received` call, and every frame it produces is written straight to
+  the recipients' transports, encoded once for all of them.
+- Anything else runs as before: a task per message through python-engineio,
+  with replies through the socket's queue and its writer task. A frame is
+  written directly only while that queue is empty, so nothing overtakes what
+  is queued.
+- A client that stops reading is dropped once MAX_BUFFERED bytes wait for it
+  (it reconnects and replays what it missed), so memory stays bounded.
+- Liveness: a session with no frame for ping_interval + ping_timeout ends
+  (Engine.IO clients answer the server's pings, so a live one never idles).
+
+The hook is aiohttp's `WebSocketResponse._post_start` and the reader's queue
+class; pyproject pins aiohttp below 4 and the wire tests fail if it changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+from aiohttp import WSCloseCode, WSMsgType
+from aiohttp._websocket.reader import WebSocketDataQueue, WebSocketReader
+from aiohttp.web import BaseRequest, WebSocketResponse
+from aiohttp.web_ws import DEFAULT_CHUNK_SIZE
+from engineio import exceptions as eio_exceptions
+from engineio import packet as eio_packet
+
+log = logging.getLogger(__name__)
+
+# A client that lets this much pile up unread is dropped (it reconnects and
+# its streams replay); browsers and apps that read normally never come close.
+MAX_BUFFERED: Final = 4 * 1024 * 1024
+# Slow-path messages of one socket in flight before its reading pauses.
+MAX_INFLIGHT: Final = 64
+
+# Engine.IO v4 packet types a client may send in a text frame: close, ping,
+# pong, message, upgrade, noop.
+CLIENT_EIO_TYPES: Final = frozenset("123456")
+
+_TEXT = WSMsgType.TEXT
+_BINARY = WSMsgType.BINARY
+_PING = WSMsgType.PING
+_CLOSE = WSMsgType.CLOSE
+
+
+def _frame(opcode: int, payload: bytes) -> bytes:
+    n = len(payload)
+    if n < 126:
+        return bytes((0x80 | opcode, n)) + payload
+    if n < 65536:
+        return bytes((0x80 | opcode, 126)) + n.to_bytes(2, "big") + payload
+    return bytes((0x80 | opcode, 127)) + n.to_bytes(8, "big") + payload
+
+
+def text_frame(text: str) -> bytes:
+    """One server-to-client text frame (unmasked, unfragmented)."""
+    return _frame(0x1, text.encode())
+
+
+# A fast handler: (socket, Engine.IO message payload) -> handled?
+FastPath = Callable[[Any, str], bool]
+
+
+class DirectLink:
+    """One websocket session's transport, as the fan-out writes to it."""
+
+    __slots__ = ("_close_sent", "_inflight", "_paused", "_timer", "closed", "done", "fast",
+                 "last_rx", "loop", "protocol", "sock", "timeout", "transport")
+
+    def __init__(self, protocol: Any, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self.protocol = protocol
+        self.transport = protocol.transport
+        self.loop = loop
+        self.timeout = timeout
+        self.sock: Any = None
+        self.fast: FastPath | None = None
+        self.done: asyncio.Future[None] = loop.create_future()
+        self.closed = False
+        self.last_rx = time.monotonic()
+        self._inflight = 0
+        self._paused = False
+        self._close_sent = False
+        self._timer = loop.call_later(timeout, self._check_alive)
+
+    # -- writing ---------------------------------------------------------
+    def write(self, frame: bytes) -> None:
+        transport = self.transport
+        if self.closed or transport is None or transport.is_closing():
+            return
+        if transport.get_write_buffer_size() > MAX_BUFFERED:
+            log.info("dropping a client that stopped reading (%d bytes unsent)",
+                     transport.get_write_buffer_size())
+            self.finish()
+            transport.abort()
+            return
+        transport.write(frame)
+
+    def send(self, data: str | bytes) -> None:
+        if isinstance(data, str):
+            self.write(text_frame(data))
+        else:
+            self.write(_frame(0x2, data))
+
+    def close_frame(self, code: int) -> None:
+        if self._close_sent:
+            return
+        self._close_sent = True
+        self.write(_frame(0x8, code.to_bytes(2, "big")))
+
+    # -- reading ---------------------------------------------------------
+    def on_message(self, msg: Any) -> None:
+        """Called by aiohttp's frame parser, inside data_received."""
+        self.last_rx = time.monotonic()
+        kind = msg[0]
+        if kind is _TEXT:
+            data = msg[1]
+            if not data or data[0] not in CLIENT_EIO_TYPES:
+                log.info("dropped a frame that is not an Engine.IO packet")
+                return
+            if data[0] == "4" and self.fast is not None and self.sock is not None:
+                try:
+                    if self.fast(self.sock, data[1:]):
+                        return
+                except Exception:  # never let one message break the connection
+                    log.exception("fast path failed; handing the message to the event handlers")
+            self._slow(data)
+        elif kind is _BINARY:
+            self._slow(msg[1])
+        elif kind is _PING:
+            self.write(_frame(0xA, msg[1]))
+        elif kind is _CLOSE:
+            self.close_frame(WSCloseCode.OK)
+            self.finish()
+        # PONG and anything else: nothing to do
+
+    def _slow(self, data: str | bytes) -> None:
+        if self.sock is None or self.closed:
+            return
+        self._inflight += 1
+        if self._inflight >= MAX_INFLIGHT and not self._paused:
+            self._paused = True
+            self.protocol.pause_reading()
+        self.loop.create_task(self._receive(data))
+
+    async def _receive(self, data: str | bytes) -> None:
+        try:
+            await self.sock.receive(eio_packet.Packet(encoded_packet=data))
+        except eio_exceptions.SocketIsClosedError:
+            self.finish()
+        except Exception:  # one bad packet must not end the session silently
+            log.info("dropped an undecodable Engine.IO packet")
+        finally:
+            self._inflight -= 1
+            if self._paused and self._inflight <= MAX_INFLIGHT // 2:
+                self._paused = False
+                with contextlib.suppress(Exception):
+                    self.protocol.resume_reading()
+
+    def fail(self, exc: BaseException) -> None:
+        """The parser found a protocol violation (bad frame, too big)."""
+        code = getattr(exc, "code", WSCloseCode.PROTOCOL_ERROR)
+        log.info("websocket protocol error: %s", exc)
+        self.close_frame(int(code))
+        self.finish()
+
+    def finish(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._timer.cancel()
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def _check_alive(self) -> None:
+        if self.closed:
+            return
+        idle = time.monotonic() - self.last_rx
+        if idle >= self.timeout:
+            log.info("websocket idle for %.0f s: closing", idle)
+            self.finish()
+        else:
+            self._timer = self.loop.call_later(self.timeout - idle, self._check_alive)
+
+
+class _Inbox(WebSocketDataQueue):  # type: ignore[misc,valid-type]
+    """The parser's destination: hands each message to the link at once."""
+
+    def __init__(self, protocol: Any, loop: asyncio.AbstractEventLoop, link: DirectLink) -> None:
+        super().__init__(protocol, DEFAULT_CHUNK_SIZE, loop=loop)
+        self.link = link
+
+    def feed_data(self, data: Any, size: int) -> None:
+        self.link.on_message(data)
+
+    def feed_eof(self) -> None:
+        self.link.finish()
+
+    def set_exception(self, exc: BaseException, *args: Any) -> None:
+        self.link.fail(exc)
+
+
+class DirectWebSocketResponse(WebSocketResponse):
+    """A websocket response whose frames go to a DirectLink, not a queue."""
+
+    link: DirectLink
+
+    def __init__(self, *, timeout: float, max_msg_size: int) -> None:
+        super().__init__(max_msg_size=max_msg_size, compress=False, autoping=False)
+        self._link_timeout = timeout
+
+    def _post_start(self, request: BaseRequest, protocol: str | None, writer: Any) -> None:
+        self._ws_protocol = protocol
+        self._writer = writer
+        loop = request._loop
+        self.link = DirectLink(request.protocol, loop, self._link_timeout)
+        inbox = _Inbox(request.protocol, loop, self.link)
+        self._reader = inbox
+        self._parser = WebSocketReader(inbox, self._max_msg_size, compress=False, decode_text=True)
+        request.protocol.set_parser(self._parser)
+        request.protocol.keep_alive(False)
+
+    async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"",
+                    drain: bool = True) -> bool:
+        link = self.link
+        if link.transport is not None and not link.transport.is_closing():
+            link.close_frame(code)
+            link.transport.close()
+        link.finish()
+        self._set_closed()
+        return True
