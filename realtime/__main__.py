@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import AsyncIterator
 
 from pydantic import ValidationError
 
@@ -31,6 +32,7 @@ def serve(args: argparse.Namespace) -> None:
 
     from realtime.api import CTX
     from realtime.app import create_app
+    from realtime.gcpolicy import run_policy, start_policy
 
     settings = _settings()
     logging.basicConfig(
@@ -42,14 +44,18 @@ def serve(args: argparse.Namespace) -> None:
     app = create_app(settings)
     app[CTX].metrics.watch_gc()
 
-    async def freeze_startup_objects(app: web.Application) -> None:
-        # Everything allocated at start (modules, settings, pools) lives
-        # forever: move it out of the collector's sight, so full collections
-        # scan only what traffic allocates (ANCHORS.md: p99 306 ms -> 16 ms).
-        gc.collect()
-        gc.freeze()
+    async def collect_garbage(app: web.Application) -> AsyncIterator[None]:
+        # Full collections would pause for 100+ ms with thousands of sockets
+        # (realtime/gcpolicy.py); this process runs them on a schedule.
+        start_policy()
+        task = asyncio.get_running_loop().create_task(
+            run_policy(settings.gc_freeze_s, settings.gc_full_s))
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
-    app.on_startup.append(freeze_startup_objects)
+    app.cleanup_ctx.append(collect_garbage)
     logging.getLogger("realtime").info(
         "listening on http://%s:%d (Socket.IO at /socket.io/)", settings.host, settings.port
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import web
@@ -64,6 +64,19 @@ def cors_policy(settings: Settings) -> Any:
         return host is not None and origin in (f"http://{host}", f"https://{host}")
 
     return check
+
+
+def point_counter(metrics: Metrics) -> Callable[[str], None]:
+    """Counts GPS points by outcome (the labelled children cached: hot path)."""
+    children: dict[str, Any] = {}
+
+    def count(outcome: str) -> None:
+        child = children.get(outcome)
+        if child is None:
+            child = children[outcome] = metrics.points.labels(outcome)
+        child.inc()
+
+    return count
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -152,7 +165,7 @@ def create_app(settings: Settings) -> web.Application:
                 trails=trails,
                 limiter=engine.limiter,
                 position_out=tracking_ns.position_out,
-                count=lambda outcome: metrics.points.labels(outcome).inc(),
+                count=point_counter(metrics),
                 config=tracking_config(settings),
             )
             router = Router(chat_store, directory=engine.directory, presence=engine.agent_presence,

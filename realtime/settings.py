@@ -75,6 +75,10 @@ class Settings(BaseSettings):
     arrival_radius_m: float = Field(default=100.0, gt=0)
     road_factor: float = Field(default=1.35, ge=1.0, le=3.0)
     default_speed_kmh: float = Field(default=25.0, gt=0)
+    # Garbage collection (realtime/gcpolicy.py): survivors frozen every
+    # gc_freeze_s, one full collection every gc_full_s.
+    gc_freeze_s: float = Field(default=30.0, ge=1.0)
+    gc_full_s: float = Field(default=3600.0, ge=10.0)
     trail_ttl_days: int = Field(default=30, ge=1)
     trail_flush_s: float = Field(default=1.0, gt=0)
 

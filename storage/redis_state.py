@@ -24,6 +24,10 @@ _dumps = json.JSONEncoder(separators=(",", ":")).encode
 # A latest position older than this is gone from Redis; staleness filters
 # (nearby search, area views) cut much earlier.
 POSITION_TTL_S: Final = 24 * 3600
+# How long fixes gather before one write carries them all: far below any
+# reader's horizon (a `watch` elsewhere, a nearby search), and at thousands
+# of fixes per second it turns one round trip per fix into a few per second.
+WRITE_BEHIND_S: Final = 0.005
 
 # Latest wins, for a batch of fixes: KEYS = geo set, polar set, then one
 # record key per fix; ARGV = ttl, then per fix ts, json, lng, lat, id.
@@ -114,6 +118,7 @@ class RedisPositions:
 
     async def _write_behind(self) -> None:
         try:
+            await asyncio.sleep(WRITE_BEHIND_S)
             while self._pending:
                 batch, self._pending = self._pending, {}
                 keys = [self._geo, self._polar]
@@ -151,6 +156,7 @@ class RedisPositions:
 
     async def in_box(self, min_lat: float, min_lng: float, max_lat: float,
                      max_lng: float, limit: int) -> list[Position]:
+        await self.flush()  # this node's own fixes first: read your writes
         clat, clng = _geo_lat((min_lat + max_lat) / 2), (min_lng + max_lng) / 2
         width = max(1.0, haversine_m(clat, min_lng, clat, max_lng))
         height = max(1.0, haversine_m(min_lat, clng, max_lat, clng))
@@ -166,6 +172,7 @@ class RedisPositions:
         return await self._records([_text(i) for i in await self._r.smembers(self._polar)])
 
     async def near(self, lat: float, lng: float, radius_m: float, limit: int) -> list[Position]:
+        await self.flush()
         ids = await self._r.geosearch(self._geo, longitude=lng, latitude=_geo_lat(lat),
                                       radius=radius_m, unit="m", sort="ASC", count=limit)
         found = await self._records([_text(i) for i in ids])

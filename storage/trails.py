@@ -52,7 +52,8 @@ class TrailWriter:
         self._coll = db["trails"]
         self._interval = interval
         self._max = max_buffer
-        self._buf: deque[tuple[float, dict[str, Any]]] = deque()
+        # (when added, technician, order, point): documents are built at flush
+        self._buf: deque[tuple[float, str, str | None, Point]] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._on_flush = on_flush or (lambda n, lag: None)
@@ -60,16 +61,8 @@ class TrailWriter:
 
     def add(self, technician_id: str, order_id: str | None, points: list[Point]) -> None:
         now = time.monotonic()
-        at = dt.datetime.now(dt.UTC).replace(tzinfo=None)
         for p in points:
-            # Accepted points of one technician have strictly increasing ts, so
-            # this id is unique, and a batch retried after a lost reply
-            # stores nothing twice.
-            self._buf.append((now, {
-                "_id": f"{technician_id}:{p.ts}", "technician_id": technician_id, "order_id": order_id,
-                "lat": p.lat, "lng": p.lng, "ts": p.ts, "accuracy": p.accuracy,
-                "speed": p.speed, "heading": p.heading, "at": at,
-            }))
+            self._buf.append((now, technician_id, order_id, p))
         overflow = len(self._buf) - self._max
         if overflow > 0:
             for _ in range(overflow):
@@ -103,9 +96,17 @@ class TrailWriter:
         while self._buf:
             batch = [self._buf[i] for i in range(min(BATCH, len(self._buf)))]
             lag = time.monotonic() - batch[0][0]
+            at = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+            # Accepted points of one technician have strictly increasing ts, so
+            # the id is unique, and a batch retried after a lost reply stores
+            # nothing twice.
+            docs = [{"_id": f"{tech}:{p.ts}", "technician_id": tech, "order_id": order_id,
+                     "lat": p.lat, "lng": p.lng, "ts": p.ts, "accuracy": p.accuracy,
+                     "speed": p.speed, "heading": p.heading, "at": at}
+                    for _, tech, order_id, p in batch]
             # ordered=False: one bad document must not hold back the rest.
             try:
-                await self._coll.insert_many([dict(doc) for _, doc in batch], ordered=False)
+                await self._coll.insert_many(docs, ordered=False)
             except BulkWriteError as exc:
                 errors = exc.details.get("writeErrors", [])
                 if any(e.get("code") != DUPLICATE_KEY for e in errors):

@@ -248,7 +248,9 @@ class TrackingNamespace(BaseNamespace):
         """A new latest position from this node's technician: to the watchers
         here at once, and to the other nodes (one message, queued)."""
         self._deliver(pos, payload)
-        self.ctx.engine.bus.to_others("position", {"pos": pos.as_dict(), "payload": payload})
+        bus = self.ctx.engine.bus
+        if bus.remote_nowait is not None:
+            bus.remote_nowait("position", {"pos": pos.as_dict(), "payload": payload})
 
     def on_position(self, data: dict[str, Any]) -> None:
         """Bus signal from another node."""

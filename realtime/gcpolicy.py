@@ -1,0 +1,55 @@
+"""How this process collects cyclic garbage without long pauses.
+
+CPython's full (generation 2) collection walks every tracked object. A
+server holding thousands of sockets has hundreds of thousands of them, and
+GPS traffic promotes medium-lived objects (the latest position per
+technician, pending writes) into generation 2 fast enough to trigger a full
+collection every few seconds: pauses of 100+ ms (ANCHORS.md; measured again
+in docs/benchmarks.md). So:
+
+- at start, everything allocated so far is frozen (never scanned again);
+- automatic full collections are off (generation 2's threshold is huge);
+  young collections keep running as usual and stay short;
+- every `freeze_s` the survivors of a young collection are frozen too: the
+  sockets and rooms of connected clients stop costing collection time;
+- every `full_s` one full collection reclaims cyclic garbage that was frozen
+  meanwhile (a disconnected client's objects), logged with its pause.
+
+Memory freed by reference counting (almost everything) is unaffected; only
+garbage in reference cycles waits for the next full collection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+
+log = logging.getLogger(__name__)
+
+NO_AUTO_FULL = 1_000_000_000
+
+
+def start_policy() -> None:
+    gc.collect()
+    gc.freeze()
+    young0, young1, _ = gc.get_threshold()
+    gc.set_threshold(young0, young1, NO_AUTO_FULL)
+
+
+async def run_policy(freeze_s: float, full_s: float) -> None:
+    next_full = time.monotonic() + full_s
+    while True:
+        await asyncio.sleep(freeze_s)
+        if time.monotonic() >= next_full:
+            next_full = time.monotonic() + full_s
+            started = time.perf_counter()
+            gc.unfreeze()
+            found = gc.collect()
+            gc.freeze()
+            log.info("full garbage collection: %d objects freed, %.0f ms",
+                     found, (time.perf_counter() - started) * 1000)
+        else:
+            gc.collect(1)
+            gc.freeze()
