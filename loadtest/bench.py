@@ -64,18 +64,18 @@ async def setup_orders(target: Target, techs: int, run: str) -> list[tuple[str, 
 def run_generator(target: Target, triples: list[tuple[str, str, str]], *, rate: float,
                   duration: float, warmup: float, watchers_per_tech: int = 2, area: bool = True,
                   idle: bool = False, burst: dict[str, Any] | None = None,
-                  node_of_watchers: int = 0) -> dict[str, Any]:
+                  drain_s: float = 2.0) -> dict[str, Any]:
     urls = target.urls
     cfg = {
         "url": urls[0], "ns": "/tracking", "rate": rate, "duration": duration, "warmup": warmup,
-        "idle": idle, "burst": burst, "connect_parallel": 100,
+        "idle": idle, "burst": burst, "connect_parallel": 100, "drain_s": drain_s,
         "techs": [{"token": token(t, "technician", oid=o), "order_id": o} for t, _, o in triples],
         "watchers": [{"token": token(c, "customer"), "order_id": o}
                      for _, c, o in triples for _ in range(watchers_per_tech)],
         "area": token("ops", "admin") if area else None,
     }
-    if len(urls) > 1:
-        cfg["watchers_url"] = urls[node_of_watchers % len(urls)]
+    if len(urls) > 1:  # technicians on the first node, everyone watching on the second
+        cfg["watchers_url"] = urls[1]
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(cfg, f)
         path = f.name
@@ -104,12 +104,13 @@ def ramp(target: Target, services: Services, rates: list[float], techs: int,
     runs = []
     capacity = 0.0
     for rate in rates:
-        target.start(services, ["0"] if target.nodes == 1 else ["0", "0"])
+        target.start(services, ["0"])
         try:
             triples = asyncio.run(setup_orders(target, techs, uuid.uuid4().hex[:6]))
             cpu0 = target.cpu_seconds()
             r = run_generator(target, triples, rate=rate, duration=duration, warmup=warmup)
             cpu = target.cpu_seconds() - cpu0
+            r["gc_max_ms"] = target.gc_max_ms()
         finally:
             target.stop()
         r["verdict"] = verdict(r)
@@ -118,7 +119,7 @@ def ramp(target: Target, services: Services, rates: list[float], techs: int,
         r["cpu_us_per_delivery"] = cpu / (r["sent"] * 2 + r["sent"]) * 1e6 if r.get("sent") else None
         runs.append({"rate": rate, **{k: r[k] for k in (
             "verdict", "latency_ms", "ack_ms", "delivered_ratio", "sent", "delivered_measured",
-            "generator", "server_cpu_s", "cpu_us_per_delivery")}})
+            "generator", "server_cpu_s", "cpu_us_per_delivery", "gc_max_ms")}})
         log(f"{target.name:12s} rate={rate:>7.0f}/s  p50={r['latency_ms']['p50']}  "
             f"p99={r['latency_ms']['p99']}  delivered={r['delivered_ratio']}  {r['verdict']}"
             f"  gen_cpu={r['generator']['cpu_ratio']:.2f}  deliveries={deliveries}")
@@ -127,6 +128,63 @@ def ramp(target: Target, services: Services, rates: list[float], techs: int,
         else:
             break
     return {"target": target.name, "capacity": capacity, "runs": runs}
+
+
+def burst(target: Target, services: Services, capacity: float, techs: int,
+          log: Any) -> dict[str, Any]:
+    """Half of capacity, then 3x capacity for 10 s, then half again: how long
+    after the burst until points sent are delivered within the p99 limit."""
+    base = max(250.0, capacity / 2)
+    warmup, before, length, after = 3.0, 5.0, 10.0, 25.0
+    spec = {"factor": 3 * max(capacity, base) / base, "seconds": length,
+            "at_ms": (warmup + before) * 1000}
+    target.start(services, ["0"])
+    try:
+        triples = asyncio.run(setup_orders(target, techs, uuid.uuid4().hex[:6]))
+        r = run_generator(target, triples, rate=base, duration=before + length + after,
+                          warmup=warmup, burst=spec, drain_s=5.0)
+        gc_max = target.gc_max_ms()
+        rss = target.rss_kb()
+    finally:
+        target.stop()
+    end_sec = int(warmup + before + length)
+    last_sec = int(warmup + before + length + after) - 1
+    buckets = {b["sec"]: b for b in r.get("by_send_second", [])}
+    recovered: int | None = None
+    for k in range(end_sec, last_sec + 1):
+        tail = [buckets.get(j) for j in range(k, last_sec + 1)]
+        if all(b is not None and b["p99"] is not None and b["p99"] <= P99_LIMIT_MS for b in tail):
+            recovered = k - end_sec
+            break
+    out = {"target": target.name, "base_rate": base, "burst_rate": base * spec["factor"],
+           "recovery_s": recovered, "delivered_ratio": r.get("delivered_ratio"),
+           "gc_max_ms": gc_max, "rss_after_kb": rss, "by_send_second": r.get("by_send_second"),
+           "generator": r["generator"]}
+    log(f"burst {target.name}: base {base:.0f}/s, burst {out['burst_rate']:.0f}/s, "
+        f"recovered after {recovered} s, delivered {out['delivered_ratio']}")
+    return out
+
+
+def many_sockets(target: Target, services: Services, techs: int, watchers: int, rate: float,
+                 log: Any) -> dict[str, Any]:
+    """Tracking load with ~10,000 sockets connected: p99 and the longest GC pause."""
+    target.start(services, ["0"])
+    try:
+        triples = asyncio.run(setup_orders(target, techs, uuid.uuid4().hex[:6]))
+        r = run_generator(target, triples, rate=rate, duration=10.0, warmup=5.0,
+                          watchers_per_tech=watchers)
+        gc_max = target.gc_max_ms()
+        rss = target.rss_kb()
+    finally:
+        target.stop()
+    out = {"target": target.name, "sockets": techs * (1 + watchers) + 1, "rate": rate,
+           "connected": r["connected"], "latency_ms": r["latency_ms"],
+           "delivered_ratio": r["delivered_ratio"], "gc_max_ms": gc_max, "rss_kb": rss,
+           "generator": r["generator"], "verdict": verdict(r)}
+    log(f"sockets {target.name}: {out['sockets']} sockets at {rate:.0f}/s: "
+        f"p50={r['latency_ms']['p50']} p99={r['latency_ms']['p99']} "
+        f"delivered={r['delivered_ratio']} gc_max_ms={gc_max} {out['verdict']}")
+    return out
 
 
 def idle_rss(target: Target, services: Services, conns: int) -> dict[str, Any]:
@@ -166,33 +224,54 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m loadtest bench")
     ap.add_argument("--quick", action="store_true", help="fewer, shorter steps")
     ap.add_argument("--techs", type=int, default=500)
-    ap.add_argument("--targets", default="ours-memory,node-memory,ours-redis,node-redis,raw")
+    ap.add_argument("--targets", default="ours-memory,node-memory,ours-redis,node-redis,"
+                                          "ours-redis-2,node-redis-2,raw")
+    ap.add_argument("--scenarios", default="ramp,idle,burst,sockets",
+                    help="ramp (capacity), idle (RSS per connection), burst (3x capacity "
+                         "for 10 s), sockets (10,000 connected under load)")
+    ap.add_argument("--sockets-rate", type=float, default=1000.0)
     args = ap.parse_args(argv)
     duration, warmup = (5.0, 2.0) if args.quick else (8.0, 3.0)
-    rates = [500, 1000, 2000, 3000, 4000, 6000, 8000, 12000, 16000, 24000, 32000]
+    rates: list[float] = [500, 1000, 2000, 3000, 4000, 5000, 6000, 8000, 10000, 12000, 16000, 24000, 32000]
     catalog = {
         "ours-memory": Target("ours-memory", "ours"),
         "ours-redis": Target("ours-redis", "ours", redis=True),
         "node-memory": Target("node-memory", "node"),
         "node-redis": Target("node-redis", "node", redis=True),
+        # Two nodes sharing the server core: technicians on one, watchers on the other.
+        "ours-redis-2": Target("ours-redis-2", "ours", redis=True, nodes=2),
+        "node-redis-2": Target("node-redis-2", "node", redis=True, nodes=2),
         "raw": Target("raw", "raw"),
     }
+    scenarios = set(args.scenarios.split(","))
     names = [n for n in args.targets.split(",") if n]
     results: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
-                               "techs": args.techs, "watchers_per_tech": 2, "ramps": [], "idle": []}
+                               "techs": args.techs, "watchers_per_tech": 2, "ramps": [], "idle": [],
+                               "burst": [], "sockets": []}
 
     def log(msg: str) -> None:
         print(msg, flush=True)
 
     services = Services().start()
+    single = [n for n in names if n != "raw" and catalog[n].nodes == 1]
     try:
-        for name in names:
-            results["ramps"].append(ramp(catalog[name], services, rates, args.techs, duration,
-                                         warmup, log))
-        for name in names:
-            if name != "raw":
+        if "ramp" in scenarios:
+            for name in names:
+                results["ramps"].append(ramp(catalog[name], services, rates, args.techs,
+                                             duration, warmup, log))
+        if "idle" in scenarios:
+            for name in single:
                 results["idle"].append(idle_rss(catalog[name], services, 2000))
                 log(f"idle {name}: {results['idle'][-1]['kb_per_connection']:.1f} KB/connection")
+        caps = {r["target"]: r["capacity"] for r in results["ramps"]}
+        if "burst" in scenarios:
+            for name in single:
+                results["burst"].append(burst(catalog[name], services, caps.get(name) or 1000.0,
+                                              args.techs, log))
+        if "sockets" in scenarios:
+            for name in single:
+                results["sockets"].append(many_sockets(catalog[name], services, 2000, 4,
+                                                       args.sockets_rate, log))
     finally:
         services.stop()
     out_dir = ROOT / "loadtest/results"

@@ -163,3 +163,15 @@ class Target:
 
     def cpu_seconds(self) -> float:
         return sum(cpu_seconds(p.pid) for p in self.procs)
+
+    def gc_max_ms(self) -> float | None:
+        """Ours: the longest garbage-collection pause of any node (its /metrics)."""
+        if self.kind != "ours":
+            return None
+        longest = 0.0
+        for url in self.urls:
+            with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+                for line in r.read().decode().splitlines():
+                    if line.startswith("realtime_gc_pause_max_seconds "):
+                        longest = max(longest, float(line.split()[1]) * 1000)
+        return round(longest, 1)

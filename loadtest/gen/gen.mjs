@@ -6,7 +6,7 @@
 //
 // Input: a JSON file (argv[2]) {url, ns, techs: [{token, order_id}], watchers:
 // [{token, order_id}], area: token|null, rate, duration, warmup, idle: bool,
-// burst: {factor, seconds} | null, connect_parallel}. Output: JSON on stdout;
+// burst: {factor, seconds, at_ms} | null, connect_parallel, watchers_url?}. Output: JSON on stdout;
 // a progress line per second on stderr.
 import fs from "node:fs";
 import { monitorEventLoopDelay, performance } from "node:perf_hooks";
@@ -14,7 +14,10 @@ import WebSocket from "ws";
 
 const cfg = JSON.parse(fs.readFileSync(process.argv[2], "utf8"));
 const NS = cfg.ns || "/tracking";
-const wsUrl = cfg.url.replace(/^http/, "ws") + "/socket.io/?EIO=4&transport=websocket";
+const wsUrlOf = (u) => u.replace(/^http/, "ws") + "/socket.io/?EIO=4&transport=websocket";
+const wsUrl = wsUrlOf(cfg.url);
+// Watchers (and the area watcher) may sit on another node than the technicians.
+const watchersWsUrl = wsUrlOf(cfg.watchers_url || cfg.url);
 const nowMs = () => performance.timeOrigin + performance.now();
 
 const lat = [];            // delivery latencies (ms) after warm-up
@@ -23,9 +26,9 @@ let connectErrors = 0, closed = 0;
 let measuring = false;
 const ackLat = [];
 
-function connect(token, onEvent) {
+function connect(token, onEvent, url = wsUrl) {
   return new Promise((resolve) => {
-    const ws = new WebSocket(wsUrl, { perMessageDeflate: true });
+    const ws = new WebSocket(url, { perMessageDeflate: true });
     const sock = { ws, ready: false, pending: new Map(), nextId: 1 };
     let settled = false;
     const done = (ok) => { if (!settled) { settled = true; resolve(ok ? sock : null); } };
@@ -76,10 +79,21 @@ async function inBatches(items, n, fn) {
   return out;
 }
 
+// Latency by the second each point was sent in (from the schedule's start):
+// what the burst scenario's recovery time is read from.
+let scheduleStart = 0;
+const bySecond = new Map();
 const onWatcher = (ev, data) => {
   if (ev === "position") {
     delivered++;
-    if (measuring) { deliveredWarm++; lat.push(nowMs() - data.ts); }
+    const l = nowMs() - data.ts;
+    if (measuring) { deliveredWarm++; lat.push(l); }
+    if (scheduleStart) {
+      const sec = Math.floor((data.ts - scheduleStart) / 1000);
+      let b = bySecond.get(sec);
+      if (!b) { b = []; bySecond.set(sec, b); }
+      b.push(l);
+    }
   }
 };
 const onArea = (ev) => { if (ev === "positions") areaBatches++; };
@@ -87,9 +101,9 @@ const onArea = (ev) => { if (ev === "positions") areaBatches++; };
 const par = cfg.connect_parallel || 100;
 const t0 = nowMs();
 const techs = await inBatches(cfg.techs, par, (t) => connect(t.token, () => {}));
-const watchers = await inBatches(cfg.watchers, par, (w) => connect(w.token, onWatcher));
+const watchers = await inBatches(cfg.watchers, par, (w) => connect(w.token, onWatcher, watchersWsUrl));
 let area = null;
-if (cfg.area) area = await connect(cfg.area, onArea);
+if (cfg.area) area = await connect(cfg.area, onArea, watchersWsUrl);
 const connectS = (nowMs() - t0) / 1000;
 const okTechs = techs.filter(Boolean), okWatchers = watchers.filter(Boolean);
 for (let i = 0; i < cfg.watchers.length; i++) {
@@ -114,6 +128,7 @@ if (cfg.idle) {
   const n = okTechs.length;
   const base = cfg.rate;             // points/s in total
   const start = nowMs() + 100;
+  scheduleStart = start;
   const end = start + (cfg.warmup + cfg.duration) * 1000;
   const warmEnd = start + cfg.warmup * 1000;
   // Per technician: next scheduled send (ms), position step.
@@ -152,7 +167,7 @@ if (cfg.idle) {
                              `acks=${acks} loop_p99=${(loop.percentile(99) / 1e6).toFixed(1)}ms   `);
         lastReport = now; lastDelivered = delivered; lastSent = sent;
       }
-      if (now >= end + 2000) { resolve(); return; }
+      if (now >= end + (cfg.drain_s ?? 2) * 1000) { resolve(); return; }
       setTimeout(tick, 1);
     };
     tick();
@@ -170,6 +185,10 @@ if (cfg.idle) {
     latency_ms: { p50: pct(lat, 50), p90: pct(lat, 90), p99: pct(lat, 99), max: lat.length ? lat[lat.length - 1] : null },
     ack_ms: { p50: pct(ackLat, 50), p99: pct(ackLat, 99) },
     acks, ack_errors: ackErrors, area_batches: areaBatches, per_second: perSecond,
+    by_send_second: [...bySecond.keys()].sort((a, b) => a - b).map((sec) => {
+      const b = bySecond.get(sec).sort((x, y) => x - y);
+      return { sec, n: b.length, p50: pct(b, 50), p99: pct(b, 99) };
+    }),
   });
 }
 const cpu = process.cpuUsage(cpu0);
