@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sockets-rate", type=float, default=1000.0)
     args = ap.parse_args(argv)
     duration, warmup = (5.0, 2.0) if args.quick else (8.0, 3.0)
-    rates: list[float] = [500, 1000, 2000, 3000, 4000, 5000, 6000, 8000, 10000, 12000, 16000, 24000, 32000]
+    rates: list[float] = [1000, 2000, 4000, 6000, 8000, 12000, 16000, 24000, 32000]
     catalog = {
         "ours-memory": Target("ours-memory", "ours"),
         "ours-redis": Target("ours-redis", "ours", redis=True),

@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import json
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -1050,3 +1051,62 @@ async def test_invalid_replies_stay_small_for_huge_unknown_keys(live: Live) -> N
         assert_error(reply, "invalid")
         sizes[event] = len(json.dumps(reply))
     assert all(n < 4096 for n in sizes.values()), f"reply sizes in bytes: {sizes}"
+
+
+# -- a backlog read at once fans out once --------------------------------------------------------
+
+def _client_frame(text: str) -> bytes:
+    """One masked client-to-server text frame (RFC 6455), built by hand."""
+    payload = bytearray(text.encode())
+    mask = os.urandom(4)
+    for i in range(len(payload)):
+        payload[i] ^= mask[i % 4]
+    n = len(payload)
+    head = bytes([0x81, 0x80 | n]) if n < 126 else bytes([0x81, 0x80 | 126]) + n.to_bytes(2, "big")
+    return head + mask + bytes(payload)
+
+
+async def test_fixes_read_together_fan_out_once_and_all_are_kept(
+        start_app: StartApp, caplog: pytest.LogCaptureFixture) -> None:
+    """Fixes that arrive in one socket read (a phone flushing a backlog, a server
+    catching up) are each filtered, acked and kept in the trail, but watchers get
+    only the newest: intermediate positions are superseded before they leave."""
+    live = await start_app(**FAST)
+    oid, cust, tech_id = await order_in(live, "assigned")
+    customer = await tracker(live, "customer", cust)
+    await customer.ok("watch", {"order_id": oid})
+    raw = await RawSocketIO.open(live.http.session, live.url)
+    try:
+        kind, _ = await raw.connect_ns(NS, json.dumps({"token": live.token("technician", tech_id)}))
+        assert kind == "connect"
+        t0 = now_ms() - 30_000
+        [reply] = await raw.call(NS, 1, json.dumps(["location", pt(at(-900), t0)]))
+        assert reply["ok"] is True, reply
+        assert (await customer.next("position"))["ts"] == t0
+
+        frames = b"".join(
+            _client_frame(f"42{NS},{i}" + json.dumps(["location", pt(at(-900 + 10 * i), t0 + 1000 * i)]))
+            for i in (2, 3, 4))
+        transport = raw.ws._writer.transport
+        assert transport is not None
+        transport.write(frames)  # one TCP write: the server reads them together
+        for i in (2, 3, 4):
+            [reply] = await raw.ack(NS, i)
+            assert reply == {"ok": True, "data": {"status": "accepted", "ts": t0 + 1000 * i}}, reply
+    finally:
+        await raw.close()
+    newest = await customer.next("position")
+    assert newest["ts"] == t0 + 4000, newest
+    await customer.ok("watch", {"order_id": oid})  # a round trip: anything pushed has arrived
+    assert customer.drain("position") == []
+
+    # The trail keeps every accepted fix (it is written in the background).
+    async with asyncio.timeout(10):
+        while True:
+            status, body = await live.http.request("GET", f"/api/orders/{oid}/trail", live.token("agent"))
+            assert status == 200, body
+            if len(body["data"]["points"]) == 4:
+                break
+            await asyncio.sleep(0.2)
+    assert [p["ts"] for p in body["data"]["points"]] == [t0 + 1000 * i for i in (0, 2, 3, 4)]
+    assert_no_server_errors(caplog)

@@ -17,6 +17,7 @@ from realtime.namespaces.base import BaseNamespace, handles
 from realtime.namespaces.models import Id, Inbound, Ts
 from realtime.namespaces.orders import actor_of
 from realtime.presence import Presence
+from realtime.wsdirect import coalesce
 from tracking.errors import Forbidden
 from tracking.geo import CoordSys, from_wgs84, to_wgs84
 from tracking.locations import Point
@@ -246,7 +247,12 @@ class TrackingNamespace(BaseNamespace):
     # -- customers, agents: one order ------------------------------------
     def position_out(self, pos: Position, payload: dict[str, Any] | None) -> None:
         """A new latest position from this node's technician: to the watchers
-        here at once, and to the other nodes (one message, queued)."""
+        here at once, and to the other nodes (one message, queued). Several
+        fixes of one technician in one socket read (a backlog) fan out once,
+        the newest (latest wins for watchers anyway)."""
+        coalesce(("position", pos.technician_id), lambda: self._position_now(pos, payload))
+
+    def _position_now(self, pos: Position, payload: dict[str, Any] | None) -> None:
         self._deliver(pos, payload)
         bus = self.ctx.engine.bus
         if bus.remote_nowait is not None:
