@@ -171,8 +171,57 @@ async def run_tracking(stack: Stack, techs: int, rate: float, duration: float) -
             "ack_ms": {"p50": round(pct(acks, 50), 2), "p99": round(pct(acks, 99), 2)}}
 
 
+async def store_baseline(stack: Stack, pairs: int, rate: float,
+                         duration: float) -> list[float]:
+    """What a chat send costs the store alone, at the same rate and
+    concurrency, straight from PyMongo: the idempotency look-up, the
+    conversation read, and the transaction that bumps its seq and inserts
+    the message. The server's ack can be no faster than this."""
+    from pymongo import AsyncMongoClient, ReturnDocument
+
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        f"mongodb://127.0.0.1:{stack.mongo_port}/?directConnection=true")
+    db = client["realtime_baseline"]
+    convs, msgs = db["conversations"], db["messages"]
+    run = uuid.uuid4().hex[:6]
+    for i in range(pairs):
+        await convs.insert_one({"_id": f"b{run}-{i}", "last_seq": 0})
+    times: list[float] = []
+    interval = pairs / rate
+
+    async def drive(i: int) -> None:
+        conv_id, n = f"b{run}-{i}", 0
+        start = time.monotonic() + (i / pairs) * interval
+        while (now := time.monotonic()) < start + duration:
+            await asyncio.sleep(max(0.0, start + n * interval - now))
+            t0 = time.perf_counter()
+            await msgs.find_one({"conversation_id": conv_id, "sender_id": "c", "client_msg_id": str(n)})
+            await convs.find_one({"_id": conv_id})
+
+            async def txn(session: Any, n: int = n) -> None:
+                conv = await convs.find_one_and_update(
+                    {"_id": conv_id}, {"$inc": {"last_seq": 1}},
+                    return_document=ReturnDocument.AFTER, session=session)
+                await msgs.insert_one({"conversation_id": conv_id, "seq": conv["last_seq"],
+                                       "sender_id": "c", "client_msg_id": str(n),
+                                       "body": "您好，师傅大概几点到？"}, session=session)
+
+            async with client.start_session() as session:
+                await session.with_transaction(txn)
+            times.append((time.perf_counter() - t0) * 1000)
+            n += 1
+
+    try:
+        await asyncio.gather(*(drive(i) for i in range(pairs)))
+    finally:
+        await client.close()
+    return times
+
+
 async def run_chat(stack: Stack, pairs: int, rate: float, duration: float) -> dict[str, Any]:
-    """`pairs` order chats (customer → technician), `rate` sends/s in total."""
+    """`pairs` order chats (customer → technician), `rate` sends/s in total;
+    before them, the same load on the store alone (`store_baseline`)."""
+    store = await store_baseline(stack, pairs, rate, duration)
     run = uuid.uuid4().hex[:6]
     senders, convs = [], []
     recv: list[float] = []
@@ -221,6 +270,9 @@ async def run_chat(stack: Stack, pairs: int, rate: float, duration: float) -> di
             "sent_per_s": round(sent / elapsed, 1), "sent": sent, "received": len(recv),
             "send_ack_ms": {"p50": round(pct(acks, 50), 2), "p99": round(pct(acks, 99), 2)},
             "send_receive_ms": {"p50": round(pct(recv, 50), 2), "p99": round(pct(recv, 99), 2)},
+            "store_alone_ms": {"p50": round(pct(store, 50), 2), "p99": round(pct(store, 99), 2)},
+            "ack_over_store_ms": {"p50": round(pct(acks, 50) - pct(store, 50), 2),
+                                  "p99": round(pct(acks, 99) - pct(store, 99), 2)},
             "median_ack_ms": round(statistics.median(acks), 2) if acks else None}
 
 

@@ -19,6 +19,7 @@ from realtime.cluster import ClusterManager
 from realtime.context import Context
 from realtime.engine import build_engine
 from realtime.errors import ok
+from realtime.interest import Interest
 from realtime.metrics import Metrics
 from realtime.namespaces.chat import NAMESPACE as CHAT_NS
 from realtime.namespaces.chat import ChatNamespace
@@ -107,6 +108,7 @@ def create_app(settings: Settings) -> web.Application:
     for ns in (orders_ns, tracking_ns, chat_ns, ops_ns):
         sio.register_namespace(ns)
     sio.fast_handlers[TRACKING_NS] = {"location": tracking_ns.fast_location}
+    sio.eio.max_unsent_bytes = settings.max_unsent_bytes
     engine.bus.on("leave_user", orders_ns.on_leave_user)
     engine.bus.on("position", tracking_ns.on_position)
     engine.bus.on("order_changed", tracking_ns.on_order_changed)
@@ -117,7 +119,17 @@ def create_app(settings: Settings) -> web.Application:
 
     engine.bus.on("dispatch_answer", dispatch_answered)
     if isinstance(engine.manager, ClusterManager):
-        engine.manager._on_restored = lambda: resync(sio, ctx)
+        engine.bus.on_received = lambda name: metrics.bus_received.labels(name).inc()
+        interest = Interest(engine.manager.host_id, engine.bus.to_others)
+        tracking_ns.interest = interest
+        engine.bus.on("interest", interest.on_interest)
+        engine.bus.on("interest_query", interest.on_query)
+
+        async def link_restored() -> None:
+            interest.refresh()
+            await resync(sio, ctx)
+
+        engine.manager._on_restored = link_restored
 
     async def order_changed(order: Order, event: Event) -> None:
         await orders_ns.publish(order, event)
@@ -191,6 +203,9 @@ def create_app(settings: Settings) -> web.Application:
             tracking_ns.area.start()
             background.append(asyncio.get_running_loop().create_task(
                 presence_keeper(ctx, settings.presence_ttl_s)))
+            if tracking_ns.interest is not None:
+                background.append(asyncio.get_running_loop().create_task(
+                    tracking_ns.interest.run()))
             log.info("store ready (%s); %s engine, node %s",
                      "embedded" if embedded else "MONGO_URL", engine.name, engine.node_id)
             yield

@@ -22,6 +22,12 @@ class Bus:
         self.remote: Callable[[str, dict[str, Any]], Awaitable[None]] | None = None
         # The same, for callers that must not wait (queues the publish).
         self.remote_nowait: Callable[[str, dict[str, Any]], None] | None = None
+        # Counts what arrives from other nodes (a metric).
+        self.on_received: Callable[[str], None] = lambda name: None
+        # Waits until what was queued for other nodes is published.
+        self.flush: Callable[[], Awaitable[None]] | None = None
+        # To named other nodes only (their own channels), queued.
+        self.to_nodes: Callable[[list[str], str, dict[str, Any]], None] | None = None
 
     def on(self, name: str, handler: Handler) -> None:
         self._handlers[name] = handler

@@ -55,6 +55,8 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         self.bus = bus
         bus.remote = self._publish_signal
         bus.remote_nowait = self._queue_signal
+        bus.to_nodes = self.send_to_nodes
+        bus.flush = self.flush
         self._on_restored = on_link_restored
         self._on_publish_error = on_publish_error or (lambda: None)
         self._pub: aioredis.Redis | None = None
@@ -63,7 +65,13 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         self.publish_failures = 0
         self.publish_dropped = 0
         self._publish_failed = False
-        self._outbox: deque[str] = deque()
+        self._outbox: deque[tuple[str, str]] = deque()
+        self._queued = 0  # messages ever queued / ever sent or given up
+        self._finished = 0
+        self._progress = asyncio.Event()
+        # This node's own channel: what only this node needs (positions its
+        # watchers asked for; realtime/interest.py).
+        self.node_channel = f"{channel}#node#{self.host_id}"
         self._outbox_ready = asyncio.Event()
         self._publisher_task: asyncio.Task[None] | None = None
 
@@ -71,16 +79,26 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         self._queue_signal(name, data)
 
     def _queue_signal(self, name: str, data: dict[str, Any]) -> None:
-        self._enqueue({"method": "emit", "event": PREFIX + name, "data": [data],
-                       "namespace": "/", "room": None, "skip_sid": None,
-                       "callback": None, "host_id": self.host_id})
+        self._enqueue(self._signal(name, data))
+
+    def _signal(self, name: str, data: dict[str, Any]) -> dict[str, Any]:
+        return {"method": "emit", "event": PREFIX + name, "data": [data], "namespace": "/",
+                "room": None, "skip_sid": None, "callback": None, "host_id": self.host_id}
+
+    def send_to_nodes(self, nodes: list[str], name: str, data: dict[str, Any]) -> None:
+        """A bus signal to just these nodes (their own channels), queued."""
+        raw = self.json.dumps(self._signal(name, data))
+        for node in nodes:
+            self._append(f"{self.channel}#node#{node}", raw)
 
     async def _handle_emit(self, message: dict[str, Any]) -> None:
         event = message.get("event")
         if isinstance(event, str) and event.startswith(PREFIX):
             if message.get("host_id") != self.host_id:  # ours ran when published
                 data = message.get("data") or [{}]
-                await self.bus.dispatch(event[len(PREFIX):], data[0])
+                name = event[len(PREFIX):]
+                self.bus.on_received(name)
+                await self.bus.dispatch(name, data[0])
             return
         if message.get("callback") is not None or message.get("binary"):
             await super()._handle_emit(message)
@@ -113,10 +131,15 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         """Queue a message for the publisher task: an emit never waits on a
         Redis round trip, and bursts go out pipelined (one round trip for up
         to PUBLISH_BATCH messages), in order."""
+        self._append(self.channel, self.json.dumps(data))
+
+    def _append(self, channel: str, raw: str) -> None:
         if len(self._outbox) >= OUTBOX_MAX:
             self._outbox.popleft()  # at most once: the oldest goes first
             self.publish_dropped += 1
-        self._outbox.append(self.json.dumps(data))
+            self._finished += 1
+        self._queued += 1
+        self._outbox.append((channel, raw))
         self._outbox_ready.set()
         if self._publisher_task is None or self._publisher_task.done():
             self._publisher_task = asyncio.get_running_loop().create_task(self._publisher_loop())
@@ -131,10 +154,12 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
                          for _ in range(min(PUBLISH_BATCH, len(self._outbox)))]
                 try:
                     async with self._publisher().pipeline(transaction=False) as pipe:
-                        for raw in batch:
-                            pipe.publish(self.channel, raw)
+                        for channel, raw in batch:
+                            pipe.publish(channel, raw)
                         await pipe.execute()
+                    self._done(len(batch))
                 except Exception as exc:  # Redis away: these are lost (at most once)
+                    self._done(len(batch))
                     self.publish_failures += len(batch)
                     self._publish_failed = True
                     self.link_ok = False
@@ -149,13 +174,30 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
                     if self._on_restored is not None:
                         await self._on_restored()
 
+    def _done(self, n: int) -> None:
+        self._finished += n
+        self._progress.set()
+
+    async def flush(self, timeout: float = 1.0) -> None:
+        """Wait until what was queued so far has been published (or given up
+        on); at most `timeout`: a down Redis must not hold anyone up."""
+        target = self._queued
+        deadline = time.monotonic() + timeout
+        while self._finished < target:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._progress.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), left)
+
     async def _listen(self) -> AsyncIterator[Any]:
         """Messages from other nodes. Our own come back on the channel too;
         they are recognised by our host id before any JSON is decoded."""
-        channel = self.channel.encode()
+        channels = (self.channel.encode(), self.node_channel.encode())
         own = f'"host_id": "{self.host_id}"'.encode()
         async for message in self._redis_listen_with_retries():
-            if message["channel"] != channel or message["type"] != "message":
+            if message["channel"] not in channels or message["type"] != "message":
                 continue
             data = message.get("data")
             if isinstance(data, bytes) and own in data and b'"method": "callback"' not in data:
@@ -174,7 +216,7 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         while True:
             try:
                 self._redis_connect()
-                await self.pubsub.subscribe(self.channel)
+                await self.pubsub.subscribe(self.channel, self.node_channel)
                 if failed:
                     failed = False
                     self.link_ok = True
@@ -198,10 +240,12 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
                     pass
 
     async def aclose(self) -> None:
+        # Bounded: a publish cut off mid-pipeline must not hold up a stop.
         if self._publisher_task is not None:
             self._publisher_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._publisher_task
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError, Exception):
+                await asyncio.wait_for(asyncio.shield(self._publisher_task), 2.0)
         if self._pub is not None:
-            await self._pub.aclose()
-            self._pub = None
+            pub, self._pub = self._pub, None
+            with contextlib.suppress(TimeoutError, Exception):
+                await asyncio.wait_for(pub.aclose(), 2.0)

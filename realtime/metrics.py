@@ -43,6 +43,10 @@ class Metrics:
             "realtime_order_events_total", "Order events stored", ["type"], registry=r
         )
 
+        self.bus_received = Counter(
+            "realtime_bus_received_total", "Node-to-node signals received from other nodes",
+            ["signal"], registry=r,
+        )
         self.points = Counter(
             "realtime_points_total", "Technician GPS points by outcome (accepted or the drop reason)",
             ["outcome"], registry=r,

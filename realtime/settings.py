@@ -64,6 +64,8 @@ class Settings(BaseSettings):
     # engine.io limits. 64 KiB: OWASP's advice for websocket frames, and far
     # above our largest legitimate payload (a chat body is at most 4000 chars).
     max_message_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    # A websocket client that leaves this much unsent is dropped (wsdirect.py).
+    max_unsent_bytes: int = Field(default=4 * 1024 * 1024, ge=16 * 1024)
     ping_interval_s: float = Field(default=25.0, gt=0)
     ping_timeout_s: float = Field(default=20.0, gt=0)
 

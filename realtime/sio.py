@@ -28,7 +28,7 @@ from engineio.async_drivers import aiohttp as eio_aiohttp
 from socketio import packet
 
 from realtime.fanout import deliver, encode_ack
-from realtime.wsdirect import CLIENT_EIO_TYPES, DirectWebSocketResponse
+from realtime.wsdirect import CLIENT_EIO_TYPES, MAX_BUFFERED, DirectWebSocketResponse
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,8 @@ class _PlainWebSocket(eio_aiohttp.WebSocket):  # type: ignore[misc]
             # A websocket-only session: frames handled where they are parsed.
             direct = DirectWebSocketResponse(
                 timeout=server.ping_interval + server.ping_timeout,
-                max_msg_size=server.max_http_buffer_size)
+                max_msg_size=server.max_http_buffer_size,
+                max_unsent=getattr(server, "max_unsent_bytes", MAX_BUFFERED))
             await direct.prepare(request)
             self._sock: WebSocketResponse = direct
             self.environ = environ

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 # A client that lets this much pile up unread is dropped (it reconnects and
 # its streams replay); browsers and apps that read normally never come close.
+# REALTIME_MAX_UNSENT_BYTES sets it.
 MAX_BUFFERED: Final = 4 * 1024 * 1024
 # Slow-path messages of one socket in flight before its reading pauses.
 MAX_INFLIGHT: Final = 64
@@ -143,10 +144,13 @@ class DirectLink:
     """One websocket session's transport, as the fan-out writes to it."""
 
     __slots__ = ("_close_sent", "_inflight", "_out", "_paused", "_timer", "closed", "done",
-                 "fast", "last_rx", "loop", "protocol", "sock", "timeout", "transport")
+                 "fast", "last_rx", "loop", "max_unsent", "protocol", "sock", "timeout",
+                 "transport")
 
-    def __init__(self, protocol: Any, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+    def __init__(self, protocol: Any, loop: asyncio.AbstractEventLoop, timeout: float,
+                 max_unsent: int = MAX_BUFFERED) -> None:
         self.protocol = protocol
+        self.max_unsent = max_unsent
         self.transport = protocol.transport
         self.loop = loop
         self.timeout = timeout
@@ -179,7 +183,7 @@ class DirectLink:
         transport = self.transport
         if self.closed or transport is None or transport.is_closing():
             return
-        if transport.get_write_buffer_size() > MAX_BUFFERED:
+        if transport.get_write_buffer_size() > self.max_unsent:
             log.info("dropping a client that stopped reading (%d bytes unsent)",
                      transport.get_write_buffer_size())
             self.finish()
@@ -296,15 +300,16 @@ class DirectWebSocketResponse(WebSocketResponse):
 
     link: DirectLink
 
-    def __init__(self, *, timeout: float, max_msg_size: int) -> None:
+    def __init__(self, *, timeout: float, max_msg_size: int, max_unsent: int = MAX_BUFFERED) -> None:
         super().__init__(max_msg_size=max_msg_size, compress=False, autoping=False)
         self._link_timeout = timeout
+        self._max_unsent = max_unsent
 
     def _post_start(self, request: BaseRequest, protocol: str | None, writer: Any) -> None:
         self._ws_protocol = protocol
         self._writer = writer
         loop = request._loop
-        self.link = DirectLink(request.protocol, loop, self._link_timeout)
+        self.link = DirectLink(request.protocol, loop, self._link_timeout, self._max_unsent)
         inbox = _Inbox(request.protocol, loop, self.link)
         self._reader = inbox
         self._parser = WebSocketReader(inbox, self._max_msg_size, compress=False, decode_text=True)

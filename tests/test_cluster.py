@@ -12,6 +12,7 @@ themselves and the pacing of background traffic.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import signal
 import statistics
@@ -157,6 +158,64 @@ async def test_order_events_cross_nodes_once(cluster: Cluster) -> None:
 
 
 # -- tracking -----------------------------------------------------------------------------
+
+async def test_positions_go_only_to_nodes_that_watch(cluster: Cluster) -> None:
+    """A position crosses to another node only while a client there watches the
+    order (or an area): nodes receive what they serve, nothing else."""
+    a, b = await cluster.start(2)
+    cust_id, tech_id = uid("c-"), uid("t-")
+    oid = await assigned_order(cluster, a, cust_id, tech_id)
+    tech = await cluster.client(a, "/tracking", "technician", tech_id)
+    local = await cluster.client(a, "/tracking", "customer", cust_id)
+    await local.ok("watch", {"order_id": oid})
+    series = 'realtime_bus_received_total{signal="position"}'
+    ts = itertools.count(now_ms() - 60_000, 1000)
+
+    async def send(n: int) -> int:
+        last = 0
+        for i in range(n):
+            await asyncio.sleep(0.25)  # within the default rate limit (5/s)
+            last = next(ts)
+            assert (await tech.ok("location", pt(at(-2000 + i), last)))["status"] == "accepted"
+        await next_where(local, "position", lambda x: x["ts"] == last)
+        return last
+
+    # Only the technician's own node watches: nothing goes to B.
+    await send(3)
+    assert (await cluster.metric(b, series) or 0.0) == 0.0
+
+    # A customer on B watches: B says so, and A sends B the positions.
+    remote = await cluster.client(b, "/tracking", "customer", cust_id)
+    await remote.ok("watch", {"order_id": oid})
+
+    async def reaches_b() -> bool:
+        await send(1)
+        await asyncio.sleep(0.1)  # the copy to B crosses Redis after A's own delivery
+        return any(x["order_id"] == oid for x in remote.drain("position"))
+
+    await until(reaches_b, timeout=10)
+    received = await cluster.metric(b, series) or 0.0
+    assert received >= 1
+
+    # B's customer stops watching: A stops sending (after one pub/sub hop).
+    await remote.ok("unwatch", {"order_id": oid})
+    await asyncio.sleep(0.5)
+    before = await cluster.metric(b, series) or 0.0
+    await send(3)
+    assert (await cluster.metric(b, series) or 0.0) == before
+
+    # An area view on B wants every technician's positions.
+    agent = await cluster.client(b, "/tracking", "agent")
+    await agent.ok("watch_area", BOX)
+    await asyncio.sleep(0.5)
+
+    async def b_gets_more() -> bool:
+        await send(1)
+        return (await cluster.metric(b, series) or 0.0) > before
+
+    await until(b_gets_more, timeout=10)
+    assert cluster.errors() == [], cluster.errors()
+
 
 async def test_positions_reach_watchers_on_other_nodes(cluster: Cluster) -> None:
     a, b, c = await cluster.start(3)

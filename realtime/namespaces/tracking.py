@@ -13,6 +13,7 @@ from pydantic import Field, ValidationError, model_validator
 from realtime.auth import Principal
 from realtime.errors import WireError, ok, to_error, validation_details
 from realtime.fanout import has_local_members, local_emit
+from realtime.interest import Interest
 from realtime.namespaces.base import BaseNamespace, handles
 from realtime.namespaces.models import Id, Inbound, Ts
 from realtime.namespaces.orders import actor_of
@@ -152,6 +153,8 @@ class TrackingNamespace(BaseNamespace):
         super().__init__(namespace, ctx)
         self.area = AreaWatch(self)
         self.watching: dict[str, set[str]] = {}  # sid -> order ids watched
+        # Which other nodes want which positions (Redis engine; None: one node).
+        self.interest: Interest | None = None
         self._location_in = ctx.metrics.events_in.labels(namespace, "location")
         self._location_acks: dict[str, Any] = {}
 
@@ -174,8 +177,11 @@ class TrackingNamespace(BaseNamespace):
         if p.role == "technician" and await self.presence.disconnect(p.id):
             self.svc.technician_gone(p.id)
             await self.ctx.ops.announce("technician", p.id, False)
-        self.watching.pop(sid, None)
-        self.area.watchers.pop(sid, None)
+        for order_id in self.watching.pop(sid, ()):
+            if self.interest is not None:
+                self.interest.remove_order(order_id)
+        if self.area.watchers.pop(sid, None) is not None and self.interest is not None:
+            self.interest.remove_area()
         self._watch_gauges()
 
     def _watch_gauges(self) -> None:
@@ -255,8 +261,10 @@ class TrackingNamespace(BaseNamespace):
     def _position_now(self, pos: Position, payload: dict[str, Any] | None) -> None:
         self._deliver(pos, payload)
         bus = self.ctx.engine.bus
-        if bus.remote_nowait is not None:
-            bus.remote_nowait("position", {"pos": pos.as_dict(), "payload": payload})
+        if self.interest is not None and bus.to_nodes is not None:
+            nodes = self.interest.targets(payload["order_id"] if payload else None)
+            if nodes:  # only the nodes whose clients watch this
+                bus.to_nodes(nodes, "position", {"pos": pos.as_dict(), "payload": payload})
 
     def on_position(self, data: dict[str, Any]) -> None:
         """Bus signal from another node."""
@@ -282,7 +290,11 @@ class TrackingNamespace(BaseNamespace):
             if cs != body.coord_sys:
                 await self.leave_room(sid, watch_room(body.order_id, cs))
         await self.enter_room(sid, watch_room(body.order_id, body.coord_sys))
-        self.watching.setdefault(sid, set()).add(body.order_id)
+        watched = self.watching.setdefault(sid, set())
+        if body.order_id not in watched:
+            watched.add(body.order_id)
+            if self.interest is not None and self.interest.add_order(body.order_id):
+                await self._announced()
         self._watch_gauges()
         if view["position"] is not None:
             view["position"] = convert(view["position"], body.coord_sys)
@@ -293,9 +305,22 @@ class TrackingNamespace(BaseNamespace):
     async def unwatch(self, p: Principal, sid: str, body: UnwatchIn) -> dict[str, Any]:
         for cs in COORD_SYSTEMS:
             await self.leave_room(sid, watch_room(body.order_id, cs))
-        self.watching.get(sid, set()).discard(body.order_id)
+        self._forget_watch(sid, body.order_id)
         self._watch_gauges()
         return {"order_id": body.order_id}
+
+    async def _announced(self) -> None:
+        """This node's new interest has reached Redis (see realtime/interest.py)."""
+        flush = self.ctx.engine.bus.flush
+        if flush is not None:
+            await flush()
+
+    def _forget_watch(self, sid: str, order_id: str) -> None:
+        watched = self.watching.get(sid)
+        if watched is not None and order_id in watched:
+            watched.discard(order_id)
+            if self.interest is not None:
+                self.interest.remove_order(order_id)
 
     async def order_changed(self, order: dict[str, Any], event: dict[str, Any]) -> None:
         """Privacy: once an order leaves the visible phases, its watchers are
@@ -311,13 +336,15 @@ class TrackingNamespace(BaseNamespace):
         if order["state"] not in VISIBLE:
             for cs in COORD_SYSTEMS:
                 await self.close_room(watch_room(order["order_id"], cs))
-            for orders in self.watching.values():
-                orders.discard(order["order_id"])
-            self._watch_gauges()
 
     async def on_order_changed(self, data: dict[str, Any]) -> None:
-        """Bus signal, on every node."""
-        self.svc.on_order_event(data["order"], data["event"])
+        """Bus signal, on every node (this one included)."""
+        order = data["order"]
+        self.svc.on_order_event(order, data["event"])
+        if order["state"] not in VISIBLE:  # its rooms are closed on every node
+            for sid in [sid for sid, ids in self.watching.items() if order["order_id"] in ids]:
+                self._forget_watch(sid, order["order_id"])
+            self._watch_gauges()
 
     # -- agents, admins: an area ------------------------------------------
     def area_item(self, pos: Position, online: set[str], cs: CoordSys) -> dict[str, Any]:
@@ -341,12 +368,16 @@ class TrackingNamespace(BaseNamespace):
         found = await self.svc.positions.in_box(box.min_lat, box.min_lng, box.max_lat,
                                                 box.max_lng, AREA_LIMIT)
         online = await self.presence.online([x.technician_id for x in found])
+        first = sid not in self.area.watchers
         self.area.watchers[sid] = box
+        if first and self.interest is not None and self.interest.add_area():
+            await self._announced()
         self._watch_gauges()
         return {"technicians": [self.area_item(x, online, body.coord_sys) for x in found]}
 
     @handles("unwatch_area", Empty)
     async def unwatch_area(self, p: Principal, sid: str, body: Empty) -> dict[str, Any]:
-        self.area.watchers.pop(sid, None)
+        if self.area.watchers.pop(sid, None) is not None and self.interest is not None:
+            self.interest.remove_area()
         self._watch_gauges()
         return {}
