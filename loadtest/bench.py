@@ -329,21 +329,47 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
     caps = {r["target"]: r["capacity"] for r in results["ramps"]}
     lines = [f"# Benchmark run {results['started']}", "",
              f"Machine: {results['machine']}", "",
-             "| target | capacity (points/s, p99 ≤ 100 ms, ≥ 99.9 % delivered) |", "| --- | --- |"]
-    lines += [f"| {k} | {v:.0f} |" for k, v in caps.items()]
-    for ours, node in (("ours-memory", "node-memory"), ("ours-redis", "node-redis")):
-        if caps.get(node):
-            lines.append(f"\nratio {ours}/{node}: {caps.get(ours, 0) / caps[node]:.2f}")
-    lines += ["", "| target | rate | p50 ms | p99 ms | delivered | CPU µs/delivery | verdict |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| target | capacity (points/s, p99 ≤ 100 ms, ≥ 99.9 % delivered) | ratio ours/Node |",
+             "| --- | --- | --- |"]
+    pairs = {"ours-memory": "node-memory", "ours-redis": "node-redis", "ours-redis-2": "node-redis-2"}
+    for k, v in caps.items():
+        node = pairs.get(k)
+        ratio = f"{v / caps[node]:.2f}" if node and caps.get(node) else ""
+        lines.append(f"| {k} | {v:,.0f} | {ratio} |")
+    lines += ["", "| target | rate | p50 ms | p99 ms | delivered | CPU µs/delivery | longest GC pause ms "
+                  "| verdict |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for ramp_ in results["ramps"]:
         for r in ramp_["runs"]:
             cpu = r["cpu_us_per_delivery"]
-            lines.append(f"| {ramp_['target']} | {r['rate']} | {r['latency_ms']['p50']:.1f} | "
-                         f"{r['latency_ms']['p99']:.1f} | {r['delivered_ratio']:.4f} | "
-                         f"{cpu:.1f} | {r['verdict']} |" if r["latency_ms"]["p50"] is not None else
-                         f"| {ramp_['target']} | {r['rate']} | – | – | – | – | {r['verdict']} |")
-    lines += ["", "| target | idle connections | KB per connection |", "| --- | --- | --- |"]
-    for i in results["idle"]:
-        lines.append(f"| {i['target']} | {i['connections']} | {i['kb_per_connection']:.1f} |")
+            gc_ms = r.get("gc_max_ms")
+            gc_txt = "–" if gc_ms is None else f"{gc_ms:.1f}"
+            if r["latency_ms"]["p50"] is None:
+                lines.append(f"| {ramp_['target']} | {r['rate']:,.0f} | – | – | – | – | {gc_txt} "
+                             f"| {r['verdict']} |")
+                continue
+            lines.append(f"| {ramp_['target']} | {r['rate']:,.0f} | {r['latency_ms']['p50']:.1f} | "
+                         f"{r['latency_ms']['p99']:.1f} | {r['delivered_ratio']:.4f} | {cpu:.1f} | "
+                         f"{gc_txt} | {r['verdict']} |")
+    if results["idle"]:
+        lines += ["", "| target | idle connections | KB per connection |", "| --- | --- | --- |"]
+        for i in results["idle"]:
+            lines.append(f"| {i['target']} | {i['connections']} | {i['kb_per_connection']:.1f} |")
+    if results.get("burst"):
+        lines += ["", "| target | base rate | burst rate (10 s) | recovered after | delivered "
+                      "| longest GC pause ms |", "| --- | --- | --- | --- | --- | --- |"]
+        for b in results["burst"]:
+            rec = "not within 25 s" if b["recovery_s"] is None else f"{b['recovery_s']} s"
+            gc_ms = "–" if b.get("gc_max_ms") is None else f"{b['gc_max_ms']:.1f}"
+            lines.append(f"| {b['target']} | {b['base_rate']:,.0f} | {b['burst_rate']:,.0f} | {rec} | "
+                         f"{(b['delivered_ratio'] or 0):.4f} | {gc_ms} |")
+    if results.get("sockets"):
+        lines += ["", "| target | sockets | rate | p50 ms | p99 ms | delivered | longest GC pause ms "
+                      "| RSS MB |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for x in results["sockets"]:
+            lat = x["latency_ms"]
+            gc_ms = "–" if x.get("gc_max_ms") is None else f"{x['gc_max_ms']:.1f}"
+            p50 = "–" if lat["p50"] is None else f"{lat['p50']:.1f}"
+            p99 = "–" if lat["p99"] is None else f"{lat['p99']:.1f}"
+            lines.append(f"| {x['target']} | {x['sockets']:,} | {x['rate']:,.0f} | {p50} | {p99} | "
+                         f"{(x['delivered_ratio'] or 0):.4f} | {gc_ms} | {x['rss_kb'] / 1024:.0f} |")
     path.write_text("\n".join(lines) + "\n")

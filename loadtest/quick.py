@@ -202,6 +202,7 @@ async def store_baseline(stack: Stack, pairs: int, rate: float,
                 conv = await convs.find_one_and_update(
                     {"_id": conv_id}, {"$inc": {"last_seq": 1}},
                     return_document=ReturnDocument.AFTER, session=session)
+                assert conv is not None
                 await msgs.insert_one({"conversation_id": conv_id, "seq": conv["last_seq"],
                                        "sender_id": "c", "client_msg_id": str(n),
                                        "body": "您好，师傅大概几点到？"}, session=session)
