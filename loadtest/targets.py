@@ -170,7 +170,7 @@ class Target:
             return None
         longest = 0.0
         for url in self.urls:
-            with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+            with urllib.request.urlopen(f"{url}/metrics", timeout=120) as r:
                 for line in r.read().decode().splitlines():
                     if line.startswith("realtime_gc_pause_max_seconds "):
                         longest = max(longest, float(line.split()[1]) * 1000)
