@@ -19,8 +19,7 @@ Handler = Callable[[dict[str, Any]], Awaitable[None] | None]
 class Bus:
     def __init__(self) -> None:
         self._handlers: dict[str, Handler] = {}
-        self.remote: Callable[[str, dict[str, Any]], Awaitable[None]] | None = None
-        # The same, for callers that must not wait (queues the publish).
+        # To every other node (queues the publish; never waits on Redis).
         self.remote_nowait: Callable[[str, dict[str, Any]], None] | None = None
         # Counts what arrives from other nodes (a metric).
         self.on_received: Callable[[str], None] = lambda name: None
@@ -39,8 +38,7 @@ class Bus:
 
     async def publish(self, name: str, data: dict[str, Any]) -> None:
         await self.dispatch(name, data)
-        if self.remote is not None:
-            await self.remote(name, data)
+        self.to_others(name, data)
 
     async def dispatch(self, name: str, data: dict[str, Any]) -> None:
         handler = self._handlers.get(name)

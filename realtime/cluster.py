@@ -53,7 +53,6 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
                  on_publish_error: Callable[[], None] | None = None) -> None:
         super().__init__(url, channel=channel)
         self.bus = bus
-        bus.remote = self._publish_signal
         bus.remote_nowait = self._queue_signal
         bus.to_nodes = self.send_to_nodes
         bus.flush = self.flush
@@ -74,9 +73,6 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         self.node_channel = f"{channel}#node#{self.host_id}"
         self._outbox_ready = asyncio.Event()
         self._publisher_task: asyncio.Task[None] | None = None
-
-    async def _publish_signal(self, name: str, data: dict[str, Any]) -> None:
-        self._queue_signal(name, data)
 
     def _queue_signal(self, name: str, data: dict[str, Any]) -> None:
         self._enqueue(self._signal(name, data))

@@ -38,18 +38,29 @@ def start_policy() -> None:
     gc.set_threshold(young0, young1, NO_AUTO_FULL)
 
 
+def freeze_survivors() -> None:
+    """A young collection, then everything still alive is frozen."""
+    gc.collect(1)
+    gc.freeze()
+
+
+def full_collection() -> int:
+    """Unfreeze, collect everything, freeze again; the objects freed."""
+    started = time.perf_counter()
+    gc.unfreeze()
+    found = gc.collect()
+    gc.freeze()
+    log.info("full garbage collection: %d objects freed, %.0f ms",
+             found, (time.perf_counter() - started) * 1000)
+    return found
+
+
 async def run_policy(freeze_s: float, full_s: float) -> None:
     next_full = time.monotonic() + full_s
     while True:
         await asyncio.sleep(freeze_s)
         if time.monotonic() >= next_full:
             next_full = time.monotonic() + full_s
-            started = time.perf_counter()
-            gc.unfreeze()
-            found = gc.collect()
-            gc.freeze()
-            log.info("full garbage collection: %d objects freed, %.0f ms",
-                     found, (time.perf_counter() - started) * 1000)
+            full_collection()
         else:
-            gc.collect(1)
-            gc.freeze()
+            freeze_survivors()

@@ -12,8 +12,8 @@ Announcements are at most once like all pub/sub, so each node repeats its
 whole interest every `ttl/3` seconds and forgets another node's interest
 that was not repeated within `ttl` (a node that died stops costing
 publishes). A node that starts asks the others to announce at once. A
-`watch` that changes what its node wants is answered only once the
-announcement is published, so the watcher's client hears of the next fix.
+`watch` or `unwatch` that changes what its node wants is answered only once
+the announcement is published, so the next fix already follows it.
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ Publish = Callable[[str, dict[str, Any]], None]
 
 
 class Interest:
-    def __init__(self, node: str, publish: Publish, ttl_s: float = 30.0) -> None:
+    def __init__(self, node: str, publish: Publish, ttl_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.node = node
+        self._clock = clock
         self._publish = publish  # a bus signal to every node
         self.ttl_s = ttl_s
         self._orders: dict[str, int] = {}  # order -> this node's watchers of it
@@ -45,13 +47,16 @@ class Interest:
             self._publish("interest", {"node": self.node, "orders": [order_id]})
         return n == 0
 
-    def remove_order(self, order_id: str) -> None:
+    def remove_order(self, order_id: str) -> bool:
+        """True when this changed what the node wants (it was announced)."""
         n = self._orders.get(order_id, 0)
-        if n <= 1:
-            if self._orders.pop(order_id, None) is not None:
-                self._publish("interest", {"node": self.node, "dropped": [order_id]})
-        else:
+        if n > 1:
             self._orders[order_id] = n - 1
+            return False
+        if self._orders.pop(order_id, None) is None:
+            return False
+        self._publish("interest", {"node": self.node, "dropped": [order_id]})
+        return True
 
     def add_area(self) -> bool:
         self._areas += 1
@@ -88,7 +93,7 @@ class Interest:
         node = data.get("node")
         if not isinstance(node, str) or node == self.node:
             return
-        expires = time.monotonic() + self.ttl_s
+        expires = self._clock() + self.ttl_s
         for order_id in data.get("orders") or ():
             self._remote.setdefault(str(order_id), {})[node] = expires
         for order_id in data.get("dropped") or ():
@@ -110,7 +115,7 @@ class Interest:
     def targets(self, order_id: str | None) -> list[str]:
         """The other nodes that want a position of this order's technician (or,
         without an order, an area view's)."""
-        now = time.monotonic()
+        now = self._clock()
         found: list[str] = []
         if self._area_nodes:
             for node, expires in list(self._area_nodes.items()):

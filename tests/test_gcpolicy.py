@@ -1,6 +1,6 @@
 """The garbage-collection policy (realtime/gcpolicy.py): no automatic full
-collections, survivors frozen on a schedule, a full collection on its own
-schedule that reclaims cyclic garbage frozen meanwhile."""
+collections, survivors frozen, a full collection that reclaims cyclic
+garbage frozen meanwhile, and the schedule that runs them."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import asyncio
 import gc
 import weakref
 
-from realtime.gcpolicy import NO_AUTO_FULL, run_policy, start_policy
+from realtime.gcpolicy import NO_AUTO_FULL, freeze_survivors, full_collection, run_policy, start_policy
 
 
 class Node:
@@ -16,7 +16,7 @@ class Node:
         self.me = self  # a reference cycle: only the collector frees it
 
 
-async def test_policy_freezes_and_collects_on_schedule() -> None:
+def test_frozen_cycles_wait_for_the_full_collection() -> None:
     saved = gc.get_threshold()
     try:
         start_policy()
@@ -25,19 +25,31 @@ async def test_policy_freezes_and_collects_on_schedule() -> None:
 
         garbage = Node()
         ref = weakref.ref(garbage)
-        task = asyncio.get_running_loop().create_task(run_policy(0.05, 1000.0))
-        await asyncio.sleep(0.12)
-        task.cancel()
-        # The cycle survived a young collection and was frozen with the rest,
-        # so even an explicit collection leaves it alone.
+        freeze_survivors()
+        # Frozen with the rest, so even an explicit collection leaves it alone.
         del garbage
         gc.collect()
         assert ref() is not None, "a frozen cycle is not collected until the full collection"
-
-        task = asyncio.get_running_loop().create_task(run_policy(0.05, 0.01))
-        await asyncio.sleep(0.12)
-        task.cancel()
-        assert ref() is None, "the scheduled full collection reclaims it"
+        assert full_collection() > 0
+        assert ref() is None, "the full collection reclaims it"
     finally:
         gc.unfreeze()
         gc.set_threshold(*saved)
+
+
+async def test_the_schedule_runs_the_full_collection() -> None:
+    try:
+        gc.freeze()
+        garbage = Node()
+        freed = asyncio.Event()
+        ref = weakref.ref(garbage, lambda _: freed.set())
+        gc.freeze()
+        del garbage
+        task = asyncio.get_running_loop().create_task(run_policy(0.01, 0.01))
+        try:
+            await asyncio.wait_for(freed.wait(), 5)  # the collection itself
+        finally:
+            task.cancel()
+        assert ref() is None
+    finally:
+        gc.unfreeze()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from realtime.interest import Interest
@@ -51,11 +50,12 @@ def test_area_watchers_want_everything_and_own_node_is_never_a_target() -> None:
 
 
 def test_interest_not_repeated_within_ttl_is_forgotten() -> None:
-    sent: list[tuple[str, dict[str, Any]]] = []
-    a = Interest("A", lambda n, d: sent.append((n, d)), ttl_s=0.05)
+    now = [1000.0]
+    a = Interest("A", lambda n, d: None, ttl_s=30.0, clock=lambda: now[0])
     a.on_interest({"node": "B", "orders": ["o1"], "area": True})
+    now[0] += 29.9
     assert a.targets("o1") == ["B"]
-    time.sleep(0.06)
+    now[0] += 0.2
     assert a.targets("o1") == [] and a.targets(None) == []
 
 

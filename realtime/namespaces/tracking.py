@@ -305,7 +305,8 @@ class TrackingNamespace(BaseNamespace):
     async def unwatch(self, p: Principal, sid: str, body: UnwatchIn) -> dict[str, Any]:
         for cs in COORD_SYSTEMS:
             await self.leave_room(sid, watch_room(body.order_id, cs))
-        self._forget_watch(sid, body.order_id)
+        if self._forget_watch(sid, body.order_id):
+            await self._announced()
         self._watch_gauges()
         return {"order_id": body.order_id}
 
@@ -315,12 +316,13 @@ class TrackingNamespace(BaseNamespace):
         if flush is not None:
             await flush()
 
-    def _forget_watch(self, sid: str, order_id: str) -> None:
+    def _forget_watch(self, sid: str, order_id: str) -> bool:
+        """True when this node's interest changed (its last watcher of the order)."""
         watched = self.watching.get(sid)
-        if watched is not None and order_id in watched:
-            watched.discard(order_id)
-            if self.interest is not None:
-                self.interest.remove_order(order_id)
+        if watched is None or order_id not in watched:
+            return False
+        watched.discard(order_id)
+        return self.interest is not None and self.interest.remove_order(order_id)
 
     async def order_changed(self, order: dict[str, Any], event: dict[str, Any]) -> None:
         """Privacy: once an order leaves the visible phases, its watchers are
