@@ -32,7 +32,7 @@ def serve(args: argparse.Namespace) -> None:
 
     from realtime.api import CTX
     from realtime.app import create_app
-    from realtime.gcpolicy import run_policy, start_policy
+    from realtime.gcpolicy import run_policy, run_young, start_policy
 
     settings = _settings()
     logging.basicConfig(
@@ -50,12 +50,15 @@ def serve(args: argparse.Namespace) -> None:
         # Pauses are timed from here: the deliberate full collection at start
         # (before any client) is not one a client can meet.
         app[CTX].metrics.watch_gc()
-        task = asyncio.get_running_loop().create_task(
-            run_policy(settings.gc_freeze_s, settings.gc_full_s))
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(run_policy(settings.gc_freeze_s, settings.gc_full_s))]
+        if settings.gc_young_ms:
+            tasks.append(loop.create_task(run_young(settings.gc_young_ms / 1000)))
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     app.cleanup_ctx.append(collect_garbage)
     logging.getLogger("realtime").info(

@@ -13,7 +13,15 @@ in docs/benchmarks.md). So:
 - every `freeze_s` the survivors of a young collection are frozen too: the
   sockets and rooms of connected clients stop costing collection time;
 - every `full_s` one full collection reclaims cyclic garbage that was frozen
-  meanwhile (a disconnected client's objects), logged with its pause.
+  meanwhile (a disconnected client's objects), logged with its pause;
+- every `young_s` a young collection runs whether or not CPython's own
+  trigger fired. That trigger counts allocations *minus deallocations*: a
+  GPS fix allocates a technician's new position and frees the previous one
+  (already old), so under steady tracking load the count hardly moves while
+  the young generation fills with every technician's live position, and the
+  collection that finally fires walks all of them (15–30 ms with 2,000
+  technicians, measured). Collected on a clock, the young generation holds
+  only what was allocated since the last tick.
 
 Memory freed by reference counting (almost everything) is unaffected; only
 garbage in reference cycles waits for the next full collection.
@@ -53,6 +61,18 @@ def full_collection() -> int:
     log.info("full garbage collection: %d objects freed, %.0f ms",
              found, (time.perf_counter() - started) * 1000)
     return found
+
+
+def young_collection() -> None:
+    """Generation 0, or 0 and 1 when generation 1 is due by CPython's own rule."""
+    _, due1, _ = gc.get_threshold()
+    gc.collect(1 if gc.get_count()[1] >= due1 else 0)
+
+
+async def run_young(young_s: float) -> None:
+    while True:
+        await asyncio.sleep(young_s)
+        young_collection()
 
 
 async def run_policy(freeze_s: float, full_s: float) -> None:

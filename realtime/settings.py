@@ -81,6 +81,8 @@ class Settings(BaseSettings):
     # gc_freeze_s, one full collection every gc_full_s.
     gc_freeze_s: float = Field(default=30.0, ge=1.0)
     gc_full_s: float = Field(default=3600.0, ge=10.0)
+    # A young collection at least this often (0: only CPython's own trigger).
+    gc_young_ms: int = Field(default=100, ge=0, le=10_000)
     trail_ttl_days: int = Field(default=30, ge=1)
     trail_flush_s: float = Field(default=1.0, gt=0)
 
