@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from realtime.api import CTX
 from tests.conftest import Live, StartApp
 from tests.harness import Client, Http, ServerProcess, uid
 from tests.wire import RawSocketIO, assert_error, assert_no_server_errors, claims, hmac_jwt
@@ -463,6 +464,39 @@ async def test_watch_forbidden_cases(start_app: StartApp) -> None:
     await agent.error("location", pt(at(-900), now_ms()), "forbidden")
     # An unknown order.
     await customer.error("watch", {"order_id": uid("nope-")}, "not_found")
+
+
+async def test_watches_in_flight_together_share_one_order_read(
+        start_app: StartApp, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reconnect storm: every device watching an order asks at once; the
+    order is read from the store once for all of them (and afresh later)."""
+    live = await start_app(**FAST)
+    oid, cust, tech_id = await order_in(live, "en_route")
+    store = live.app[CTX].tracking.orders._store
+    real_get = store.get
+    reads: list[str] = []
+
+    async def slow_get(order_id: str) -> Any:
+        reads.append(order_id)
+        await asyncio.sleep(0.3)  # in flight while every device asks
+        return await real_get(order_id)
+
+    monkeypatch.setattr(store, "get", slow_get)
+    devices = [await tracker(live, "customer", cust) for _ in range(6)]
+    agent = await tracker(live, "agent")
+    views = await asyncio.gather(*(d.ok("watch", {"order_id": oid}) for d in [*devices, agent]))
+    assert all(v["technician"]["id"] == tech_id and v["state"] == "en_route" for v in views)
+    assert reads.count(oid) == 1
+    # Authorization still per viewer: another customer, in flight with the owner.
+    other = await tracker(live, "customer")
+    mine, theirs = await asyncio.gather(devices[0].ok("watch", {"order_id": oid}),
+                                        other.error("watch", {"order_id": oid}, "forbidden"))
+    assert mine["order_id"] == oid and "lat" not in json.dumps(theirs)
+    assert reads.count(oid) == 2, "a later watch reads the order again: nothing is cached"
+    # An unknown order: every reader in flight gets not_found.
+    missing = uid("nope-")
+    await asyncio.gather(*(d.error("watch", {"order_id": missing}, "not_found") for d in devices[:3]))
+    assert reads.count(missing) == 1
 
 
 async def test_watcher_sees_nothing_after_in_service(start_app: StartApp) -> None:

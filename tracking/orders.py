@@ -9,6 +9,7 @@ the same state give one winner and one ``conflict``.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol
 
@@ -65,12 +66,33 @@ class OrderService:
         # One lock per hot order on this node: events leave this node in seq
         # order, and local writers do not fight each other's optimistic retries.
         self._lock = KeyedLocks()
+        self._reads: dict[str, asyncio.Future[Order]] = {}
 
     async def get(self, order_id: str) -> Order:
         order = await self._store.get(order_id)
         if order is None:
             raise NotFound(f"order {order_id!r} not found")
         return order
+
+    async def read_shared(self, order_id: str) -> Order:
+        """As `get`, but reads of one order that overlap share one store round
+        trip: after a deploy or a network blip every device watching an order
+        asks for it at once. The order returned is shared: read it, never
+        change it."""
+        pending = self._reads.get(order_id)
+        if pending is None:
+            pending = asyncio.ensure_future(self.get(order_id))
+            self._reads[order_id] = pending
+
+            def done(f: asyncio.Future[Order]) -> None:
+                if self._reads.get(order_id) is f:
+                    del self._reads[order_id]
+                if not f.cancelled():
+                    f.exception()  # retrieved here even when every reader left
+
+            pending.add_done_callback(done)
+        # A reader that gives up (disconnects) does not cancel the others' read.
+        return await asyncio.shield(pending)
 
     async def create(self, actor: Actor, spec: dict[str, Any]) -> tuple[Order, bool]:
         """Create an order; idempotent on order_id. Returns (order, created).

@@ -332,7 +332,7 @@ class TrackingService:
         """Authorize a viewer for an order's technician; the current view (WGS-84)."""
         if viewer.role not in ("customer", "agent", "admin"):
             raise Forbidden("only the order's customer, agents and admins may watch")
-        order = await self.orders.get(order_id)
+        order = await self.orders.read_shared(order_id)
         if viewer.role == "customer" and order["customer_id"] != viewer.id:
             raise Forbidden("not your order")
         if order["state"] not in VISIBLE or not order.get("technician_id"):

@@ -153,6 +153,10 @@ class TrackingNamespace(BaseNamespace):
         super().__init__(namespace, ctx)
         self.area = AreaWatch(self)
         self.watching: dict[str, set[str]] = {}  # sid -> order ids watched
+        # Counted when scraped: a count kept on every watch would cost O(watchers) each time.
+        ctx.metrics.watchers.labels("order").set_function(
+            lambda: sum(len(v) for v in self.watching.values()))
+        ctx.metrics.watchers.labels("area").set_function(lambda: len(self.area.watchers))
         # Which other nodes want which positions (Redis engine; None: one node).
         self.interest: Interest | None = None
         self._location_in = ctx.metrics.events_in.labels(namespace, "location")
@@ -182,11 +186,6 @@ class TrackingNamespace(BaseNamespace):
                 self.interest.remove_order(order_id)
         if self.area.watchers.pop(sid, None) is not None and self.interest is not None:
             self.interest.remove_area()
-        self._watch_gauges()
-
-    def _watch_gauges(self) -> None:
-        self.ctx.metrics.watchers.labels("order").set(sum(len(v) for v in self.watching.values()))
-        self.ctx.metrics.watchers.labels("area").set(len(self.area.watchers))
 
     # -- technicians -----------------------------------------------------
     def _only_technicians(self, p: Principal) -> None:
@@ -295,7 +294,6 @@ class TrackingNamespace(BaseNamespace):
             watched.add(body.order_id)
             if self.interest is not None and self.interest.add_order(body.order_id):
                 await self._announced()
-        self._watch_gauges()
         if view["position"] is not None:
             view["position"] = convert(view["position"], body.coord_sys)
         view["coord_sys"] = body.coord_sys
@@ -307,7 +305,6 @@ class TrackingNamespace(BaseNamespace):
             await self.leave_room(sid, watch_room(body.order_id, cs))
         if self._forget_watch(sid, body.order_id):
             await self._announced()
-        self._watch_gauges()
         return {"order_id": body.order_id}
 
     async def _announced(self) -> None:
@@ -346,7 +343,6 @@ class TrackingNamespace(BaseNamespace):
         if order["state"] not in VISIBLE:  # its rooms are closed on every node
             for sid in [sid for sid, ids in self.watching.items() if order["order_id"] in ids]:
                 self._forget_watch(sid, order["order_id"])
-            self._watch_gauges()
 
     # -- agents, admins: an area ------------------------------------------
     def area_item(self, pos: Position, online: set[str], cs: CoordSys) -> dict[str, Any]:
@@ -374,12 +370,10 @@ class TrackingNamespace(BaseNamespace):
         self.area.watchers[sid] = box
         if first and self.interest is not None and self.interest.add_area():
             await self._announced()
-        self._watch_gauges()
         return {"technicians": [self.area_item(x, online, body.coord_sys) for x in found]}
 
     @handles("unwatch_area", Empty)
     async def unwatch_area(self, p: Principal, sid: str, body: Empty) -> dict[str, Any]:
         if self.area.watchers.pop(sid, None) is not None and self.interest is not None:
             self.interest.remove_area()
-        self._watch_gauges()
         return {}
