@@ -16,15 +16,18 @@ tests/test_hardening.py fails if either hook stops working.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
+import engineio
 import socketio
 from aiohttp.web import WebSocketResponse
+from engineio import packet as eio_packet
 from engineio.async_drivers import aiohttp as eio_aiohttp
+from engineio.async_socket import AsyncSocket
 from socketio import packet
 
 from realtime.fanout import deliver, encode_ack
@@ -97,40 +100,78 @@ async def _serve_direct(sock: Any, ws: DirectWebSocketResponse) -> None:
     link = ws.link
     link.sock = sock
     link.fast = sock.server.fast_message
+    server = sock.server
+    queued, sock.queue = sock.queue, _DirectQueue(link)
+    while not queued.empty():  # what was queued before the switch (the open packet)
+        pkt = queued.get_nowait()
+        if pkt is not None:
+            link.send(pkt.encode())
+    del queued  # this frame lives as long as the session: let the queue go
     sock.link = link
     sock.connected = True
     sock.upgraded = True
-    server = sock.server
-    queue = sock.queue
-
-    async def writer() -> None:
-        while True:
-            pkt = await queue.get()
-            queue.task_done()
-            stop = pkt is None
-            batch = [] if stop else [pkt]
-            while not stop and not queue.empty():
-                nxt = queue.get_nowait()
-                queue.task_done()
-                if nxt is None:
-                    stop = True
-                else:
-                    batch.append(nxt)
-            for p in batch:  # written in one go: nothing can slip in between
-                link.send(p.encode())
-            if stop:
-                return
-
-    writer_task = asyncio.get_running_loop().create_task(writer())
     try:
         await link.done
     finally:
         sock.link = None
-        await queue.put(None)
-        with contextlib.suppress(Exception):
-            await writer_task
         await ws.close()
         await sock.close(wait=False, abort=True, reason=server.reason.TRANSPORT_CLOSE)
+
+
+class _DirectQueue:
+    """Stands in for an Engine.IO socket's outbound queue when a DirectLink
+    serves it: a packet is written the moment python-engineio queues it, so
+    a session needs no writer task and no asyncio.Queue (four deques)."""
+
+    __slots__ = ("link",)
+
+    def __init__(self, link: Any) -> None:
+        self.link = link
+
+    def put_nowait(self, pkt: Any) -> None:
+        if pkt is not None:  # None: python-engineio's "stop the writer"
+            self.link.send(pkt.encode())
+
+    async def put(self, pkt: Any) -> None:
+        self.put_nowait(pkt)
+
+    def empty(self) -> bool:
+        return True
+
+    def qsize(self) -> int:
+        return 0
+
+    def get_nowait(self) -> Any:
+        raise asyncio.QueueEmpty
+
+    async def get(self) -> Any:  # only long-polling reads the queue
+        await self.link.done
+        return None
+
+    def task_done(self) -> None:
+        pass
+
+    async def join(self) -> None:
+        pass
+
+
+def _ping_now(sock: Any) -> None:
+    """python-engineio's ping, without a task asleep per socket in between."""
+    if not sock.closing and not sock.closed:
+        sock.last_ping = time.time()
+        sock.queue.put_nowait(eio_packet.Packet(eio_packet.PING))
+
+
+class _EngineServer(engineio.AsyncServer):  # type: ignore[misc]
+    """Engine.IO server whose sockets wait for their next ping on a timer
+    (one TimerHandle) rather than in a task of their own (a task, a
+    coroutine and a sleep per connection: ~1.5 KB each)."""
+
+    def start_background_task(self, target: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(target, "__func__", None) is AsyncSocket._send_ping and not args and not kwargs:
+            return asyncio.get_running_loop().call_later(self.ping_interval, _ping_now,
+                                                         target.__self__)
+        return super().start_background_task(target, *args, **kwargs)
 
 
 FastHandler = Callable[[str, dict[str, Any]], "dict[str, Any] | None"]
@@ -151,6 +192,9 @@ class RealtimeServer(socketio.AsyncServer):  # type: ignore[misc]
         # namespace -> event -> synchronous handler (sid, payload) -> reply,
         # or None when this message needs the regular (async) handler.
         self.fast_handlers: dict[str, dict[str, FastHandler]] = {}
+
+    def _engineio_server_class(self) -> type[engineio.AsyncServer]:
+        return _EngineServer
 
     def fast_message(self, sock: Any, data: str) -> bool:
         """Handle a Socket.IO EVENT packet inside the frame parser's call when
