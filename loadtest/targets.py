@@ -73,6 +73,8 @@ class Services:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     redis_port: int = 0
     mongo_port: int = 0
+    # Orders created on this store, by number of technicians (bench.orders_for).
+    orders: dict[int, list[tuple[str, str, str]]] = field(default_factory=dict)
 
     def start(self) -> Services:
         self.redis_port, self.mongo_port = free_port(), free_port()
@@ -105,6 +107,14 @@ class Services:
         for p in self.procs:
             stop(p)
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def fresh(self) -> Services:
+        """An empty Redis and store from here on."""
+        self.stop()
+        self.procs.clear()
+        self.orders.clear()
+        self.tmp = Path(tempfile.mkdtemp(prefix="rt-bench-"))
+        return self.start()
 
 
 @dataclass
@@ -147,8 +157,13 @@ class Target:
                 env = dict(os.environ)
                 cmd = [*pin(cpu), sys.executable, "-m", "loadtest.rawpeer", "--port", str(port)]
                 health = "/healthz"
+            log_dir = os.environ.get("BENCH_LOG_DIR")  # keep the servers' logs (debugging a run)
+            err = (open(Path(log_dir) / f"{self.name}-{port}.log", "wb")
+                   if log_dir else subprocess.DEVNULL)
             self.procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                                               stderr=subprocess.DEVNULL))
+                                               stderr=err))
+            if not isinstance(err, int):
+                err.close()  # the child has its own copy
             wait_http(f"http://127.0.0.1:{port}{health}")
         return self
 
@@ -175,3 +190,31 @@ class Target:
                     if line.startswith("realtime_gc_pause_max_seconds "):
                         longest = max(longest, float(line.split()[1]) * 1000)
         return round(longest, 1)
+
+    def gc_buckets(self) -> dict[float, float]:
+        """Ours: garbage-collection pauses so far, cumulative counts by upper
+        bound in seconds (all nodes and generations together)."""
+        counts: dict[float, float] = {}
+        if self.kind != "ours":
+            return counts
+        for url in self.urls:
+            with urllib.request.urlopen(f"{url}/metrics", timeout=120) as r:
+                for line in r.read().decode().splitlines():
+                    if line.startswith("realtime_gc_pause_seconds_bucket{"):
+                        le = line.split('le="', 1)[1].split('"', 1)[0]
+                        bound = float("inf") if le == "+Inf" else float(le)
+                        counts[bound] = counts.get(bound, 0.0) + float(line.split()[-1])
+        return counts
+
+
+def gc_window(before: dict[float, float], after: dict[float, float],
+              limit_s: float) -> dict[str, float | int | None]:
+    """Pauses between two `gc_buckets` readings: how many exceeded `limit_s`,
+    and the bucket bound the longest fell under."""
+    diff = {b: after.get(b, 0.0) - before.get(b, 0.0) for b in after}
+    total = diff.get(float("inf"), 0.0)
+    over = total - diff.get(limit_s, 0.0)
+    longest = next((b for b in sorted(diff) if diff[b] >= total), None) if total else None
+    return {"pauses": int(total), "over_limit": int(over),
+            "longest_under_ms": None if longest is None else longest * 1000}
+

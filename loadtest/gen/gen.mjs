@@ -22,14 +22,15 @@ const nowMs = () => performance.timeOrigin + performance.now();
 
 const lat = [];            // delivery latencies (ms) after warm-up
 let delivered = 0, deliveredWarm = 0, acks = 0, ackErrors = 0, areaBatches = 0, sent = 0, sentWarm = 0;
-let connectErrors = 0, closed = 0;
+let connectErrors = 0, closed = 0, retries = 0;
 let measuring = false;
 const ackLat = [];
+const ackErrorSamples = [];
 
 function connect(token, onEvent, url = wsUrl) {
   return new Promise((resolve) => {
     const ws = new WebSocket(url, { perMessageDeflate: true });
-    const sock = { ws, ready: false, pending: new Map(), nextId: 1 };
+    const sock = { ws, ready: false, pending: new Map(), nextId: 1, retry: new Map(), retrying: 0 };
     let settled = false;
     const done = (ok) => { if (!settled) { settled = true; resolve(ok ? sock : null); } };
     ws.on("message", (buf, isBinary) => {
@@ -50,8 +51,21 @@ function connect(token, onEvent, url = wsUrl) {
         const t0 = sock.pending.get(id);
         sock.pending.delete(id);
         const reply = JSON.parse(rest.slice(b))[0];
+        const again = sock.retry.get(id);
+        sock.retry.delete(id);
+        if (again && reply && reply.ok === false && reply.error && reply.error.code === "unavailable") {
+          // What the apps do (PROTOCOL.md): `unavailable` means retry, after a pause.
+          retries++;
+          sock.retrying++;
+          setTimeout(() => { sock.retrying--; emit(sock, again[0], again[1], true, true); },
+                     200 + Math.random() * 800);
+          return;
+        }
         acks++;
-        if (!reply || reply.ok !== true) ackErrors++;
+        if (!reply || reply.ok !== true) {
+          ackErrors++;
+          if (ackErrorSamples.length < 5) ackErrorSamples.push(reply);
+        }
         if (t0 !== undefined && measuring) ackLat.push(nowMs() - t0);
       }
     });
@@ -60,11 +74,12 @@ function connect(token, onEvent, url = wsUrl) {
   });
 }
 
-function emit(sock, event, data, withAck = true) {
+function emit(sock, event, data, withAck = true, retry = false) {
   if (sock.ws.readyState !== 1) return;
   if (withAck) {
     const id = sock.nextId++;
     sock.pending.set(id, nowMs());
+    if (retry) sock.retry.set(id, [event, data]);
     sock.ws.send(`42${NS},${id}` + JSON.stringify([event, data]));
   } else {
     sock.ws.send(`42${NS},` + JSON.stringify([event, data]));
@@ -107,16 +122,25 @@ if (cfg.area) area = await connect(cfg.area, onArea, watchersWsUrl);
 const connectS = (nowMs() - t0) / 1000;
 const okTechs = techs.filter(Boolean), okWatchers = watchers.filter(Boolean);
 for (let i = 0; i < cfg.watchers.length; i++) {
-  if (watchers[i]) emit(watchers[i], "watch", { order_id: cfg.watchers[i].order_id });
+  if (watchers[i]) emit(watchers[i], "watch", { order_id: cfg.watchers[i].order_id }, true, true);
 }
-if (area) emit(area, "watch_area", { min_lat: -90, min_lng: -180, max_lat: 90, max_lng: 180 });
+if (area) emit(area, "watch_area", { min_lat: -90, min_lng: -180, max_lat: 90, max_lng: 180 }, true, true);
+// Every watch answered (up to 120 s) before the schedule starts: a position
+// sent before its watcher joined would count as lost.
+const watchT0 = nowMs();
+const watching = [...okWatchers, ...(area ? [area] : [])];
+while (watching.some((w) => (w.pending.size > 0 || w.retrying > 0) && w.ws.readyState === 1) && nowMs() - watchT0 < 120000) {
+  await new Promise((r) => setTimeout(r, 50));
+}
+const watchS = (nowMs() - watchT0) / 1000;
 await new Promise((r) => setTimeout(r, 1000));
 
 const loop = monitorEventLoopDelay({ resolution: 5 });
 const cpu0 = process.cpuUsage();
 const wall0 = nowMs();
 const result = {
-  connected: { techs: okTechs.length, watchers: okWatchers.length, area: !!area, seconds: connectS },
+  connected: { techs: okTechs.length, watchers: okWatchers.length, area: !!area, seconds: connectS,
+               watch_seconds: watchS },
 };
 
 if (cfg.idle) {
@@ -146,7 +170,7 @@ if (cfg.idle) {
   await new Promise((resolve) => {
     const tick = () => {
       const now = nowMs();
-      if (!measuring && now >= warmEnd) measuring = true;
+      if (!measuring && now >= warmEnd) { measuring = true; process.stderr.write("\nmark measure-start\n"); }
       const interval = 1000 * n / rateAt(now);
       for (let i = 0; i < n; i++) {
         while (next[i] <= now && next[i] < end) {
@@ -172,7 +196,7 @@ if (cfg.idle) {
     };
     tick();
   });
-  process.stderr.write("\n");
+  process.stderr.write("\nmark measure-end\n");
   measuring = false;
   lat.sort((a, b) => a - b);
   ackLat.sort((a, b) => a - b);
@@ -184,7 +208,7 @@ if (cfg.idle) {
     delivered_ratio: expected ? deliveredWarm / expected : null,
     latency_ms: { p50: pct(lat, 50), p90: pct(lat, 90), p99: pct(lat, 99), max: lat.length ? lat[lat.length - 1] : null },
     ack_ms: { p50: pct(ackLat, 50), p99: pct(ackLat, 99) },
-    acks, ack_errors: ackErrors, area_batches: areaBatches, per_second: perSecond,
+    acks, ack_errors: ackErrors, ack_error_samples: ackErrorSamples, retries, area_batches: areaBatches, per_second: perSecond,
     by_send_second: [...bySecond.keys()].sort((a, b) => a - b).map((sec) => {
       const b = bySecond.get(sec).sort((x, y) => x - y);
       return { sec, n: b.length, p50: pct(b, 50), p99: pct(b, 99) };
