@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -11,6 +12,7 @@ from pydantic import ValidationError
 
 from realtime.settings import Settings
 from tests.conftest import JWT_SECRET, Live, StartApp
+from tests.wire import RawSocketIO
 
 
 async def raw_orders_socket(live: Live, token: str, **kw: Any) -> aiohttp.ClientWebSocketResponse:
@@ -136,3 +138,35 @@ async def test_reserved_event_names_are_refused(live: Live, name: str) -> None:
     # Still the same authenticated user, still connected.
     data = await customer.ok("subscribe", {"order_id": order["order_id"]})
     assert data["order"]["order_id"] == order["order_id"]
+
+
+async def test_websocket_sessions_are_pinged_every_interval_and_dropped_when_silent(
+        start_app: StartApp) -> None:
+    """Pings of a websocket session come from a timer, not a task per socket
+    (realtime/sio.py): one every interval for as long as the client answers;
+    a client that stops answering is closed after interval + timeout."""
+    # Whole seconds: python-engineio advertises the interval truncated to them.
+    live = await start_app(ping_interval_s=1.0, ping_timeout_s=1.0)
+    raw = await RawSocketIO.open(live.http.session, live.url)
+    assert raw.open_packet["pingInterval"] == 1000
+    kind, data = await raw.connect_ns("/orders", json.dumps({"token": live.token("admin")}))
+    assert kind == "connect", data
+    loop = asyncio.get_running_loop()
+    pings, end = 0, loop.time() + 3.5
+    while loop.time() < end:
+        msg = await raw.ws.receive(timeout=2.0)
+        assert msg.type == aiohttp.WSMsgType.TEXT, msg
+        if msg.data == "2":
+            pings += 1
+            await raw.ws.send_str("3")
+    assert 3 <= pings <= 4, pings  # one a second
+    [reply] = await raw.call("/orders", 1, '["subscribe",{"order_id":"nope"}]')
+    assert reply["ok"] is False and reply["error"]["code"] == "not_found"
+    # Silent from here on: the server closes the session (a timeout fails the test).
+    started = loop.time()
+    while True:
+        msg = await raw.ws.receive(timeout=5.0)
+        if msg.type != aiohttp.WSMsgType.TEXT:  # unanswered pings until then
+            break
+    assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), msg
+    assert loop.time() - started < 3.0  # interval + timeout, and the timer's slack
