@@ -109,11 +109,16 @@ def run_generator(target: Target, triples: list[tuple[str, str, str]], *, rate: 
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         reader = threading.Thread(target=read_stderr, args=(proc.stderr,), daemon=True)
         reader.start()
+        assert proc.stdout is not None
+        # stdout is read here and stderr by the thread (communicate() would
+        # close the stream under the thread's feet).
+        killer = threading.Timer(duration + warmup + 300, proc.kill)
+        killer.start()
         try:
-            stdout, _ = proc.communicate(timeout=duration + warmup + 300)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
+            stdout = proc.stdout.read()
+            proc.wait()
+        finally:
+            killer.cancel()
         reader.join(10)
     finally:
         os.unlink(path)
