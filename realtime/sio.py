@@ -7,10 +7,13 @@
   is dropped with a reply where possible, never an exception in the log.
 - The websocket transport never negotiates permessage-deflate: it multiplies
   memory per connection and latency under load (measured in ANCHORS.md).
+- A websocket session holds no task of its own beyond aiohttp's handler:
+  its outbound queue writes at once and its pings wait on a timer.
 
-The engine.io driver and packet dispatch are private API of python-socketio
-5.x / python-engineio 4.x; pyproject pins both below their next major, and
-tests/test_hardening.py fails if either hook stops working.
+The engine.io driver, packet dispatch, socket queue and ping task are
+private API of python-socketio 5.x / python-engineio 4.x; pyproject pins
+both below their next major, and tests/test_hardening.py fails if any of
+these hooks stops working.
 """
 
 from __future__ import annotations
@@ -95,8 +98,8 @@ def quiet_engineio_logs() -> None:
 
 async def _serve_direct(sock: Any, ws: DirectWebSocketResponse) -> None:
     """A websocket-only Engine.IO session (realtime/wsdirect.py): inbound
-    frames are handled as they are parsed; the writer task drains only what
-    python-engineio queues (pings, replies of the slower handlers)."""
+    frames are handled as they are parsed, and what python-engineio sends
+    (pings, replies of the slower handlers) is written as it is queued."""
     link = ws.link
     link.sock = sock
     link.fast = sock.server.fast_message

@@ -170,3 +170,27 @@ async def test_websocket_sessions_are_pinged_every_interval_and_dropped_when_sil
             break
     assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), msg
     assert loop.time() - started < 3.0  # interval + timeout, and the timer's slack
+
+
+async def test_a_websocket_session_holds_only_aiohttps_tasks(start_app: StartApp) -> None:
+    """Per session, aiohttp's two tasks (connection, request handler) and
+    nothing else: no Engine.IO writer task, no task asleep until the next
+    ping (realtime/sio.py)."""
+    live = await start_app()
+    sockets = []
+
+    async def connect(n: int) -> set[asyncio.Task[Any]]:
+        for _ in range(n):
+            raw = await RawSocketIO.open(live.http.session, live.url)
+            kind, data = await raw.connect_ns("/orders", json.dumps({"token": live.token("admin")}))
+            assert kind == "connect", data
+            sockets.append(raw)
+        await asyncio.sleep(0.2)  # what a connect starts in the background has started
+        return asyncio.all_tasks()
+
+    first = await connect(5)  # the server's own one-off tasks start with the first
+    new = [t.get_coro().__qualname__ for t in await connect(5) - first]  # type: ignore[union-attr]
+    assert len(new) == 10, sorted(new)
+    assert set(new) == {"RequestHandler.start", "RequestHandler._handle_request"}, sorted(new)
+    for raw in sockets:
+        await raw.close()
