@@ -472,29 +472,49 @@ async def test_watches_in_flight_together_share_one_order_read(
     order is read from the store once for all of them (and afresh later)."""
     live = await start_app(**FAST)
     oid, cust, tech_id = await order_in(live, "en_route")
-    store = live.app[CTX].tracking.orders._store
-    real_get = store.get
+    orders = live.app[CTX].tracking.orders
+    store = orders._store
+    real_get, real_read_shared = store.get, orders.read_shared
     reads: list[str] = []
+    # The store read is held until every watch of a round has asked for the
+    # order: all of them are then in flight together.
+    asked, expected, all_asked = 0, 0, asyncio.Event()
 
-    async def slow_get(order_id: str) -> Any:
+    async def read_shared(order_id: str) -> Any:
+        nonlocal asked
+        asked += 1
+        if asked == expected:
+            all_asked.set()
+        return await real_read_shared(order_id)
+
+    async def held_get(order_id: str) -> Any:
         reads.append(order_id)
-        await asyncio.sleep(0.3)  # in flight while every device asks
+        await all_asked.wait()
         return await real_get(order_id)
 
-    monkeypatch.setattr(store, "get", slow_get)
+    def round_of(n: int) -> None:
+        nonlocal asked, expected
+        asked, expected = 0, n
+        all_asked.clear()
+
+    monkeypatch.setattr(orders, "read_shared", read_shared)
+    monkeypatch.setattr(store, "get", held_get)
     devices = [await tracker(live, "customer", cust) for _ in range(6)]
     agent = await tracker(live, "agent")
+    round_of(7)
     views = await asyncio.gather(*(d.ok("watch", {"order_id": oid}) for d in [*devices, agent]))
     assert all(v["technician"]["id"] == tech_id and v["state"] == "en_route" for v in views)
     assert reads.count(oid) == 1
     # Authorization still per viewer: another customer, in flight with the owner.
     other = await tracker(live, "customer")
+    round_of(2)
     mine, theirs = await asyncio.gather(devices[0].ok("watch", {"order_id": oid}),
                                         other.error("watch", {"order_id": oid}, "forbidden"))
     assert mine["order_id"] == oid and "lat" not in json.dumps(theirs)
     assert reads.count(oid) == 2, "a later watch reads the order again: nothing is cached"
     # An unknown order: every reader in flight gets not_found.
     missing = uid("nope-")
+    round_of(3)
     await asyncio.gather(*(d.error("watch", {"order_id": missing}, "not_found") for d in devices[:3]))
     assert reads.count(missing) == 1
 
