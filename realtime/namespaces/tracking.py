@@ -152,7 +152,10 @@ class TrackingNamespace(BaseNamespace):
     def __init__(self, namespace: str, ctx: Context) -> None:
         super().__init__(namespace, ctx)
         self.area = AreaWatch(self)
+        # Who watches what, both ways: a disconnect drops a socket's orders, an
+        # order leaving the visible states drops its watchers, neither by a scan.
         self.watching: dict[str, set[str]] = {}  # sid -> order ids watched
+        self.watchers_of: dict[str, set[str]] = {}  # order id -> sids watching it
         # Counted when scraped: a count kept on every watch would cost O(watchers) each time.
         ctx.metrics.watchers.labels("order").set_function(
             lambda: sum(len(v) for v in self.watching.values()))
@@ -181,9 +184,9 @@ class TrackingNamespace(BaseNamespace):
         if p.role == "technician" and await self.presence.disconnect(p.id):
             self.svc.technician_gone(p.id)
             await self.ctx.ops.announce("technician", p.id, False)
-        for order_id in self.watching.pop(sid, ()):
-            if self.interest is not None:
-                self.interest.remove_order(order_id)
+        for order_id in list(self.watching.get(sid, ())):
+            self._forget_watch(sid, order_id)
+        self.watching.pop(sid, None)
         if self.area.watchers.pop(sid, None) is not None and self.interest is not None:
             self.interest.remove_area()
 
@@ -292,6 +295,7 @@ class TrackingNamespace(BaseNamespace):
         watched = self.watching.setdefault(sid, set())
         if body.order_id not in watched:
             watched.add(body.order_id)
+            self.watchers_of.setdefault(body.order_id, set()).add(sid)
             if self.interest is not None and self.interest.add_order(body.order_id):
                 await self._announced()
         if view["position"] is not None:
@@ -319,6 +323,10 @@ class TrackingNamespace(BaseNamespace):
         if watched is None or order_id not in watched:
             return False
         watched.discard(order_id)
+        sids = self.watchers_of[order_id]
+        sids.discard(sid)
+        if not sids:
+            del self.watchers_of[order_id]
         return self.interest is not None and self.interest.remove_order(order_id)
 
     async def order_changed(self, order: dict[str, Any], event: dict[str, Any]) -> None:
@@ -341,7 +349,7 @@ class TrackingNamespace(BaseNamespace):
         order = data["order"]
         self.svc.on_order_event(order, data["event"])
         if order["state"] not in VISIBLE:  # its rooms are closed on every node
-            for sid in [sid for sid, ids in self.watching.items() if order["order_id"] in ids]:
+            for sid in list(self.watchers_of.get(order["order_id"], ())):
                 self._forget_watch(sid, order["order_id"])
 
     # -- agents, admins: an area ------------------------------------------
