@@ -13,7 +13,9 @@ whole interest every `ttl/3` seconds and forgets another node's interest
 that was not repeated within `ttl` (a node that died stops costing
 publishes). A node that starts asks the others to announce at once. A
 `watch` or `unwatch` that changes what its node wants is answered only once
-the announcement is published, so the next fix already follows it.
+the announcement is published; the technician's node follows it as soon as
+it has received it (a fix sent in that moment may still go the old way: the
+watcher already has the current position from its `watch` reply).
 """
 
 from __future__ import annotations

@@ -182,19 +182,31 @@ async def test_positions_go_only_to_nodes_that_watch(cluster: Cluster) -> None:
         await next_where(local, "position", lambda x: x["ts"] == last)
         return last
 
+    heard = 'realtime_bus_received_total{signal="interest"}'
+
+    async def a_hears(change: Awaitable[Any]) -> None:
+        """B changes what it watches; A has received B's announcement. (B answers
+        once the announcement is published; A gets it a moment later.)"""
+        before = await cluster.metric(a, heard) or 0.0
+        await change
+        deadline = time.monotonic() + 10
+        while (await cluster.metric(a, heard) or 0.0) <= before:
+            assert time.monotonic() < deadline, "A never heard B's interest"
+            await asyncio.sleep(0.02)
+
     # Only the technician's own node watches: nothing goes to B.
     await send(3)
     assert (await cluster.metric(b, series) or 0.0) == 0.0
 
     # A customer on B watches: A sends B the positions.
     remote = await cluster.client(b, "/tracking", "customer", cust_id)
-    await remote.ok("watch", {"order_id": oid})
+    await a_hears(remote.ok("watch", {"order_id": oid}))
     last = await send(1)
     await next_where(remote, "position", lambda x: x["ts"] == last)
     assert (await cluster.metric(b, series) or 0.0) >= 1
 
     # B's customer stops watching: A stops sending.
-    await remote.ok("unwatch", {"order_id": oid})
+    await a_hears(remote.ok("unwatch", {"order_id": oid}))
     before = await cluster.metric(b, series) or 0.0
     await send(3)
     await remote.ok("unwatch", {"order_id": oid})  # a round trip on B after A's sends
@@ -202,7 +214,7 @@ async def test_positions_go_only_to_nodes_that_watch(cluster: Cluster) -> None:
 
     # An area view on B wants every technician's positions.
     agent = await cluster.client(b, "/tracking", "agent")
-    await agent.ok("watch_area", BOX)
+    await a_hears(agent.ok("watch_area", BOX))
     last = await send(1)
     batch = await next_where(agent, "positions",
                              lambda x: any(t["id"] == tech_id and t["ts"] == last for t in x["technicians"]))
