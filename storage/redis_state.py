@@ -25,29 +25,36 @@ _dumps = json.JSONEncoder(separators=(",", ":")).encode
 # (nearby search, area views) cut much earlier.
 POSITION_TTL_S: Final = 24 * 3600
 # How long fixes gather before one write carries them all: far below any
-# reader's horizon (a `watch` elsewhere, a nearby search), and at thousands
-# of fixes per second it turns one round trip per fix into a few per second.
-WRITE_BEHIND_S: Final = 0.005
+# reader's horizon (a `watch` on another node sees a position at most this
+# much older; this node's own reads and searches see its fixes at once), and
+# under load one round trip carries hundreds of fixes (only the newest per
+# technician), so its fixed cost all but vanishes from the GPS path.
+WRITE_BEHIND_S: Final = 0.025
 
-# Latest wins, for a batch of fixes: KEYS = geo set, polar set, then one
-# record key per fix; ARGV = ttl, then per fix ts, json, lng, lat, id.
+# Latest wins, for a batch of fixes: KEYS = geo set, polar set; ARGV = ttl,
+# the record keys' prefix, then one JSON record per fix. The record carries
+# everything the script needs (technician, ts, lat, lng), so a fix costs the
+# client one argument to pack instead of five. The record keys are derived
+# here rather than declared: this needs a single Redis (or one shard), as the
+# pub/sub channels do.
 _PUT_IF_NEWER = """
-local ttl = ARGV[1]
-for i = 3, #KEYS do
-  local a = 2 + (i - 3) * 5
-  local ts, lng, lat, id = ARGV[a], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
-  local cur = redis.call('HGET', KEYS[i], 'ts')
-  if not (cur and tonumber(cur) >= tonumber(ts)) then
-    redis.call('HSET', KEYS[i], 'ts', ts, 'j', ARGV[a + 1])
-    redis.call('EXPIRE', KEYS[i], ttl)
+local ttl, prefix = ARGV[1], ARGV[2]
+for i = 3, #ARGV do
+  local rec = ARGV[i]
+  local p = cjson.decode(rec)
+  local key = prefix .. p.technician_id
+  local cur = redis.call('HGET', key, 'ts')
+  if not (cur and tonumber(cur) >= p.ts) then
+    redis.call('HSET', key, 'ts', string.format('%.0f', p.ts), 'j', rec)
+    redis.call('EXPIRE', key, ttl)
     -- Redis GEO covers latitudes within +-85.05112878 (Web Mercator); a fix
     -- beyond goes to a plain set that searches scan (there are few up there).
-    if math.abs(tonumber(lat)) <= 85.05112878 then
-      redis.call('GEOADD', KEYS[1], lng, lat, id)
-      redis.call('SREM', KEYS[2], id)
+    if math.abs(p.lat) <= 85.05112878 then
+      redis.call('GEOADD', KEYS[1], p.lng, p.lat, p.technician_id)
+      redis.call('SREM', KEYS[2], p.technician_id)
     else
-      redis.call('ZREM', KEYS[1], id)
-      redis.call('SADD', KEYS[2], id)
+      redis.call('ZREM', KEYS[1], p.technician_id)
+      redis.call('SADD', KEYS[2], p.technician_id)
     end
   end
 end
@@ -88,6 +95,7 @@ class RedisPositions:
         self._newest: dict[str, int] = {}  # technician -> newest ts put here
         self._pending: dict[str, Position] = {}
         self._writer: asyncio.Task[None] | None = None
+        self._in_flight: asyncio.Future[bool] | None = None
         self._last_log = 0.0
         self.write_failures = 0
 
@@ -117,33 +125,61 @@ class RedisPositions:
             self._newest.pop(technician_id, None)
 
     async def _write_behind(self) -> None:
+        """At most one write per window: what is put meanwhile waits for the
+        next (a write in flight never makes the next one start early)."""
         try:
-            await asyncio.sleep(WRITE_BEHIND_S)
-            while self._pending:
-                batch, self._pending = self._pending, {}
-                keys = [self._geo, self._polar]
-                args: list[Any] = [POSITION_TTL_S]
-                for pos in batch.values():
-                    keys.append(self._key(pos.technician_id))
-                    args += [pos.ts, _dumps(pos.as_dict()), pos.lng, pos.lat, pos.technician_id]
+            while True:
+                await asyncio.sleep(WRITE_BEHIND_S)
+                if not self._pending:
+                    return
+                sending = asyncio.ensure_future(self._send(self._take()))
+                self._in_flight = sending
                 try:
-                    await self._put(keys=keys, args=args)
-                except (RedisError, OSError) as exc:
-                    # Lost for Redis only (this node still relays and keeps its
-                    # mirror); the technician's next fix writes again.
-                    self.write_failures += len(batch)
-                    now = time.monotonic()
-                    if now - self._last_log >= 10.0:
-                        self._last_log = now
-                        log.warning("positions not written to Redis (%s)", type(exc).__name__)
-                    await asyncio.sleep(0.1)
+                    if not await asyncio.shield(sending):
+                        await asyncio.sleep(0.1)  # Redis away: do not spin
+                finally:
+                    self._in_flight = None
         finally:
-            self._writer = None
+            if self._writer is asyncio.current_task():
+                self._writer = None
+
+    def _take(self) -> dict[str, Position]:
+        batch, self._pending = self._pending, {}
+        return batch
+
+    async def _send(self, batch: dict[str, Position]) -> bool:
+        """One Lua call for the batch; the order of batches does not matter
+        (the script is latest-wins per technician)."""
+        if not batch:
+            return True
+        args: list[Any] = [POSITION_TTL_S, self._key("")]
+        args += [_dumps(pos.as_dict()).encode() for pos in batch.values()]
+        try:
+            await self._put(keys=[self._geo, self._polar], args=args)
+            return True
+        except (RedisError, OSError) as exc:
+            # Lost for Redis only (this node still relays and keeps its
+            # mirror); the technician's next fix writes again.
+            self.write_failures += len(batch)
+            now = time.monotonic()
+            if now - self._last_log >= 10.0:
+                self._last_log = now
+                log.warning("positions not written to Redis (%s)", type(exc).__name__)
+            return False
 
     async def flush(self) -> None:
-        """Wait until what was put so far is in Redis (or failed)."""
-        while self._writer is not None:
-            await asyncio.shield(self._writer)
+        """Until what was put so far is in Redis (or failed): what waits is
+        sent now, and a write in flight is awaited."""
+        in_flight = self._in_flight
+        await self._send(self._take())
+        if in_flight is not None:
+            await asyncio.shield(in_flight)
+        writer = self._writer
+        if writer is not None and self._in_flight is None and not self._pending:
+            # Idle until its window ends: it has nothing left to write (and a
+            # stop must not leave it pending). The next put starts another.
+            self._writer = None
+            writer.cancel()
 
     async def _records(self, ids: list[str]) -> list[Position]:
         if not ids:

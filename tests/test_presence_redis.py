@@ -1,0 +1,43 @@
+"""Presence shared through Redis (realtime/presence/redis.py), against a real
+Redis: who is online across nodes, and a node's own users cost no round trip."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from redis import asyncio as aioredis
+
+from realtime.presence.redis import RedisPresence
+from tests.harness import RedisServer, uid
+
+
+@pytest.fixture
+async def redis(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    r = aioredis.Redis.from_url(redis_server.url)
+    yield r
+    await r.aclose()
+
+
+async def zcount_calls(r: aioredis.Redis) -> int:
+    stats = await r.info("commandstats")
+    return int(stats.get("cmdstat_zcount", {}).get("calls", 0))
+
+
+async def test_online_across_nodes_and_own_users_without_a_round_trip(redis: aioredis.Redis) -> None:
+    prefix = uid("p")
+    a = RedisPresence(redis, "technician", "node-a", 30.0, prefix)
+    b = RedisPresence(redis, "technician", "node-b", 30.0, prefix)
+    mine, theirs, nobody = uid("t-"), uid("t-"), uid("t-")
+    assert await a.connect(mine)
+    assert await b.connect(theirs)
+
+    before = await zcount_calls(redis)
+    assert await a.online([mine]) == {mine}
+    assert await zcount_calls(redis) == before  # a's own user: known without Redis
+
+    assert await a.online([mine, theirs, nobody]) == {mine, theirs}
+    assert await zcount_calls(redis) == before + 2  # only the two a does not hold
+
+    assert await b.disconnect(theirs)
+    assert await a.online([mine, theirs]) == {mine}
