@@ -138,34 +138,65 @@ def verdict(r: dict[str, Any]) -> str:
 
 
 def ramp(target: Target, services: Services, rates: list[float], techs: int,
-         duration: float, warmup: float, log: Any) -> dict[str, Any]:
-    runs = []
-    capacity = 0.0
+         duration: float, warmup: float, log: Any, refine: int = 2) -> dict[str, Any]:
+    """Raise the rate step by step until a step fails; then bisect `refine`
+    times between the last rate that held and the first that did not, so
+    two servers' capacities compare to within a few percent rather than a
+    step. A step that fails is run once more before it counts (these
+    machines are noisy, and a step the generator could not drive says
+    nothing; every target gets the same second chance)."""
+    runs: list[dict[str, Any]] = []
+
+    def step(rate: float) -> bool:
+        for attempt in (1, 2):
+            r = one_step(target, services, rate, techs, duration, warmup)
+            r["attempt"] = attempt
+            runs.append(r)
+            log(f"{target.name:12s} rate={rate:>7.0f}/s  p50={r['latency_ms']['p50']}  "
+                f"p99={r['latency_ms']['p99']}  delivered={r['delivered_ratio']}  {r['verdict']}"
+                f"  gen_cpu={r['generator']['cpu_ratio']:.2f}"
+                + ("  (second try)" if attempt == 2 else ""))
+            if r["verdict"] == "ok":
+                return True
+        return False
+
+    capacity, failed = 0.0, None
     for rate in rates:
-        target.start(services, ["0"])
-        try:
-            triples = orders_for(target, services, techs)
-            cpu0 = target.cpu_seconds()
-            r = run_generator(target, triples, rate=rate, duration=duration, warmup=warmup)
-            cpu = target.cpu_seconds() - cpu0
-            r["gc_max_ms"] = target.gc_max_ms()
-        finally:
-            target.stop()
-        r["verdict"] = verdict(r)
-        deliveries = max(1, r.get("delivered_measured", 0))
-        r["server_cpu_s"] = cpu
-        r["cpu_us_per_delivery"] = cpu / (r["sent"] * 2 + r["sent"]) * 1e6 if r.get("sent") else None
-        runs.append({"rate": rate, **{k: r[k] for k in (
-            "verdict", "latency_ms", "ack_ms", "delivered_ratio", "sent", "delivered_measured",
-            "generator", "server_cpu_s", "cpu_us_per_delivery", "gc_max_ms")}})
-        log(f"{target.name:12s} rate={rate:>7.0f}/s  p50={r['latency_ms']['p50']}  "
-            f"p99={r['latency_ms']['p99']}  delivered={r['delivered_ratio']}  {r['verdict']}"
-            f"  gen_cpu={r['generator']['cpu_ratio']:.2f}  deliveries={deliveries}")
-        if r["verdict"] == "ok":
-            capacity = rate
-        else:
+        if not step(rate):
+            failed = rate
             break
+        capacity = rate
+    for _ in range(refine):
+        if failed is None or capacity == 0:
+            break
+        mid = round((capacity + failed) / 2, -2)
+        if mid in (capacity, failed):
+            break
+        if step(mid):
+            capacity = mid
+        else:
+            failed = mid
+    runs.sort(key=lambda r: (r["rate"], r["attempt"]))
     return {"target": target.name, "capacity": capacity, "runs": runs}
+
+
+def one_step(target: Target, services: Services, rate: float, techs: int, duration: float,
+             warmup: float) -> dict[str, Any]:
+    target.start(services, ["0"])
+    try:
+        triples = orders_for(target, services, techs)
+        cpu0 = target.cpu_seconds()
+        r = run_generator(target, triples, rate=rate, duration=duration, warmup=warmup)
+        cpu = target.cpu_seconds() - cpu0
+        r["gc_max_ms"] = target.gc_max_ms()
+    finally:
+        target.stop()
+    r["verdict"] = verdict(r)
+    r["server_cpu_s"] = cpu
+    r["cpu_us_per_delivery"] = cpu / (r["sent"] * 2 + r["sent"]) * 1e6 if r.get("sent") else None
+    return {"rate": rate, **{k: r[k] for k in (
+        "verdict", "latency_ms", "ack_ms", "delivered_ratio", "sent", "delivered_measured",
+        "generator", "server_cpu_s", "cpu_us_per_delivery", "gc_max_ms")}}
 
 
 def burst(target: Target, services: Services, capacity: float, techs: int,
@@ -357,9 +388,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(9, 5))
     for ramp_ in results["ramps"]:
-        xs = [r["rate"] for r in ramp_["runs"] if r["latency_ms"]["p99"] is not None]
-        p99 = [r["latency_ms"]["p99"] for r in ramp_["runs"] if r["latency_ms"]["p99"] is not None]
-        p50 = [r["latency_ms"]["p50"] for r in ramp_["runs"] if r["latency_ms"]["p50"] is not None]
+        last = {r["rate"]: r for r in ramp_["runs"]}  # a step's deciding attempt
+        done = [last[k] for k in sorted(last) if last[k]["latency_ms"]["p99"] is not None]
+        xs = [r["rate"] for r in done]
+        p99 = [r["latency_ms"]["p99"] for r in done]
+        p50 = [r["latency_ms"]["p50"] for r in done]
         line, = ax.plot(xs, p99, marker="o", label=f"{ramp_['target']} p99")
         ax.plot(xs, p50, marker=".", linestyle="--", color=line.get_color(), label=f"{ramp_['target']} p50")
     ax.axhline(P99_LIMIT_MS, color="grey", linewidth=0.8)
@@ -391,11 +424,12 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             cpu = r["cpu_us_per_delivery"]
             gc_ms = r.get("gc_max_ms")
             gc_txt = "–" if gc_ms is None else f"{gc_ms:.1f}"
+            tries = " (2nd try)" if r.get("attempt") == 2 else ""
             if r["latency_ms"]["p50"] is None:
-                lines.append(f"| {ramp_['target']} | {r['rate']:,.0f} | – | – | – | – | {gc_txt} "
+                lines.append(f"| {ramp_['target']} | {r['rate']:,.0f}{tries} | – | – | – | – | {gc_txt} "
                              f"| {r['verdict']} |")
                 continue
-            lines.append(f"| {ramp_['target']} | {r['rate']:,.0f} | {r['latency_ms']['p50']:.1f} | "
+            lines.append(f"| {ramp_['target']} | {r['rate']:,.0f}{tries} | {r['latency_ms']['p50']:.1f} | "
                          f"{r['latency_ms']['p99']:.1f} | {r['delivered_ratio']:.4f} | {cpu:.1f} | "
                          f"{gc_txt} | {r['verdict']} |")
     if results["idle"]:
