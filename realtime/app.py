@@ -110,7 +110,7 @@ def create_app(settings: Settings) -> web.Application:
     sio.fast_handlers[TRACKING_NS] = {"location": tracking_ns.fast_location}
     sio.eio.max_unsent_bytes = settings.max_unsent_bytes
     engine.bus.on("leave_user", orders_ns.on_leave_user)
-    engine.bus.on("position", tracking_ns.on_position)
+    engine.bus.on("positions", tracking_ns.on_positions)
     engine.bus.on("order_changed", tracking_ns.on_order_changed)
 
     async def dispatch_answered(data: dict[str, Any]) -> None:

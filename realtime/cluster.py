@@ -42,6 +42,9 @@ PUBLISH_BATCH = 500  # messages per pipelined round trip
 # Publishes gather this long before a round trip: under load a pipeline then
 # carries dozens, for a millisecond more across nodes.
 PUBLISH_GATHER_S = 0.001
+# Rows per message: a backlog still arrives in slices a receiving node
+# handles between other work, not as one long stall.
+ROWS_PER_MESSAGE = 256
 OUTBOX_MAX = 100_000  # bounded: under a long outage the oldest are dropped first
 
 
@@ -55,6 +58,7 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         self.bus = bus
         bus.remote_nowait = self._queue_signal
         bus.to_nodes = self.send_to_nodes
+        bus.row_to_nodes = self.queue_row
         bus.flush = self.flush
         self._on_restored = on_link_restored
         self._on_publish_error = on_publish_error or (lambda: None)
@@ -72,6 +76,9 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         # watchers asked for; realtime/interest.py).
         self.node_channel = f"{channel}#node#{self.host_id}"
         self._outbox_ready = asyncio.Event()
+        # Rows for other nodes (positions), gathered until the publisher
+        # drains them: one message per node and signal per drain.
+        self._rows: dict[tuple[str, str], list[Any]] = {}
         self._publisher_task: asyncio.Task[None] | None = None
 
     def _queue_signal(self, name: str, data: dict[str, Any]) -> None:
@@ -86,6 +93,27 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         raw = self.json.dumps(self._signal(name, data))
         for node in nodes:
             self._append(f"{self.channel}#node#{node}", raw)
+
+    def queue_row(self, nodes: list[str], name: str, row: Any) -> None:
+        """One row of a bus signal `name` for each of these nodes; each node
+        gets the rows gathered meanwhile as one `{"rows": [...]}` signal when
+        the publisher next drains (after its gather, or after the round trip
+        in flight: under load the rows of many fixes share one message)."""
+        for node in nodes:
+            rows = self._rows.get((node, name))
+            if rows is None:
+                rows = self._rows[(node, name)] = []
+            rows.append(row)
+        self._wake_publisher()
+
+    def _drain_rows(self) -> None:
+        if not self._rows:
+            return
+        batches, self._rows = self._rows, {}
+        for (node, name), rows in batches.items():
+            for i in range(0, len(rows), ROWS_PER_MESSAGE):
+                self._append(f"{self.channel}#node#{node}", self.json.dumps(
+                    self._signal(name, {"rows": rows[i:i + ROWS_PER_MESSAGE]})))
 
     async def _handle_emit(self, message: dict[str, Any]) -> None:
         event = message.get("event")
@@ -136,6 +164,9 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
             self._finished += 1
         self._queued += 1
         self._outbox.append((channel, raw))
+        self._wake_publisher()
+
+    def _wake_publisher(self) -> None:
         self._outbox_ready.set()
         if self._publisher_task is None or self._publisher_task.done():
             self._publisher_task = asyncio.get_running_loop().create_task(self._publisher_loop())
@@ -145,6 +176,7 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
             await self._outbox_ready.wait()
             await asyncio.sleep(PUBLISH_GATHER_S)
             self._outbox_ready.clear()
+            self._drain_rows()
             while self._outbox:
                 batch = [self._outbox.popleft()
                          for _ in range(min(PUBLISH_BATCH, len(self._outbox)))]
@@ -163,6 +195,7 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
                     self._warn("publish", exc)
                     await asyncio.sleep(0.05)
                     continue
+                self._drain_rows()  # what gathered during the round trip
                 if self._publish_failed:
                     # Our emits were lost while publishing failed: other
                     # nodes' clients must replay too.
@@ -177,6 +210,7 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
     async def flush(self, timeout: float = 1.0) -> None:
         """Wait until what was queued so far has been published (or given up
         on); at most `timeout`: a down Redis must not hold anyone up."""
+        self._drain_rows()
         target = self._queued
         deadline = time.monotonic() + timeout
         while self._finished < target:

@@ -170,7 +170,7 @@ async def test_positions_go_only_to_nodes_that_watch(cluster: Cluster) -> None:
     tech = await cluster.client(a, "/tracking", "technician", tech_id)
     local = await cluster.client(a, "/tracking", "customer", cust_id)
     await local.ok("watch", {"order_id": oid})
-    series = 'realtime_bus_received_total{signal="position"}'
+    series = 'realtime_bus_received_total{signal="positions"}'
     ts = itertools.count(now_ms() - 60_000, 1000)
 
     async def send(n: int) -> int:

@@ -19,9 +19,9 @@ async def redis(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
     await r.aclose()
 
 
-async def zcount_calls(r: aioredis.Redis) -> int:
+async def calls(r: aioredis.Redis) -> dict[str, int]:
     stats = await r.info("commandstats")
-    return int(stats.get("cmdstat_zcount", {}).get("calls", 0))
+    return {c: int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("zcount", "zmscore")}
 
 
 async def test_online_across_nodes_and_own_users_without_a_round_trip(redis: aioredis.Redis) -> None:
@@ -32,12 +32,16 @@ async def test_online_across_nodes_and_own_users_without_a_round_trip(redis: aio
     assert await a.connect(mine)
     assert await b.connect(theirs)
 
-    before = await zcount_calls(redis)
+    before = await calls(redis)
     assert await a.online([mine]) == {mine}
-    assert await zcount_calls(redis) == before  # a's own user: known without Redis
+    assert await calls(redis) == before  # a's own user: known without Redis
 
     assert await a.online([mine, theirs, nobody]) == {mine, theirs}
-    assert await zcount_calls(redis) == before + 2  # only the two a does not hold
+    after = await calls(redis)  # the two a does not hold, in one command
+    assert after == {"zcount": before["zcount"], "zmscore": before["zmscore"] + 1}, (before, after)
+    assert await a.online([theirs]) == {theirs}  # one: its own claims, counted
 
     assert await b.disconnect(theirs)
     assert await a.online([mine, theirs]) == {mine}
+    assert await a.online([theirs, nobody]) == set()
+    assert await b.online([mine, theirs]) == {mine}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import pytest
@@ -206,3 +207,14 @@ def test_eta_decreases_along_an_approach() -> None:
         etas.append(e.estimate(1000.0 - 100 * i, NOW + 10_000 * i, 100.0))
     assert all(b < a for a, b in itertools.pairwise(etas)), etas
     assert etas[-1] == 0
+
+
+def test_position_row_round_trip() -> None:
+    from tracking.positions import Position
+
+    full = Position("t-1", 31.2304, 121.4737, 1_700_000_000_000, "张师傅", 3.5, 270.0, 8.0, "o-1",
+                    120, 900, "busy", ("plumbing", "repair"))
+    bare = Position("t-2", -33.9, 151.2, 1)
+    for pos in (full, bare):
+        row = json.loads(json.dumps(pos.as_row()))  # as it crosses between nodes
+        assert Position.from_row(row) == pos

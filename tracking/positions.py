@@ -39,6 +39,21 @@ class Position:
         }
 
 
+    def as_row(self) -> list[Any]:
+        """The fields in declaration order: the compact form that crosses
+        between nodes (nodes of one version read each other's rows)."""
+        return [self.technician_id, self.lat, self.lng, self.ts, self.name, self.speed,
+                self.heading, self.accuracy, self.order_id, self.eta_s, self.distance_m,
+                self.status, list(self.skills)]
+
+    @classmethod
+    def from_row(cls, row: list[Any]) -> Position:
+        (tid, lat, lng, ts, name, speed, heading, accuracy, order_id, eta_s, distance_m, status,
+         skills) = row
+        return cls(tid, lat, lng, ts, name, speed, heading, accuracy, order_id, eta_s, distance_m,
+                   status, tuple(skills))
+
+
 class PositionStore(Protocol):
     async def get(self, technician_id: str) -> Position | None: ...
 

@@ -262,15 +262,23 @@ class TrackingNamespace(BaseNamespace):
 
     def _position_now(self, pos: Position, payload: dict[str, Any] | None) -> None:
         self._deliver(pos, payload)
-        bus = self.ctx.engine.bus
-        if self.interest is not None and bus.to_nodes is not None:
-            nodes = self.interest.targets(payload["order_id"] if payload else None)
-            if nodes:  # only the nodes whose clients watch this
-                bus.to_nodes(nodes, "position", {"pos": pos.as_dict(), "payload": payload})
+        if self.interest is None:
+            return
+        nodes = self.interest.targets(payload["order_id"] if payload else None)
+        send = self.ctx.engine.bus.row_to_nodes
+        if nodes and send is not None:  # only the nodes whose clients watch this
+            # Gathered per node until the next publish: a message costs both
+            # nodes far more than a row in it.
+            send(nodes, "positions", [*pos.as_row(), payload is not None])
 
-    def on_position(self, data: dict[str, Any]) -> None:
-        """Bus signal from another node."""
-        self._deliver(Position.from_dict(data["pos"]), data.get("payload"))
+    def on_positions(self, data: dict[str, Any]) -> None:
+        """Bus signal from another node: [*Position.as_row(), visible] rows.
+        A watcher's payload is made only where this node has watchers of
+        the order (the row may be here for the area views alone)."""
+        for row in data["rows"]:
+            pos = Position.from_row(row[:-1])
+            visible = row[-1] is True and pos.order_id in self.watchers_of
+            self._deliver(pos, self.svc.position_payload(pos) if visible else None)
 
     def _deliver(self, pos: Position, payload: dict[str, Any] | None) -> None:
         """The area views' batch, and the order's watchers in the coordinate

@@ -92,13 +92,20 @@ class RedisPresence:
             return local
         now = time.time()
         try:
-            async with self._r.pipeline(transaction=False) as pipe:
-                for u in ask:
-                    pipe.zcount(self._key(u), now, "+inf")
-                counts = await pipe.execute()
+            if len(ask) == 1:
+                claims = [await self._r.zcount(self._key(ask[0]), now, "+inf")]
+            else:
+                # Many at once (an area view's batch): one command. Every
+                # user's latest claim is its score in the all-users set, kept
+                # there until its last claim is dropped (Redis >= 6.2). It can
+                # lag the per-user claims by one heartbeat (ttl/3) in two
+                # races: a node dies after another node's later claim was
+                # dropped, or a claim lands while another node drops its last.
+                scores = await self._r.zmscore(self._all, ask)
+                claims = [s is not None and s > now for s in scores]
         except (RedisError, OSError):
             return local
-        return local | {u for u, c in zip(ask, counts, strict=True) if c}
+        return local | {u for u, c in zip(ask, claims, strict=True) if c}
 
     async def heartbeat(self) -> None:
         """Refresh every local claim, in small pipelines with a yield between
