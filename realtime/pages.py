@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 from urllib.parse import urlsplit
@@ -159,12 +160,13 @@ async def dev_token(request: web.Request) -> web.Response:
 
 
 @web.middleware
-async def dev_token_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+def dev_token_middleware(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
     """Answers POST /api/dev/token ahead of the API middleware, which would ask
-    for a bearer token this endpoint exists to hand out."""
+    for a bearer token this endpoint exists to hand out. Not a coroutine: it
+    hands on the handler's own, so it keeps no frame while a websocket lives."""
     if request.path == DEV_TOKEN_PATH:
-        return await dev_token(request)
-    return await handler(request)
+        return dev_token(request)
+    return handler(request)
 
 
 def setup_pages(app: web.Application, settings: Settings) -> None:

@@ -69,6 +69,7 @@ class _PlainWebSocket(eio_aiohttp.WebSocket):  # type: ignore[misc]
                 max_unsent=getattr(server, "max_unsent_bytes", MAX_BUFFERED))
             await direct.prepare(request)
             self._sock: WebSocketResponse = direct
+            compact_environ(environ)
             self.environ = environ
             await _serve_direct(sock, direct)
             return direct
@@ -80,6 +81,23 @@ class _PlainWebSocket(eio_aiohttp.WebSocket):  # type: ignore[misc]
         self.environ = environ
         await self.handler(self)
         return ws
+
+
+# What a session's WSGI-style environ keeps once its websocket is open: what
+# the namespaces' handshakes read (the query string, for refusing tokens in
+# it; Host, for the origin check) and what identifies the client in logs.
+# The rest (every header, copied under a new key) would be held for the life
+# of the session, by python-socketio and by the request handler.
+ENVIRON_KEPT = ("QUERY_STRING", "PATH_INFO", "REQUEST_METHOD", "REMOTE_ADDR", "HTTP_HOST",
+                "HTTP_ORIGIN", "HTTP_USER_AGENT", "HTTP_X_FORWARDED_FOR", "wsgi.url_scheme")
+
+
+def compact_environ(environ: dict[str, Any]) -> None:
+    """Shrink the environ in place (every holder sees the same dict): clear()
+    gives its table back, and the few kept keys get a small one."""
+    kept = {k: environ[k] for k in ENVIRON_KEPT if k in environ}
+    environ.clear()
+    environ.update(kept)
 
 
 class _QuietInvalidSession(logging.Filter):

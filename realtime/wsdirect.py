@@ -278,11 +278,23 @@ class DirectLink:
             self._timer = self.loop.call_later(self.timeout - idle, self._check_alive)
 
 
+# aiohttp's compiled reader (the default) or its pure-Python fallback.
+_COMPILED_QUEUE: Final = WebSocketDataQueue.__module__.endswith("_c")
+
+
 class _Inbox(WebSocketDataQueue):  # type: ignore[misc,valid-type]
-    """The parser's destination: hands each message to the link at once."""
+    """The parser's destination: hands each message to the link at once.
+
+    With the compiled reader the base class's __init__ is skipped: it makes a
+    deque (held by two bound methods) that nothing here reads, ~0.9 KB per
+    session. The parser only reads the queue's size and limit (both zero,
+    so it never stalls) and calls the three methods overridden below."""
+
+    __slots__ = ("link",)
 
     def __init__(self, protocol: Any, loop: asyncio.AbstractEventLoop, link: DirectLink) -> None:
-        super().__init__(protocol, DEFAULT_CHUNK_SIZE, loop=loop)
+        if not _COMPILED_QUEUE:
+            super().__init__(protocol, DEFAULT_CHUNK_SIZE, loop=loop)
         self.link = link
 
     def feed_data(self, data: Any, size: int) -> None:
@@ -293,6 +305,16 @@ class _Inbox(WebSocketDataQueue):  # type: ignore[misc,valid-type]
 
     def set_exception(self, exc: BaseException, *args: Any) -> None:
         self.link.fail(exc)
+
+
+class _Drained(list):  # type: ignore[type-arg]
+    """An upgraded connection's request queue: always empty, so an empty
+    list (56 bytes) serves where aiohttp's deque keeps a 0.7 KB block."""
+
+    __slots__ = ()
+
+    def popleft(self) -> Any:
+        return self.pop(0)
 
 
 class DirectWebSocketResponse(WebSocketResponse):
@@ -315,6 +337,11 @@ class DirectWebSocketResponse(WebSocketResponse):
         self._parser = WebSocketReader(inbox, self._max_msg_size, compress=False, decode_text=True)
         request.protocol.set_parser(_ChunkParser(self._parser))  # type: ignore[arg-type]
         request.protocol.keep_alive(False)
+        # The HTTP parser and the request queue are done with this connection
+        # (aiohttp guards every later use of the parser by `is not None` and
+        # drops it itself at close; the queue stays empty once upgraded).
+        request.protocol._parser = None
+        request.protocol._messages = _Drained()  # type: ignore[assignment]
 
     async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"",
                     drain: bool = True) -> bool:

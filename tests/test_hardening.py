@@ -172,6 +172,38 @@ async def test_websocket_sessions_are_pinged_every_interval_and_dropped_when_sil
     assert loop.time() - started < 3.0  # interval + timeout, and the timer's slack
 
 
+async def test_a_websocket_session_keeps_no_copy_of_its_handshake(start_app: StartApp) -> None:
+    """Once open, a websocket session holds neither every request header
+    under a WSGI key nor the HTTP parser and request queue (realtime/sio.py,
+    realtime/wsdirect.py), and it still works: a namespace connects, refuses
+    a token in the query string, and events are answered."""
+    from realtime.api import CTX
+    from realtime.sio import ENVIRON_KEPT
+
+    live = await start_app()
+    sio = live.app[CTX].sio
+    headers = {"X-Long-Header": "x" * 2000, "Cookie": "session=" + "y" * 2000}
+    raw = await RawSocketIO.open(live.http.session, live.url, headers=headers)
+    [environ] = [e for sid, e in sio.environ.items() if sid == raw.sid]
+    assert set(environ) <= set(ENVIRON_KEPT) and "HTTP_HOST" in environ, sorted(environ)
+    assert "HTTP_COOKIE" not in environ and "HTTP_X_LONG_HEADER" not in environ
+    protocol = environ_request_protocol(sio, raw.sid)
+    assert protocol._parser is None and len(protocol._messages) == 0
+    kind, data = await raw.connect_ns("/orders", json.dumps({"token": live.token("admin")}))
+    assert kind == "connect", data
+    await raw.close()
+
+    leaky = await RawSocketIO.open(live.http.session, live.url, query="&token=abc")
+    kind, data = await leaky.connect_ns("/orders", json.dumps({"token": live.token("admin")}))
+    assert kind == "connect_error" and "query string" in data["message"], data
+    await leaky.close()
+
+
+def environ_request_protocol(sio: Any, eio_sid: str) -> Any:
+    sock = sio.eio.sockets[eio_sid]
+    return sock.link.protocol
+
+
 async def test_a_websocket_session_holds_only_aiohttps_tasks(start_app: StartApp) -> None:
     """Per session, aiohttp's two tasks (connection, request handler) and
     nothing else: no Engine.IO writer task, no task asleep until the next

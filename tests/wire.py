@@ -36,11 +36,13 @@ class RawSocketIO:
     def __init__(self, ws: aiohttp.ClientWebSocketResponse, open_packet: dict[str, Any]) -> None:
         self.ws = ws
         self.open_packet = open_packet
+        self.sid: str = open_packet["sid"]  # the Engine.IO session id
 
     @classmethod
-    async def open(cls, session: aiohttp.ClientSession, base_url: str, query: str = "") -> RawSocketIO:
+    async def open(cls, session: aiohttp.ClientSession, base_url: str, query: str = "",
+                   headers: dict[str, str] | None = None) -> RawSocketIO:
         url = base_url.replace("http://", "ws://", 1) + "/socket.io/?EIO=4&transport=websocket" + query
-        ws = await session.ws_connect(url)
+        ws = await session.ws_connect(url, headers=headers)
         raw = await ws.receive_str(timeout=RAW_TIMEOUT)
         assert raw.startswith("0"), raw
         return cls(ws, json.loads(raw[1:]))
