@@ -81,9 +81,16 @@ class Services:
         self.procs.append(subprocess.Popen(
             [*pin("1"), "redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1",
              "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL))
+        # No TTL sweeper: every 60 s it walks every collection in Python, on
+        # the generator's core, and the trails of a run grow into the hundreds
+        # of thousands (no trail expires within a benchmark; a real MongoDB's
+        # TTL monitor uses the index). Its bursts starved the generator.
+        config = self.tmp / "secantusd.toml"
+        config.write_text("[storage]\nttl_sweep_seconds = 0\n")
         self.procs.append(subprocess.Popen(
-            [*pin("1"), str(Path(sys.executable).parent / "secantusd-py"), "--host", "127.0.0.1",
-             "--port", str(self.mongo_port), "--storage-path", ":memory:", "--log-level", "WARNING"],
+            [*pin("1"), str(Path(sys.executable).parent / "secantusd-py"), "--config", str(config),
+             "--host", "127.0.0.1", "--port", str(self.mongo_port), "--storage-path", ":memory:",
+             "--log-level", "WARNING"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         for port in (self.redis_port, self.mongo_port):
             deadline = time.monotonic() + 30

@@ -74,7 +74,7 @@ def point_counter(metrics: Metrics) -> Callable[[str], None]:
     def count(outcome: str) -> None:
         child = children.get(outcome)
         if child is None:
-            child = children[outcome] = metrics.points.labels(outcome)
+            child = children[outcome] = metrics.fast(metrics.points.labels(outcome))
         child.inc()
 
     return count

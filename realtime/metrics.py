@@ -3,6 +3,8 @@ several apps in one test process do not share counters."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -11,10 +13,31 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 STORE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
+class FastCounter:
+    """A counter child incremented on the GPS path: a plain integer, added to
+    the Prometheus child when scraped (prometheus_client takes a lock on
+    every inc; a fix counts three times)."""
+
+    __slots__ = ("child", "n")
+
+    def __init__(self, child: Any) -> None:
+        self.child = child
+        self.n = 0
+
+    def inc(self) -> None:
+        self.n += 1
+
+    def publish(self) -> None:
+        n, self.n = self.n, 0
+        if n:
+            self.child.inc(n)
+
+
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self) -> None:
+        self._fast: list[FastCounter] = []
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.connections = Gauge(
@@ -116,5 +139,13 @@ class Metrics:
     def trail_dropped(self, n: int) -> None:
         self.trail_points.labels("dropped").inc(n)
 
+    def fast(self, child: Any) -> FastCounter:
+        """A scrape-time counter for this labelled child (hot paths only)."""
+        counter = FastCounter(child)
+        self._fast.append(counter)
+        return counter
+
     def render(self) -> bytes:
+        for counter in self._fast:
+            counter.publish()
         return generate_latest(self.registry)

@@ -195,7 +195,8 @@ class _EngineServer(engineio.AsyncServer):  # type: ignore[misc]
         return super().start_background_task(target, *args, **kwargs)
 
 
-FastHandler = Callable[[str, dict[str, Any]], "dict[str, Any] | None"]
+# A reply dict, or the reply already as JSON text, or None (not handled here).
+FastHandler = Callable[[str, dict[str, Any]], "dict[str, Any] | str | None"]
 _loads = json.loads
 
 
@@ -257,7 +258,12 @@ class RealtimeServer(socketio.AsyncServer):  # type: ignore[misc]
         if reply is None:
             return False
         if j > i:
-            deliver(sock, encode_ack(namespace, int(data[i:j]), [reply]))
+            ack_id = int(data[i:j])
+            if isinstance(reply, str):
+                prefix = "3" if namespace == "/" else f"3{namespace},"
+                deliver(sock, f"{prefix}{ack_id}[{reply}]")
+            else:
+                deliver(sock, encode_ack(namespace, ack_id, [reply]))
         return True
 
     async def _handle_event_internal(self, server: Any, sid: str, eio_sid: str, data: Any,

@@ -5,8 +5,11 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tracking.eta import MAX_SPEED_MPS, MIN_SPEED_MPS, EtaConfig, EtaEstimator
 from tracking.geo import haversine_m
@@ -218,3 +221,61 @@ def test_position_row_round_trip() -> None:
     for pos in (full, bare):
         row = json.loads(json.dumps(pos.as_row()))  # as it crosses between nodes
         assert Position.from_row(row) == pos
+
+
+# -- the GPS fast path's point check agrees with the pydantic model -------------------------------
+
+_values = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**60), 2**60), st.floats(allow_nan=True),
+    st.sampled_from([0, 1, -1, 90, -90, 180, -180, 360, 1000, 100_000, 2**53 - 1, 2**53, 90.0001,
+                     31.2304, 121.4737, 1_700_000_000_000]),
+    st.text(max_size=5), st.sampled_from(["wgs84", "gcj02", "bd09", "WGS84"]),
+    st.lists(st.integers(), max_size=2))
+_keys = st.sampled_from(["lat", "lng", "ts", "accuracy", "speed", "heading", "coord_sys", "extra"])
+
+
+def _near(lo: float, hi: float) -> st.SearchStrategy[Any]:
+    return st.one_of(st.floats(lo - 1, hi + 1), st.integers(int(lo) - 1, int(hi) + 1), st.booleans(),
+                     st.none(), st.sampled_from([lo, hi, float("inf"), float("nan")]))
+
+
+_mostly_valid = st.fixed_dictionaries(
+    {"lat": _near(-90, 90), "lng": _near(-180, 180),
+     "ts": st.one_of(st.integers(-1, 2**53), st.floats(0, 1e6), st.booleans())},
+    optional={"accuracy": _near(0, 100_000), "speed": _near(0, 1000), "heading": _near(0, 360),
+              "coord_sys": st.sampled_from(["wgs84", "gcj02", "bd09", "x", None])})
+
+
+@given(st.one_of(st.dictionaries(_keys, _values, max_size=8), _mostly_valid))
+@settings(max_examples=3000, deadline=None)
+def test_fast_point_accepts_only_what_the_model_accepts_and_gives_the_same_point(
+        body: dict[str, Any]) -> None:
+    from pydantic import ValidationError
+
+    from realtime.namespaces.tracking import PointIn, fast_point
+
+    fast = fast_point(body)
+    try:
+        model = PointIn.model_validate(body).to_point()
+    except ValidationError:
+        assert fast is None, body
+        return
+    if fast is not None:
+        assert fast == model, body
+        assert [type(v) for v in vars_of(fast)] == [type(v) for v in vars_of(model)], body
+
+
+@pytest.mark.parametrize("body", [
+    {"lat": 31.2304, "lng": 121.4737, "ts": 1_700_000_000_000},
+    {"lat": 31, "lng": 121, "ts": 1, "accuracy": 5, "speed": 0, "heading": 360, "coord_sys": "gcj02"},
+    {"lat": -90, "lng": 180.0, "ts": 2**53 - 1, "accuracy": None, "speed": 12.5, "coord_sys": "bd09"},
+])
+def test_fast_point_takes_what_apps_send(body: dict[str, Any]) -> None:
+    from realtime.namespaces.tracking import PointIn, fast_point
+
+    fast = fast_point(body)
+    assert fast is not None and fast == PointIn.model_validate(body).to_point()
+
+
+def vars_of(p: Point) -> list[Any]:
+    return [p.lat, p.lng, p.ts, p.accuracy, p.speed, p.heading]

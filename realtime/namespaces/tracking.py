@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 from pydantic import Field, ValidationError, model_validator
 
@@ -15,7 +15,7 @@ from realtime.errors import WireError, ok, to_error, validation_details
 from realtime.fanout import has_local_members, local_emit
 from realtime.interest import Interest
 from realtime.namespaces.base import BaseNamespace, handles
-from realtime.namespaces.models import Id, Inbound, Ts
+from realtime.namespaces.models import MAX_SAFE_INT, Id, Inbound, Ts
 from realtime.namespaces.orders import actor_of
 from realtime.presence import Presence
 from realtime.wsdirect import coalesce
@@ -54,6 +54,51 @@ class PointIn(Inbound):
     def to_point(self, default_sys: CoordSys | None = None) -> Point:
         lat, lng = to_wgs84(self.lat, self.lng, default_sys or self.coord_sys)
         return Point(lat, lng, self.ts, self.accuracy, self.speed, self.heading)
+
+
+_POINT_KEYS = frozenset(PointIn.model_fields)
+_MISSING = object()
+
+
+def _bounded(v: Any, lo: float, hi: float) -> float | None:
+    """A strict-mode float within [lo, hi] (an int counts, a bool does not;
+    NaN and infinities fail the bounds), as the float pydantic would make."""
+    kind = type(v)
+    if (kind is float or kind is int) and lo <= v <= hi:
+        return float(v)
+    return None
+
+
+def _optional(body: dict[str, Any], key: str, hi: float) -> float | object | None:
+    v = body.get(key)
+    if v is None:
+        return None
+    out = _bounded(v, 0, hi)
+    return _MISSING if out is None else out
+
+
+def fast_point(body: Any) -> Point | None:
+    """PointIn.model_validate(body).to_point() for the shape every app sends,
+    without building a model; None for anything else (then pydantic decides
+    and words the error). tests/test_tracking.py checks that the two agree."""
+    if type(body) is not dict or not body.keys() <= _POINT_KEYS:
+        return None
+    lat = _bounded(body.get("lat"), -90, 90)
+    lng = _bounded(body.get("lng"), -180, 180)
+    ts = body.get("ts")
+    if lat is None or lng is None or type(ts) is not int or not 0 <= ts <= MAX_SAFE_INT:
+        return None
+    accuracy = _optional(body, "accuracy", 100_000)
+    speed = _optional(body, "speed", 1000)
+    heading = _optional(body, "heading", 360)
+    if accuracy is _MISSING or speed is _MISSING or heading is _MISSING:
+        return None
+    cs = body.get("coord_sys", "wgs84")
+    if cs != "wgs84":
+        if type(cs) is not str or cs not in COORD_SYSTEMS:
+            return None
+        lat, lng = to_wgs84(lat, lng, cast(CoordSys, cs))
+    return Point(lat, lng, ts, accuracy, speed, heading)  # type: ignore[arg-type]
 
 
 class LocationsIn(Inbound):
@@ -162,7 +207,7 @@ class TrackingNamespace(BaseNamespace):
         ctx.metrics.watchers.labels("area").set_function(lambda: len(self.area.watchers))
         # Which other nodes want which positions (Redis engine; None: one node).
         self.interest: Interest | None = None
-        self._location_in = ctx.metrics.events_in.labels(namespace, "location")
+        self._location_in = ctx.metrics.fast(ctx.metrics.events_in.labels(namespace, "location"))
         self._location_acks: dict[str, Any] = {}
 
     @property
@@ -222,33 +267,40 @@ class TrackingNamespace(BaseNamespace):
             counts[r.status] += 1
         return {**counts, "results": [r.as_dict() for r in results]}
 
-    def fast_location(self, sid: str, body: dict[str, Any]) -> dict[str, Any] | None:
+    def fast_location(self, sid: str, body: dict[str, Any]) -> dict[str, Any] | str | None:
         """`location` where its frame is parsed (realtime/wsdirect.py): a
         technician already streaming here. None hands the message to the
         regular handler (first point, bad payload, not a technician), which
-        also words every error."""
+        also words every error. An accepted point's reply comes back as its
+        JSON text (the one reply of every GPS fix: no dict, no encoder)."""
         p = self.principals.get(sid)
         if p is None or p.role != "technician":
             return None
-        try:
-            point = PointIn.model_validate(body).to_point()
-        except ValidationError:
-            return None
+        point = fast_point(body)
+        if point is None:
+            try:
+                point = PointIn.model_validate(body).to_point()
+            except ValidationError:
+                return None
+        reply: dict[str, Any] | str
         try:
             result = self.svc.ingest_now(p.id, p.name, point, p.skills)
             if result is None:
                 return None
-            if result.status == "invalid":
+            if result.status == "accepted":
+                reply, code = f'{{"ok":true,"data":{{"status":"accepted","ts":{result.ts}}}}}', "ok"
+            elif result.status == "invalid":
                 raise WireError("invalid", "point rejected", result.details)
-            reply, code = ok(result.as_dict()), "ok"
+            else:
+                reply, code = ok(result.as_dict()), "ok"
         except Exception as exc:
             err = to_error(exc)
             reply, code = err.body(), err.code
         self._location_in.inc()
         counter = self._location_acks.get(code)
         if counter is None:
-            counter = self._location_acks[code] = self.ctx.metrics.acks.labels(
-                self.namespace, "location", code)
+            counter = self._location_acks[code] = self.ctx.metrics.fast(
+                self.ctx.metrics.acks.labels(self.namespace, "location", code))
         counter.inc()
         return reply
 
