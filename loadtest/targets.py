@@ -147,7 +147,11 @@ class Target:
                        "REALTIME_HOST": "127.0.0.1", "MONGO_URL": services.mongo_url,
                        "REALTIME_DATA_DIR": str(services.tmp), "REALTIME_LOG_LEVEL": "WARNING",
                        "REALTIME_LOCATION_RATE": "100", "REALTIME_LOCATION_BURST": "200",
-                       "REALTIME_REDIS_CHANNEL": f"bench{services.redis_port}"}
+                       "REALTIME_REDIS_CHANNEL": f"bench{services.redis_port}",
+                       # The relay is compared, and the Node peer stores nothing: with
+                       # trails on, SecantusDB (~1,800 inserts/s of one core) took the
+                       # generator's core from 2,000 points/s up and starved it.
+                       "REALTIME_TRAILS": os.environ.get("BENCH_TRAILS", "false")}
                 env.pop("REDIS_URL", None)
                 if self.redis:
                     env["REDIS_URL"] = services.redis_url

@@ -232,6 +232,8 @@ async def get_trail(request: web.Request) -> web.Response:
     p = principal(request)
     require_role(p, "agent", "admin", "service")
     ctx = request.app[CTX]
+    if not ctx.settings.trails:
+        raise WireError("not_found", "this deployment keeps no trails (REALTIME_TRAILS=false)")
     order_id = request.match_info["order_id"]
     order = await ctx.orders.get(order_id)
     after_ts = int_query(request, "after_ts", 0, 0, 2**53)

@@ -36,7 +36,7 @@ from storage.chat import MongoChatStore
 from storage.dispatch import MongoDispatchStore
 from storage.embedded import EmbeddedMongo
 from storage.mongo import MongoOrderStore, connect, ensure_indexes
-from storage.trails import TrailWriter, ensure_trail_indexes
+from storage.trails import KEEP_NO_TRAILS, TrailWriter, ensure_trail_indexes
 from tracking.dispatch import DispatchConfig, DispatchService
 from tracking.eta import EtaConfig
 from tracking.locations import FilterConfig
@@ -166,15 +166,16 @@ def create_app(settings: Settings) -> web.Application:
             ctx.mongo = client
             order_store = MongoOrderStore(client, db, metrics.observe_store)
             ctx._orders = OrderService(order_store, order_changed)
-            trails = TrailWriter(db, interval=settings.trail_flush_s,
-                                 on_flush=metrics.trail_flushed, on_drop=metrics.trail_dropped)
-            trails.start()
-            ctx.trails = trails
+            if settings.trails:
+                trails = TrailWriter(db, interval=settings.trail_flush_s,
+                                     on_flush=metrics.trail_flushed, on_drop=metrics.trail_dropped)
+                trails.start()
+                ctx.trails = trails
             ctx._tracking = TrackingService(
                 positions=engine.positions,
                 orders=ctx._orders,
                 active_orders=order_store,
-                trails=trails,
+                trails=trails if trails is not None else KEEP_NO_TRAILS,
                 limiter=engine.limiter,
                 position_out=tracking_ns.position_out,
                 count=point_counter(metrics),

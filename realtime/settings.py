@@ -83,6 +83,10 @@ class Settings(BaseSettings):
     gc_full_s: float = Field(default=3600.0, ge=10.0)
     # A young collection at least this often (0: only CPython's own trigger).
     gc_young_ms: int = Field(default=100, ge=0, le=10_000)
+    # Keep technicians' trails at all (a deployment whose backend keeps GPS
+    # history, or that keeps none by policy, turns this off: positions still
+    # relay, the trail endpoint answers not_found).
+    trails: bool = True
     trail_ttl_days: int = Field(default=30, ge=1)
     trail_flush_s: float = Field(default=1.0, gt=0)
 

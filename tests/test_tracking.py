@@ -1164,3 +1164,27 @@ async def test_fixes_read_together_fan_out_once_and_all_are_kept(
             await asyncio.sleep(0.2)
     assert [p["ts"] for p in body["data"]["points"]] == [t0 + 1000 * i for i in (0, 2, 3, 4)]
     assert_no_server_errors(caplog)
+
+
+async def test_a_deployment_that_keeps_no_trails(start_app: StartApp,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """REALTIME_TRAILS=false: positions relay as ever, nothing goes to the
+    trails collection, and the trail endpoint says why it has nothing."""
+    live = await start_app(trails=False, **FAST)
+    oid, cust, tech_id = await order_in(live, "en_route")
+    tech = await tracker(live, "technician", tech_id)
+    customer = await tracker(live, "customer", cust)
+    await customer.ok("watch", {"order_id": oid})
+    t0 = now_ms() - 10_000
+    for i in range(3):
+        assert (await tech.ok("location", pt(at(-900 + 10 * i), t0 + 1000 * i)))["status"] == "accepted"
+        assert (await customer.next("position"))["ts"] == t0 + 1000 * i
+    status, body = await live.http.request("GET", f"/api/orders/{oid}/trail", live.token("agent"))
+    assert status == 404 and body["error"]["code"] == "not_found", body
+    assert "REALTIME_TRAILS" in body["error"]["message"], body
+    ctx = live.app[CTX]
+    assert ctx.trails is None
+    assert ctx.mongo is not None
+    assert await ctx.mongo[ctx.settings.mongo_db]["trails"].count_documents(
+        {"technician_id": tech_id}) == 0
+    assert_no_server_errors(caplog)
