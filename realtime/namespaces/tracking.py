@@ -80,7 +80,7 @@ def _optional(body: dict[str, Any], key: str, hi: float) -> float | object | Non
 def fast_point(body: Any) -> Point | None:
     """PointIn.model_validate(body).to_point() for the shape every app sends,
     without building a model; None for anything else (then pydantic decides
-    and words the error). tests/test_tracking.py checks that the two agree."""
+    and words the error). tests/test_tracking_units.py checks that the two agree."""
     if type(body) is not dict or not body.keys() <= _POINT_KEYS:
         return None
     lat = _bounded(body.get("lat"), -90, 90)
