@@ -34,7 +34,7 @@ from engineio.async_socket import AsyncSocket
 from socketio import packet
 
 from realtime.fanout import deliver, encode_ack
-from realtime.wsdirect import CLIENT_EIO_TYPES, MAX_BUFFERED, DirectWebSocketResponse
+from realtime.wsdirect import CLIENT_EIO_TYPES, MAX_BUFFERED, DirectWebSocketResponse, LinkClock
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,8 @@ class _PlainWebSocket(eio_aiohttp.WebSocket):  # type: ignore[misc]
             direct = DirectWebSocketResponse(
                 timeout=server.ping_interval + server.ping_timeout,
                 max_msg_size=server.max_http_buffer_size,
-                max_unsent=getattr(server, "max_unsent_bytes", MAX_BUFFERED))
+                max_unsent=getattr(server, "max_unsent_bytes", MAX_BUFFERED),
+                clock=getattr(server, "link_clock", None))
             await direct.prepare(request)
             self._sock: WebSocketResponse = direct
             compact_environ(environ)
@@ -129,6 +130,12 @@ async def _serve_direct(sock: Any, ws: DirectWebSocketResponse) -> None:
             link.send(pkt.encode())
     del queued  # this frame lives as long as the session: let the queue go
     sock.link = link
+    link.pinger = _ping_now
+    handle = _handshake_pings.pop(sock, None)
+    if handle is not None and not handle.cancelled():
+        # The first ping was timed before the link existed: the link's timer takes it.
+        handle.cancel()
+        link.ping_after(max(0.0, handle.when() - asyncio.get_running_loop().time()))
     sock.connected = True
     sock.upgraded = True
     try:
@@ -176,8 +183,14 @@ class _DirectQueue:
         pass
 
 
+# Pings timed during a handshake, before a websocket session's link exists
+# (and for long-polling sessions); each entry goes when it fires or moves.
+_handshake_pings: dict[Any, asyncio.TimerHandle] = {}
+
+
 def _ping_now(sock: Any) -> None:
     """python-engineio's ping, without a task asleep per socket in between."""
+    _handshake_pings.pop(sock, None)
     if not sock.closing and not sock.closed:
         sock.last_ping = time.time()
         sock.queue.put_nowait(eio_packet.Packet(eio_packet.PING))
@@ -185,13 +198,25 @@ def _ping_now(sock: Any) -> None:
 
 class _EngineServer(engineio.AsyncServer):  # type: ignore[misc]
     """Engine.IO server whose sockets wait for their next ping on a timer
-    (one TimerHandle) rather than in a task of their own (a task, a
-    coroutine and a sleep per connection: ~1.5 KB each)."""
+    rather than in a task of their own (a task, a coroutine and a sleep per
+    connection: ~1.5 KB each): a websocket session's on the server's one
+    LinkClock (realtime/wsdirect.py), anything else (a handshake, long-polling)
+    on a TimerHandle."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.link_clock = LinkClock()  # every websocket session's pings and liveness
 
     def start_background_task(self, target: Any, *args: Any, **kwargs: Any) -> Any:
         if getattr(target, "__func__", None) is AsyncSocket._send_ping and not args and not kwargs:
-            return asyncio.get_running_loop().call_later(self.ping_interval, _ping_now,
-                                                         target.__self__)
+            sock = target.__self__
+            link = getattr(sock, "link", None)
+            if link is not None:  # a websocket session: its link's one timer
+                link.ping_after(self.ping_interval)
+                return None
+            handle = asyncio.get_running_loop().call_later(self.ping_interval, _ping_now, sock)
+            _handshake_pings[sock] = handle
+            return handle
         return super().start_background_task(target, *args, **kwargs)
 
 

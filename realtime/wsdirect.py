@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -140,15 +141,73 @@ class _ChunkParser:
                     link.flush()
 
 
+# The clock's resolution: pings and liveness checks are due in slots this long.
+CLOCK_SLOT_S: Final = 0.25
+
+
+class LinkClock:
+    """One timer for every session of a server: each link's next duty (its
+    liveness check, or the Engine.IO ping due next) sits in the slot of
+    CLOCK_SLOT_S it falls in, and the clock wakes once per slot that holds
+    any. A TimerHandle per session cost ~0.5 KB (tracemalloc)."""
+
+    def __init__(self) -> None:
+        self._slots: dict[int, set[DirectLink]] = {}
+        self._handle: asyncio.TimerHandle | None = None
+        self._handle_slot = 0
+
+    def at(self, link: DirectLink, when: float) -> None:
+        """`link._tick()` at `when` (time.monotonic()), or up to a slot later."""
+        slot = math.ceil(when / CLOCK_SLOT_S)
+        if link._slot == slot:
+            return
+        self.drop(link)
+        link._slot = slot
+        members = self._slots.get(slot)
+        if members is None:
+            members = self._slots[slot] = set()
+        members.add(link)
+        if self._handle is None or slot < self._handle_slot:
+            self._schedule(link.loop, slot)
+
+    def drop(self, link: DirectLink) -> None:
+        members = self._slots.get(link._slot)
+        if members is not None:
+            members.discard(link)
+            if not members:
+                del self._slots[link._slot]
+        link._slot = 0
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop, slot: int) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._handle_slot = slot
+        delay = max(0.0, slot * CLOCK_SLOT_S - time.monotonic())
+        self._handle = loop.call_later(delay, self._fire, loop)
+
+    def _fire(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._handle = None
+        now_slot = math.floor(time.monotonic() / CLOCK_SLOT_S)
+        for slot in sorted(s for s in self._slots if s <= now_slot):
+            for link in self._slots.pop(slot, ()):
+                link._slot = 0
+                try:
+                    link._tick()
+                except Exception:  # one session's failure must not stop the clock
+                    log.exception("session timer failed")
+        if self._slots and self._handle is None:
+            self._schedule(loop, min(self._slots))
+
+
 class DirectLink:
     """One websocket session's transport, as the fan-out writes to it."""
 
-    __slots__ = ("_close_sent", "_inflight", "_out", "_paused", "_timer", "closed", "done",
-                 "fast", "last_rx", "loop", "max_unsent", "protocol", "sock", "timeout",
-                 "transport")
+    __slots__ = ("_close_sent", "_inflight", "_out", "_paused", "_slot", "clock", "closed", "done",
+                 "fast", "last_rx", "loop", "max_unsent", "ping_at", "pinger", "protocol", "sock",
+                 "timeout", "transport")
 
     def __init__(self, protocol: Any, loop: asyncio.AbstractEventLoop, timeout: float,
-                 max_unsent: int = MAX_BUFFERED) -> None:
+                 max_unsent: int = MAX_BUFFERED, clock: LinkClock | None = None) -> None:
         self.protocol = protocol
         self.max_unsent = max_unsent
         self.transport = protocol.transport
@@ -163,7 +222,13 @@ class DirectLink:
         self._paused = False
         self._close_sent = False
         self._out: list[bytes] = []
-        self._timer = loop.call_later(timeout, self._check_alive)
+        # The server's clock serves both the liveness check and the Engine.IO
+        # ping that is due next (pinger(sock) sends it).
+        self.ping_at = 0.0
+        self.pinger: Callable[[Any], None] | None = None
+        self._slot = 0
+        self.clock = clock if clock is not None else LinkClock()
+        self.clock.at(self, self.last_rx + timeout)
 
     # -- writing ---------------------------------------------------------
     def write(self, frame: bytes) -> None:
@@ -263,19 +328,34 @@ class DirectLink:
         if self.closed:
             return
         self.closed = True
-        self._timer.cancel()
+        self.clock.drop(self)
         if not self.done.done():
             self.done.set_result(None)
 
-    def _check_alive(self) -> None:
+    def ping_after(self, delay: float) -> None:
+        """Send the next Engine.IO ping in `delay` seconds, on this link's timer."""
         if self.closed:
             return
-        idle = time.monotonic() - self.last_rx
+        self.ping_at = time.monotonic() + delay
+        self.clock.at(self, min(self.ping_at, self.last_rx + self.timeout))
+
+    def _tick(self) -> None:
+        if self.closed:
+            return
+        now = time.monotonic()
+        if self.ping_at and now >= self.ping_at:
+            self.ping_at = 0.0
+            if self.pinger is not None and self.sock is not None:
+                self.pinger(self.sock)
+        idle = now - self.last_rx
         if idle >= self.timeout:
             log.info("websocket idle for %.0f s: closing", idle)
             self.finish()
-        else:
-            self._timer = self.loop.call_later(self.timeout - idle, self._check_alive)
+            return
+        due = self.last_rx + self.timeout
+        if self.ping_at:
+            due = min(due, self.ping_at)
+        self.clock.at(self, due)
 
 
 # aiohttp's compiled reader (the default) or its pure-Python fallback.
@@ -322,16 +402,19 @@ class DirectWebSocketResponse(WebSocketResponse):
 
     link: DirectLink
 
-    def __init__(self, *, timeout: float, max_msg_size: int, max_unsent: int = MAX_BUFFERED) -> None:
+    def __init__(self, *, timeout: float, max_msg_size: int, max_unsent: int = MAX_BUFFERED,
+                 clock: LinkClock | None = None) -> None:
         super().__init__(max_msg_size=max_msg_size, compress=False, autoping=False)
         self._link_timeout = timeout
         self._max_unsent = max_unsent
+        self._clock = clock
 
     def _post_start(self, request: BaseRequest, protocol: str | None, writer: Any) -> None:
         self._ws_protocol = protocol
         self._writer = writer
         loop = request._loop
-        self.link = DirectLink(request.protocol, loop, self._link_timeout, self._max_unsent)
+        self.link = DirectLink(request.protocol, loop, self._link_timeout, self._max_unsent,
+                               self._clock)
         inbox = _Inbox(request.protocol, loop, self.link)
         self._reader = inbox
         self._parser = WebSocketReader(inbox, self._max_msg_size, compress=False, decode_text=True)

@@ -1,0 +1,57 @@
+"""The one timer behind every websocket session's liveness check and next
+ping (realtime/wsdirect.py LinkClock): duties fire in time order, within a
+slot of when they are due, a dropped session never fires, and the clock
+sleeps when nothing waits."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from realtime.wsdirect import CLOCK_SLOT_S, LinkClock
+
+
+class Duty:
+    """What the clock needs of a session: its loop, its slot and _tick()."""
+
+    def __init__(self, name: str, fired: list[tuple[str, float]]) -> None:
+        self.name, self.fired = name, fired
+        self.loop = asyncio.get_running_loop()
+        self._slot = 0
+        self.done = asyncio.Event()
+
+    def _tick(self) -> None:
+        self.fired.append((self.name, time.monotonic()))
+        self.done.set()
+
+
+async def test_duties_fire_in_order_within_a_slot_and_dropped_ones_never() -> None:
+    clock = LinkClock()
+    fired: list[tuple[str, float]] = []
+    start = time.monotonic()
+    late, early, gone = Duty("late", fired), Duty("early", fired), Duty("gone", fired)
+    clock.at(late, start + 0.6)  # type: ignore[arg-type]
+    clock.at(early, start + 0.1)  # type: ignore[arg-type]
+    clock.at(gone, start + 0.3)  # type: ignore[arg-type]
+    clock.drop(gone)  # type: ignore[arg-type]
+    async with asyncio.timeout(5):
+        await late.done.wait()
+    assert [n for n, _ in fired] == ["early", "late"]
+    for (_, at), due in zip(fired, (0.1, 0.6), strict=True):
+        assert due <= at - start <= due + CLOCK_SLOT_S + 0.2, (at - start, due)
+    await asyncio.sleep(0.5)  # past when "gone" was due: it never fires
+    assert [n for n, _ in fired] == ["early", "late"]
+    assert clock._slots == {} and clock._handle is None  # asleep: nothing waits
+
+
+async def test_a_duty_moved_earlier_fires_at_the_new_time() -> None:
+    clock = LinkClock()
+    fired: list[tuple[str, float]] = []
+    start = time.monotonic()
+    d = Duty("d", fired)
+    clock.at(d, start + 30)  # type: ignore[arg-type]
+    clock.at(d, start + 0.1)  # type: ignore[arg-type]
+    async with asyncio.timeout(5):
+        await d.done.wait()
+    assert fired[0][1] - start < 1.0
+    assert clock._slots == {}
