@@ -195,8 +195,12 @@ class LinkClock:
                     link._tick()
                 except Exception:  # one session's failure must not stop the clock
                     log.exception("session timer failed")
-        if self._slots and self._handle is None:
-            self._schedule(loop, min(self._slots))
+        # The ticks above may have set the timer for their own next duty; an
+        # earlier slot still waiting must not sleep until then.
+        if self._slots:
+            first = min(self._slots)
+            if self._handle is None or first < self._handle_slot:
+                self._schedule(loop, first)
 
 
 class DirectLink:

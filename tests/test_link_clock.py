@@ -14,15 +14,19 @@ from realtime.wsdirect import CLOCK_SLOT_S, LinkClock
 class Duty:
     """What the clock needs of a session: its loop, its slot and _tick()."""
 
-    def __init__(self, name: str, fired: list[tuple[str, float]]) -> None:
+    def __init__(self, name: str, fired: list[tuple[str, float]],
+                 clock: LinkClock | None = None, then: float = 0.0) -> None:
         self.name, self.fired = name, fired
         self.loop = asyncio.get_running_loop()
         self._slot = 0
         self.done = asyncio.Event()
+        self.clock, self.then = clock, then  # as a session does: its next duty, set when it ticks
 
     def _tick(self) -> None:
         self.fired.append((self.name, time.monotonic()))
         self.done.set()
+        if self.clock is not None and self.then:
+            self.clock.at(self, time.monotonic() + self.then)  # type: ignore[arg-type]
 
 
 async def test_duties_fire_in_order_within_a_slot_and_dropped_ones_never() -> None:
@@ -55,3 +59,21 @@ async def test_a_duty_moved_earlier_fires_at_the_new_time() -> None:
         await d.done.wait()
     assert fired[0][1] - start < 1.0
     assert clock._slots == {}
+
+
+async def test_a_tick_that_sets_its_next_duty_later_does_not_hold_up_the_others() -> None:
+    """Sessions connected a moment apart: the first one's tick books its next
+    duty far ahead; the others, due sooner, still fire on time."""
+    clock = LinkClock()
+    fired: list[tuple[str, float]] = []
+    start = time.monotonic()
+    first = Duty("first", fired, clock, then=60)
+    others = [Duty(f"d{i}", fired, clock, then=60) for i in range(3)]
+    clock.at(first, start + 0.1)  # type: ignore[arg-type]
+    for i, d in enumerate(others):
+        clock.at(d, start + 0.4 + 0.3 * i)  # type: ignore[arg-type]
+    async with asyncio.timeout(5):
+        await others[-1].done.wait()
+    assert [n for n, _ in fired] == ["first", "d0", "d1", "d2"]
+    for (_, at), due in zip(fired, (0.1, 0.4, 0.7, 1.0), strict=True):
+        assert due <= at - start <= due + CLOCK_SLOT_S + 0.2, (at - start, due)
