@@ -25,10 +25,9 @@ class Bus:
         self.on_received: Callable[[str], None] = lambda name: None
         # Waits until what was queued for other nodes is published.
         self.flush: Callable[[], Awaitable[None]] | None = None
-        # To named other nodes only (their own channels), queued.
-        self.to_nodes: Callable[[list[str], str, dict[str, Any]], None] | None = None
-        # One row of signal `name` to named other nodes, queued; each receives
-        # the rows gathered until the next publish as one `{"rows": [...]}`.
+        # One row of signal `name` to named other nodes only (their own
+        # channels), queued; each receives the rows gathered until the next
+        # publish as one `{"rows": [...]}`.
         self.row_to_nodes: Callable[[list[str], str, Any], None] | None = None
 
     def on(self, name: str, handler: Handler) -> None:

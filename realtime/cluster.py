@@ -57,7 +57,6 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         super().__init__(url, channel=channel)
         self.bus = bus
         bus.remote_nowait = self._queue_signal
-        bus.to_nodes = self.send_to_nodes
         bus.row_to_nodes = self.queue_row
         bus.flush = self.flush
         self._on_restored = on_link_restored
@@ -87,12 +86,6 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
     def _signal(self, name: str, data: dict[str, Any]) -> dict[str, Any]:
         return {"method": "emit", "event": PREFIX + name, "data": [data], "namespace": "/",
                 "room": None, "skip_sid": None, "callback": None, "host_id": self.host_id}
-
-    def send_to_nodes(self, nodes: list[str], name: str, data: dict[str, Any]) -> None:
-        """A bus signal to just these nodes (their own channels), queued."""
-        raw = self.json.dumps(self._signal(name, data))
-        for node in nodes:
-            self._append(f"{self.channel}#node#{node}", raw)
 
     def queue_row(self, nodes: list[str], name: str, row: Any) -> None:
         """One row of a bus signal `name` for each of these nodes; each node
