@@ -306,6 +306,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="ramp (capacity), idle (RSS per connection), burst (3x capacity "
                          "for 10 s), sockets (10,000 connected under load)")
     ap.add_argument("--sockets-rate", type=float, default=1000.0)
+    ap.add_argument("--capacities", default="",
+                    help="name=points/s,... : the capacity a burst is sized from when the run "
+                         "has no ramp of that target (default 1000)")
     args = ap.parse_args(argv)
     duration, warmup = (5.0, 2.0) if args.quick else (8.0, 3.0)
     rates: list[float] = [1000, 2000, 4000, 6000, 8000, 12000, 16000, 24000, 32000]
@@ -342,6 +345,9 @@ def main(argv: list[str] | None = None) -> None:
                 results["idle"].append(idle_rss(catalog[name], services, 2000))
                 log(f"idle {name}: {results['idle'][-1]['kb_per_connection']:.1f} KB/connection")
         caps = {r["target"]: r["capacity"] for r in results["ramps"]}
+        for item in filter(None, args.capacities.split(",")):
+            key, _, value = item.partition("=")
+            caps.setdefault(key, float(value))
         if "burst" in scenarios:
             for name in single:
                 results["burst"].append(burst(catalog[name], services, caps.get(name) or 1000.0,
