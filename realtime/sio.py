@@ -34,7 +34,13 @@ from engineio.async_socket import AsyncSocket
 from socketio import packet
 
 from realtime.fanout import deliver, encode_ack
-from realtime.wsdirect import CLIENT_EIO_TYPES, MAX_BUFFERED, DirectWebSocketResponse, LinkClock
+from realtime.wsdirect import (
+    CLIENT_EIO_TYPES,
+    MAX_BUFFERED,
+    DirectLink,
+    DirectWebSocketResponse,
+    LinkClock,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +75,9 @@ class _PlainWebSocket(eio_aiohttp.WebSocket):  # type: ignore[misc]
                 max_unsent=getattr(server, "max_unsent_bytes", MAX_BUFFERED),
                 clock=getattr(server, "link_clock", None))
             await direct.prepare(request)
-            self._sock: WebSocketResponse = direct
             compact_environ(environ)
-            self.environ = environ
-            await _serve_direct(sock, direct)
+            _open_direct(sock, direct.link)
+            direct.detach(request)
             return direct
         # An upgrade from long-polling: the stock handshake, without deflate.
         ws: WebSocketResponse = WebSocketResponse(max_msg_size=server.max_http_buffer_size,
@@ -115,20 +120,19 @@ def quiet_engineio_logs() -> None:
         logger.addFilter(_QuietInvalidSession())
 
 
-async def _serve_direct(sock: Any, ws: DirectWebSocketResponse) -> None:
-    """A websocket-only Engine.IO session (realtime/wsdirect.py): inbound
-    frames are handled as they are parsed, and what python-engineio sends
-    (pings, replies of the slower handlers) is written as it is queued."""
-    link = ws.link
+def _open_direct(sock: Any, link: DirectLink) -> None:
+    """Serve a websocket-only Engine.IO session through its link
+    (realtime/wsdirect.py): inbound frames are handled as they are parsed,
+    and what python-engineio sends (pings, replies of the slower handlers) is
+    written as it is queued. Nothing waits for the session: its end runs
+    from the link's `done`."""
     link.sock = sock
     link.fast = sock.server.fast_message
-    server = sock.server
     queued, sock.queue = sock.queue, _DirectQueue(link)
     while not queued.empty():  # what was queued before the switch (the open packet)
         pkt = queued.get_nowait()
         if pkt is not None:
             link.send(pkt.encode())
-    del queued  # this frame lives as long as the session: let the queue go
     sock.link = link
     link.pinger = _ping_now
     handle = _handshake_pings.pop(sock, None)
@@ -138,12 +142,20 @@ async def _serve_direct(sock: Any, ws: DirectWebSocketResponse) -> None:
         link.ping_after(max(0.0, handle.when() - asyncio.get_running_loop().time()))
     sock.connected = True
     sock.upgraded = True
-    try:
-        await link.done
-    finally:
-        sock.link = None
-        await ws.close()
-        await sock.close(wait=False, abort=True, reason=server.reason.TRANSPORT_CLOSE)
+    link.done.add_done_callback(lambda _: _direct_ended(sock, link))
+
+
+# Sessions whose end (python-engineio's close, the disconnect handlers) is running.
+_ending: set[asyncio.Task[Any]] = set()
+
+
+def _direct_ended(sock: Any, link: DirectLink) -> None:
+    sock.link = None
+    link.end()
+    task = asyncio.ensure_future(sock.close(wait=False, abort=True,
+                                            reason=sock.server.reason.TRANSPORT_CLOSE))
+    _ending.add(task)
+    task.add_done_callback(_ending.discard)
 
 
 class _DirectQueue:
@@ -157,8 +169,11 @@ class _DirectQueue:
         self.link = link
 
     def put_nowait(self, pkt: Any) -> None:
-        if pkt is not None:  # None: python-engineio's "stop the writer"
-            self.link.send(pkt.encode())
+        if pkt is None:  # python-engineio's "stop the writer"
+            return
+        self.link.send(pkt.encode())
+        if pkt.packet_type == eio_packet.CLOSE:  # the server ended the session
+            self.link.end()
 
     async def put(self, pkt: Any) -> None:
         self.put_nowait(pkt)

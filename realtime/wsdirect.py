@@ -38,7 +38,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from aiohttp import WSCloseCode, WSMsgType
 from aiohttp._websocket.reader import WebSocketDataQueue, WebSocketReader
@@ -48,6 +48,8 @@ from engineio import exceptions as eio_exceptions
 from engineio import packet as eio_packet
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # A client that lets this much pile up unread is dropped (it reconnects and
 # its streams replay); browsers and apps that read normally never come close.
@@ -87,24 +89,33 @@ FastPath = Callable[[Any, str], bool]
 class _Chunk:
     """What one socket read produced: corked links and deferred work."""
 
-    __slots__ = ("active", "deferred", "links")
+    __slots__ = ("active", "deferred", "gathered", "links")
 
     def __init__(self) -> None:
         self.active = False
         self.links: list[DirectLink] = []
         self.deferred: dict[Any, Callable[[], None]] = {}
+        self.gathered: dict[Any, list[Any]] = {}
 
 
 _CHUNK = _Chunk()
 
 
-def coalesce(key: Any, work: Callable[[], None]) -> None:
-    """Run `work` at the end of the socket read being handled, replacing any
-    earlier work under the same key; outside a read, run it now."""
-    if _CHUNK.active:
-        _CHUNK.deferred[key] = work
+def gather(key: Any, item: T, flush: Callable[[list[T]], None]) -> None:
+    """Collect `item` under `key` until the end of the socket read being
+    handled, then call `flush` once with every item gathered under that key,
+    in arrival order; outside a read, flush([item]) now. A backlog read at
+    once is thus handled in one step per key (e.g. per technician)."""
+    chunk = _CHUNK
+    if not chunk.active:
+        flush([item])
+        return
+    items = chunk.gathered.get(key)
+    if items is None:
+        items = chunk.gathered[key] = [item]
+        chunk.deferred[key] = lambda: flush(items)
     else:
-        work()
+        items.append(item)
 
 
 class _ChunkParser:
@@ -129,6 +140,7 @@ class _ChunkParser:
             try:
                 while chunk.deferred:
                     deferred, chunk.deferred = chunk.deferred, {}
+                    chunk.gathered = {}
                     for work in deferred.values():
                         try:
                             work()
@@ -207,14 +219,13 @@ class DirectLink:
     """One websocket session's transport, as the fan-out writes to it."""
 
     __slots__ = ("_close_sent", "_inflight", "_out", "_paused", "_slot", "clock", "closed", "done",
-                 "fast", "last_rx", "loop", "max_unsent", "ping_at", "pinger", "protocol", "sock",
-                 "timeout", "transport")
+                 "fast", "last_rx", "loop", "max_unsent", "ping_at", "pinger", "sock", "timeout",
+                 "transport")
 
     def __init__(self, protocol: Any, loop: asyncio.AbstractEventLoop, timeout: float,
                  max_unsent: int = MAX_BUFFERED, clock: LinkClock | None = None) -> None:
-        self.protocol = protocol
         self.max_unsent = max_unsent
-        self.transport = protocol.transport
+        self.transport: Any = protocol.transport
         self.loop = loop
         self.timeout = timeout
         self.sock: Any = None
@@ -304,7 +315,7 @@ class DirectLink:
         self._inflight += 1
         if self._inflight >= MAX_INFLIGHT and not self._paused:
             self._paused = True
-            self.protocol.pause_reading()
+            self.transport.pause_reading()
         self.loop.create_task(self._receive(data))
 
     async def _receive(self, data: str | bytes) -> None:
@@ -319,13 +330,23 @@ class DirectLink:
             if self._paused and self._inflight <= MAX_INFLIGHT // 2:
                 self._paused = False
                 with contextlib.suppress(Exception):
-                    self.protocol.resume_reading()
+                    self.transport.resume_reading()
 
     def fail(self, exc: BaseException) -> None:
         """The parser found a protocol violation (bad frame, too big)."""
         code = getattr(exc, "code", WSCloseCode.PROTOCOL_ERROR)
         log.info("websocket protocol error: %s", exc)
         self.close_frame(int(code))
+        self.finish()
+
+    def end(self, code: int = WSCloseCode.OK) -> None:
+        """Close the websocket from this side: a close frame, then the TCP
+        connection once what is buffered for it is written."""
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            self.close_frame(code)
+            self.flush()
+            transport.close()
         self.finish()
 
     def finish(self) -> None:
@@ -391,14 +412,31 @@ class _Inbox(WebSocketDataQueue):  # type: ignore[misc,valid-type]
         self.link.fail(exc)
 
 
-class _Drained(list):  # type: ignore[type-arg]
-    """An upgraded connection's request queue: always empty, so an empty
-    list (56 bytes) serves where aiohttp's deque keeps a 0.7 KB block."""
+class _LinkProtocol(asyncio.Protocol):
+    """An upgraded connection's protocol once aiohttp has let go of it
+    (DirectWebSocketResponse.detach): each read goes to the frame parser, and
+    the connection's end to the link. Nothing else stays behind for an idle
+    session: no request handler, no task, no copy of the handshake."""
 
-    __slots__ = ()
+    __slots__ = ("link", "parser")
 
-    def popleft(self) -> Any:
-        return self.pop(0)
+    def __init__(self, link: DirectLink, parser: _ChunkParser) -> None:
+        self.link = link
+        self.parser = parser
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except Exception as exc:  # the reader reports protocol errors itself; anything else ends it
+            self.link.fail(exc)
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes; connection_lost follows
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.link.transport = None
+        self.parser.feed_eof()
+        self.link.finish()
 
 
 class DirectWebSocketResponse(WebSocketResponse):
@@ -412,6 +450,7 @@ class DirectWebSocketResponse(WebSocketResponse):
         self._link_timeout = timeout
         self._max_unsent = max_unsent
         self._clock = clock
+        self._detached = False
 
     def _post_start(self, request: BaseRequest, protocol: str | None, writer: Any) -> None:
         self._ws_protocol = protocol
@@ -422,20 +461,39 @@ class DirectWebSocketResponse(WebSocketResponse):
         inbox = _Inbox(request.protocol, loop, self.link)
         self._reader = inbox
         self._parser = WebSocketReader(inbox, self._max_msg_size, compress=False, decode_text=True)
-        request.protocol.set_parser(_ChunkParser(self._parser))  # type: ignore[arg-type]
+        self._chunks = _ChunkParser(self._parser)
+        request.protocol.set_parser(self._chunks)  # type: ignore[arg-type]
         request.protocol.keep_alive(False)
-        # The HTTP parser and the request queue are done with this connection
-        # (aiohttp guards every later use of the parser by `is not None` and
-        # drops it itself at close; the queue stays empty once upgraded).
-        request.protocol._parser = None
-        request.protocol._messages = _Drained()  # type: ignore[assignment]
+
+    def detach(self, request: BaseRequest) -> None:
+        """Take the connection from aiohttp once the handshake is written.
+
+        The transport's protocol becomes a _LinkProtocol, and aiohttp's request
+        handler is told the connection is gone: when the web handler returns,
+        its two tasks end and the request, its headers and the handler object
+        are freed (~5 KB per session) instead of being held until the socket
+        closes. write_eof() then leaves the websocket open."""
+        handler = request.protocol
+        transport = handler.transport
+        self._detached = True
+        if transport is None or transport.is_closing():
+            self.link.finish()
+            return
+        transport.set_protocol(_LinkProtocol(self.link, self._chunks))
+        handler._payload_parser = None
+        handler.transport = None  # its connection loop must not close what is now ours
+        manager = handler._manager
+        if manager is not None:
+            manager.connection_lost(handler, None)
+
+    async def write_eof(self) -> None:  # type: ignore[override]
+        if self._detached:
+            self._eof_sent = True
+            return
+        await super().write_eof()
 
     async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"",
                     drain: bool = True) -> bool:
-        link = self.link
-        if link.transport is not None and not link.transport.is_closing():
-            link.close_frame(code)
-            link.transport.close()
-        link.finish()
+        self.link.end(int(code))
         self._set_closed()
         return True

@@ -1107,7 +1107,7 @@ async def test_invalid_replies_stay_small_for_huge_unknown_keys(live: Live) -> N
     assert all(n < 4096 for n in sizes.values()), f"reply sizes in bytes: {sizes}"
 
 
-# -- a backlog read at once fans out once --------------------------------------------------------
+# -- a backlog read at once: only the superseded fixes are skipped ------------------------------------
 
 def _client_frame(text: str) -> bytes:
     """One masked client-to-server text frame (RFC 6455), built by hand."""
@@ -1120,11 +1120,14 @@ def _client_frame(text: str) -> bytes:
     return head + mask + bytes(payload)
 
 
-async def test_fixes_read_together_fan_out_once_and_all_are_kept(
+async def test_fixes_read_together_skip_only_the_superseded_and_all_are_kept(
         start_app: StartApp, caplog: pytest.LogCaptureFixture) -> None:
     """Fixes that arrive in one socket read (a phone flushing a backlog, a server
-    catching up) are each filtered, acked and kept in the trail, but watchers get
-    only the newest: intermediate positions are superseded before they leave."""
+    catching up) are each filtered, acked and kept in the trail. Watchers get
+    every one of them except those a newer fix of the read is at least
+    SUPERSEDED_MS newer than: a backlog of seconds goes out as its newest fix,
+    fixes 40 ms apart all go out, in order."""
+    from realtime.namespaces.tracking import SUPERSEDED_MS
     live = await start_app(**FAST)
     oid, cust, tech_id = await order_in(live, "assigned")
     customer = await tracker(live, "customer", cust)
@@ -1147,11 +1150,24 @@ async def test_fixes_read_together_fan_out_once_and_all_are_kept(
         for i in (2, 3, 4):
             [reply] = await raw.ack(NS, i)
             assert reply == {"ok": True, "data": {"status": "accepted", "ts": t0 + 1000 * i}}, reply
+        newest = await customer.next("position")
+        assert newest["ts"] == t0 + 4000, newest
+        await customer.ok("watch", {"order_id": oid})  # a round trip: anything pushed has arrived
+        assert customer.drain("position") == []
+
+        # 5: superseded by 8 (SUPERSEDED_MS newer); 6, 7 and 8 are within it of 8.
+        close = [t0 + 5000, t0 + 6000 - SUPERSEDED_MS + 1, t0 + 5960, t0 + 6000]
+        transport.write(b"".join(
+            _client_frame(f"42{NS},{i}" + json.dumps(["location", pt(at(-859 + 0.1 * i), ts)]))
+            for i, ts in zip((5, 6, 7, 8), close, strict=True)))
+        for i, ts in zip((5, 6, 7, 8), close, strict=True):
+            [reply] = await raw.ack(NS, i)
+            assert reply == {"ok": True, "data": {"status": "accepted", "ts": ts}}, reply
     finally:
         await raw.close()
-    newest = await customer.next("position")
-    assert newest["ts"] == t0 + 4000, newest
-    await customer.ok("watch", {"order_id": oid})  # a round trip: anything pushed has arrived
+    pushed = [(await customer.next("position"))["ts"] for _ in range(3)]
+    assert pushed == close[1:], pushed
+    await customer.ok("watch", {"order_id": oid})
     assert customer.drain("position") == []
 
     # The trail keeps every accepted fix (it is written in the background).
@@ -1159,10 +1175,10 @@ async def test_fixes_read_together_fan_out_once_and_all_are_kept(
         while True:
             status, body = await live.http.request("GET", f"/api/orders/{oid}/trail", live.token("agent"))
             assert status == 200, body
-            if len(body["data"]["points"]) == 4:
+            if len(body["data"]["points"]) == 8:
                 break
             await asyncio.sleep(0.2)
-    assert [p["ts"] for p in body["data"]["points"]] == [t0 + 1000 * i for i in (0, 2, 3, 4)]
+    assert [p["ts"] for p in body["data"]["points"]] == [t0 + 1000 * i for i in (0, 2, 3, 4)] + close
     assert_no_server_errors(caplog)
 
 

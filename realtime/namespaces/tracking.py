@@ -18,7 +18,7 @@ from realtime.namespaces.base import BaseNamespace, handles
 from realtime.namespaces.models import MAX_SAFE_INT, Id, Inbound, Ts
 from realtime.namespaces.orders import actor_of
 from realtime.presence import Presence
-from realtime.wsdirect import coalesce
+from realtime.wsdirect import gather
 from tracking.errors import Forbidden
 from tracking.geo import CoordSys, from_wgs84, to_wgs84
 from tracking.locations import Point
@@ -37,6 +37,12 @@ MAX_BATCH = 500
 # on technicians per batch so one huge box cannot produce a huge frame.
 AREA_INTERVAL_S = 1.0
 AREA_LIMIT = 500
+# Fixes of one technician read together (a backlog): one that a newer fix of
+# the same read is at least this much newer than (by the fixes' own ts) is
+# acked and kept in the trail but not pushed to watchers. A server a little
+# behind thus still delivers every fix; one far behind skips what would
+# arrive stale anyway, and catches up in bounded steps (docs/protocol.md).
+SUPERSEDED_MS = 100
 
 Lat = Annotated[float, Field(ge=-90, le=90, allow_inf_nan=False)]
 Lng = Annotated[float, Field(ge=-180, le=180, allow_inf_nan=False)]
@@ -307,10 +313,16 @@ class TrackingNamespace(BaseNamespace):
     # -- customers, agents: one order ------------------------------------
     def position_out(self, pos: Position, payload: dict[str, Any] | None) -> None:
         """A new latest position from this node's technician: to the watchers
-        here at once, and to the other nodes (one message, queued). Several
-        fixes of one technician in one socket read (a backlog) fan out once,
-        the newest (latest wins for watchers anyway)."""
-        coalesce(("position", pos.technician_id), lambda: self._position_now(pos, payload))
+        here at once, and to the other nodes (one message, queued). Fixes of
+        one technician read together (a backlog) go out in one step, without
+        those a newer fix of the read supersedes (SUPERSEDED_MS)."""
+        gather(("position", pos.technician_id), (pos, payload), self._positions_now)
+
+    def _positions_now(self, fixes: list[tuple[Position, dict[str, Any] | None]]) -> None:
+        newest = fixes[-1][0].ts  # the store accepts a technician's fixes in ts order only
+        for pos, payload in fixes:
+            if newest - pos.ts < SUPERSEDED_MS:
+                self._position_now(pos, payload)
 
     def _position_now(self, pos: Position, payload: dict[str, Any] | None) -> None:
         self._deliver(pos, payload)
