@@ -22,6 +22,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from redis import asyncio as aioredis
 
 from tests.cluster_harness import (
     ADDR,
@@ -923,6 +924,56 @@ async def test_redis_down_60s_under_light_traffic(
     await redis_outage(own_redis, mongo_server.url, session, outage_s=60.0, pace=1.0)
 
 
+async def test_a_technicians_first_point_needs_no_store_round_trip(
+        own_redis: RestartableRedis, mongo_server: MongoServer, session: aiohttp.ClientSession) -> None:
+    """What a technician's first point is checked against (the active order, the
+    last known position) is loaded at connect, so every point, the first one
+    too, is handled where it is read, with no lookup in the shared store (a
+    fleet reconnecting after a restart would otherwise send one per point
+    until the first came back). Redis's MONITOR shows what the node asks."""
+    cl = Cluster(own_redis.url, mongo_server.url, session)
+    spy = aioredis.Redis.from_url(own_redis.url)
+    marker = aioredis.Redis.from_url(own_redis.url)
+    try:
+        [a] = await cl.start(1)
+        cust_id, tech_id = uid("c-"), uid("t-")
+        oid = await assigned_order(cl, a, cust_id, tech_id)
+        watcher = await cl.client(a, "/tracking", "customer", cust_id)
+        await watcher.ok("watch", {"order_id": oid})
+        tech = await cl.client(a, "/tracking", "technician", tech_id)
+        asked: list[str] = []
+        async with spy.monitor() as monitor:
+            listening = asyncio.Event()
+
+            async def record() -> None:
+                await marker.echo("start")
+                async for info in monitor.listen():
+                    command = str(info["command"])
+                    if "ECHO start" in command:
+                        listening.set()
+                    elif "ECHO end" in command:
+                        return
+                    else:
+                        asked.append(command)
+
+            recorder = asyncio.get_running_loop().create_task(record())
+            await asyncio.wait_for(listening.wait(), 10)
+            t0 = now_ms()
+            for i in range(3):
+                fix = pt(at(-900 + 10 * i), t0 + 1000 * i)
+                assert (await tech.ok("location", fix))["status"] == "accepted"
+                pos = await next_where(watcher, "position", lambda p: p["order_id"] == oid)
+                assert pos["technician_id"] == tech_id, pos
+            await marker.echo("end")
+            await asyncio.wait_for(recorder, 10)
+        reads = [c for c in asked if c.split(" ", 1)[0].upper() in ("HGET", "HMGET", "GET", "ZSCORE")]
+        assert reads == [], reads
+    finally:
+        await spy.aclose()
+        await marker.aclose()
+        await cl.close()
+
+
 # -- dispatch -----------------------------------------------------------------------------
 
 async def test_broadcast_dispatch_across_nodes_exactly_one_accept_wins(cluster: Cluster) -> None:
@@ -938,6 +989,11 @@ async def test_broadcast_dispatch_across_nodes_exactly_one_accept_wins(cluster: 
         offers_to[tid] = await cluster.client(node, "/orders", "technician", tid, skills=["aircon"])
         # All near the address (100..2000 m), each on a distinct spot.
         assert (await tracker.ok("location", pt(at(100 + 100 * i, 50))))["status"] == "accepted"
+    # Positions are written to the shared store behind (within 25 ms); a node's
+    # own search flushes what it wrote, so every fix is stored once each has searched.
+    lat, lng = at(100, 50)
+    for node in nodes:
+        await cluster.api(node, "GET", f"/api/technicians/nearby?lat={lat}&lng={lng}")
 
     order = await cluster.create_order(a, uid("c-"), skills=["aircon"])
     oid = order["order_id"]

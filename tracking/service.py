@@ -86,6 +86,10 @@ class _TechState:
     arrival_fired: str | None = None  # order id the geofence already moved
     order_id: str | None = None  # the order the ETA and the geofence count belong to
     last_point: Point | None = field(default=None)
+    # The shared store's last position when this connection began (what its
+    # first point is filtered against), once `primed`.
+    known: Point | None = None
+    primed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,8 +148,19 @@ class TrackingService:
         return st
 
     async def technician_connected(self, technician_id: str) -> None:
-        """Load the technician's active order once, at connect (not per point)."""
+        """Load the technician's active order and last known position once, at
+        connect: then every point, the first included, takes the fast path.
+        (Were the first points left to look these up, a fleet reconnecting
+        at once would send each point's lookup to the stores until the first
+        came back: seconds of backlog after a restart.)"""
+        st = self._tech(technician_id)
         await self._refresh(technician_id)
+        await self._prime(st, technician_id)
+
+    async def _prime(self, st: _TechState, technician_id: str) -> None:
+        latest = await self.positions.get(technician_id)
+        st.known = Point(latest.lat, latest.lng, latest.ts) if latest else None
+        st.primed = True
 
     def technician_gone(self, technician_id: str) -> None:
         self._techs.pop(technician_id, None)
@@ -207,23 +222,21 @@ class TrackingService:
                 log.warning("active order refresh failed: %s", type(exc).__name__)
                 st.must_refresh = True
         # The last accepted point: this node's own memory while the technician
-        # streams to it, the shared store the first time.
-        last = st.last_point
-        if last is None:
-            latest = await self.positions.get(tech.id)
-            last = Point(latest.lat, latest.lng, latest.ts) if latest else None
-        return self._process(st, tech.id, name, skills, items, last)
+        # streams to it, the shared store's before that.
+        if not st.primed:
+            await self._prime(st, tech.id)
+        return self._process(st, tech.id, name, skills, items, st.last_point or st.known)
 
     def ingest_now(self, technician_id: str, name: str | None, point: Point,
                    skills: tuple[str, ...] = ()) -> PointResult | None:
-        """One point of a technician already streaming to this node, without
-        waiting on anything (the GPS fast path); None when it needs `ingest`
-        (the first point of a connection, or after the order cache lapsed)."""
+        """One point of a technician connected to this node, without waiting on
+        anything (the GPS fast path); None when it needs `ingest` (what the
+        connect loads is missing, or the order cache lapsed)."""
         st = self._techs.get(technician_id)
-        if st is None or st.last_point is None or st.must_refresh:
+        if st is None or not st.primed or st.must_refresh:
             return None
         self._take_token(technician_id)
-        return self._process(st, technician_id, name, skills, [point], st.last_point)[0]
+        return self._process(st, technician_id, name, skills, [point], st.last_point or st.known)[0]
 
     def _take_token(self, technician_id: str) -> None:
         wait_ms = self._limiter.take(technician_id)
