@@ -143,3 +143,23 @@ async def start_app(mongo_server: MongoServer, redis_server: RedisServer,
 @pytest.fixture
 async def live(start_app: StartApp) -> Live:
     return await start_app()
+
+
+@pytest.fixture(autouse=True)
+async def dump_tasks_when_stuck() -> AsyncIterator[None]:
+    """A test still running after 100 s (pytest-timeout ends it at 120 s)
+    prints what every task is waiting on: a hang in a coroutine shows no
+    useful thread stack."""
+    import asyncio
+    import sys
+
+    def dump() -> None:
+        print(f"\n--- tasks after 100 s ({len(asyncio.all_tasks())}) ---", file=sys.stderr)
+        for task in asyncio.all_tasks():
+            task.print_stack(limit=12, file=sys.stderr)
+
+    handle = asyncio.get_running_loop().call_later(100, dump)
+    try:
+        yield
+    finally:
+        handle.cancel()
