@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
                          "has no ramp of that target (default 1000)")
     args = ap.parse_args(argv)
     duration, warmup = (5.0, 2.0) if args.quick else (8.0, 3.0)
-    rates: list[float] = [1000, 2000, 4000, 6000, 8000, 12000, 16000, 24000, 32000]
+    rates: list[float] = [1000, 2000, 4000, 6000, 8000, 12000, 16000, 24000, 32000, 40000]
     catalog = {
         "ours-memory": Target("ours-memory", "ours"),
         "ours-redis": Target("ours-redis", "ours", redis=True),
