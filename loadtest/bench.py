@@ -225,22 +225,44 @@ def burst(target: Target, services: Services, capacity: float, techs: int,
         target.stop()
     end_sec = int(warmup + before + length)
     last_sec = int(warmup + before + length + after) - 1
-    buckets = {b["sec"]: b for b in r.get("by_send_second", [])}
-    recovered: int | None = None
-    for k in range(end_sec, last_sec + 1):
-        tail = [buckets.get(j) for j in range(k, last_sec + 1)]
-        if all(b is not None and b["p99"] is not None and b["p99"] <= P99_LIMIT_MS for b in tail):
-            recovered = k - end_sec
-            break
+    seconds = r.get("by_send_second", [])
     out = {"target": target.name, "base_rate": base, "burst_rate": rate,
            "burst_x_capacity": rate / max(capacity, base),
-           "recovery_s": recovered, "delivered_ratio": r.get("delivered_ratio"),
+           "recovery_s": recovery(seconds, end_sec, last_sec, RECOVERY_HOLD_S),
+           "recovery_strict_s": recovery(seconds, end_sec, last_sec, None),
+           "delivered_ratio": r.get("delivered_ratio"),
            "gc_max_ms": gc_max, "rss_after_kb": rss, "by_send_second": r.get("by_send_second"),
            "generator": r["generator"]}
     log(f"burst {target.name}: base {base:.0f}/s, burst {rate:.0f}/s "
-        f"({out['burst_x_capacity']:.2f}x capacity), "
-        f"recovered after {recovered} s, delivered {out['delivered_ratio']}")
+        f"({out['burst_x_capacity']:.2f}x capacity), recovered after {out['recovery_s']} s "
+        f"(strictly: {out['recovery_strict_s']} s), delivered {out['delivered_ratio']}")
     return out
+
+
+# A burst is over for a target once this many consecutive seconds' points are
+# delivered with p99 within the limit (a settling time). The strict reading
+# (every later second within the limit) is reported too; on these machines a
+# single noisy second 20 s later moves it, whatever the target did.
+RECOVERY_HOLD_S = 5
+
+
+def recovery(seconds: list[dict[str, Any]], end_sec: int, last_sec: int,
+             hold: int | None) -> int | None:
+    """Seconds after `end_sec` until the per-send-second p99 stays within the
+    limit for `hold` seconds in a row (None: until `last_sec`)."""
+    buckets = {b["sec"]: b for b in seconds}
+
+    def within(j: int) -> bool:
+        b = buckets.get(j)
+        return b is not None and b["p99"] is not None and b["p99"] <= P99_LIMIT_MS
+
+    for k in range(end_sec, last_sec + 1):
+        stop = last_sec + 1 if hold is None else k + hold
+        if stop > last_sec + 1:
+            return None
+        if all(within(j) for j in range(k, stop)):
+            return k - end_sec
+    return None
 
 
 def many_sockets(target: Target, services: Services, techs: int, watchers: int, rate: float,
@@ -454,13 +476,16 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         for i in results["idle"]:
             lines.append(f"| {i['target']} | {i['connections']} | {i['kb_per_connection']:.1f} |")
     if results.get("burst"):
-        lines += ["", "| target | base rate | burst rate (10 s) | × capacity | recovered after | delivered "
-                      "| longest GC pause ms |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["", f"| target | base rate | burst rate (10 s) | × capacity | recovered after "
+                      f"({RECOVERY_HOLD_S} s within p99) | strictly (every later second) | delivered "
+                      "| longest GC pause ms |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for b in results["burst"]:
-            rec = "not within 25 s" if b["recovery_s"] is None else f"{b['recovery_s']} s"
+            def secs(v: int | None) -> str:
+                return "not within 25 s" if v is None else f"{v} s"
             gc_ms = "–" if b.get("gc_max_ms") is None else f"{b['gc_max_ms']:.1f}"
             lines.append(f"| {b['target']} | {b['base_rate']:,.0f} | {b['burst_rate']:,.0f} | "
-                         f"{b.get('burst_x_capacity', 3.0):.2f} | {rec} | "
+                         f"{b.get('burst_x_capacity', 3.0):.2f} | {secs(b['recovery_s'])} | "
+                         f"{secs(b.get('recovery_strict_s'))} | "
                          f"{(b['delivered_ratio'] or 0):.4f} | {gc_ms} |")
     if results.get("sockets"):
         lines += ["", "| target | sockets | rate | p50 ms | p99 ms | delivered | GC pauses > 20 ms "

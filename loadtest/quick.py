@@ -2,6 +2,7 @@
 
     python -m loadtest.quick tracking --techs 100 --rate 5 --duration 20
     python -m loadtest.quick chat --pairs 20 --rate 50 --duration 20
+    python -m loadtest.quick orders --orders 50 --rate 50
 
 Each starts its own SecantusDB and `python -m realtime` (pinned to CPU 0 with
 taskset when available; the generator runs on CPU 1), drives it with
@@ -277,13 +278,82 @@ async def run_chat(stack: Stack, pairs: int, rate: float, duration: float) -> di
             "median_ack_ms": round(statistics.median(acks), 2) if acks else None}
 
 
+ORDER_PATH = ("en_route", "arrived", "in_service", "completed")
+
+
+async def run_orders(stack: Stack, orders: int, rate: float) -> dict[str, Any]:
+    """`orders` assigned orders, each subscribed to on `/orders` by its
+    customer and by an agent; the backend then pushes every order through
+    en_route → arrived → in_service → completed over the HTTP API, `rate`
+    events/s in total. Push latency = the POST sent → the `order_event`
+    received by each subscriber; and the POST's own round trip."""
+    run = uuid.uuid4().hex[:6]
+    subs: list[socketio.AsyncClient] = []
+    pushed: list[float] = []
+    posts: list[float] = []
+    sent_at: dict[tuple[str, str], float] = {}
+    oids = [f"qo{run}-{i}" for i in range(orders)]
+    agent = await client(stack, "/orders", "agent", f"qa{run}")
+    subs.append(agent)
+
+    def on_event(e: dict[str, Any]) -> None:
+        t = sent_at.get((e["order_id"], e["state"]))
+        if t is not None:
+            pushed.append((time.perf_counter() - t) * 1000)
+
+    agent.on("order_event", on_event, namespace="/orders")
+    for i, oid in enumerate(oids):
+        cid = f"qoc{run}-{i}"
+        await assigned_order(stack, oid, cid, f"qot{run}-{i}")
+        c = await client(stack, "/orders", "customer", cid)
+        c.on("order_event", on_event, namespace="/orders")
+        for who in (c, agent):
+            reply = await who.call("subscribe", {"order_id": oid}, namespace="/orders")
+            assert reply["ok"], reply
+        subs.append(c)
+
+    steps = [(oid, state) for state in ORDER_PATH for oid in oids]
+    interval = 1.0 / rate
+    headers = {"Authorization": f"Bearer {stack.token('service', 'backend')}"}
+    async with aiohttp.ClientSession(headers=headers) as session:
+        async def post(oid: str, state: str) -> None:
+            t0 = sent_at[(oid, state)] = time.perf_counter()
+            async with session.post(f"{stack.url}/api/orders/{oid}/events",
+                                    json={"state": state}) as r:
+                body = await r.json()
+            posts.append((time.perf_counter() - t0) * 1000)
+            assert body["ok"], body
+
+        start = time.monotonic()
+        last: dict[str, asyncio.Future[None]] = {}
+        for k, (oid, state) in enumerate(steps):
+            await asyncio.sleep(max(0.0, start + k * interval - time.monotonic()))
+            previous = last.get(oid)
+            if previous is not None:  # an order's previous step must be stored first
+                await previous
+            last[oid] = asyncio.ensure_future(post(oid, state))
+        await asyncio.gather(*last.values())
+        elapsed = time.monotonic() - start
+    await asyncio.sleep(1.0)
+    for c in subs:
+        await c.disconnect()
+    expected = len(steps) * 2
+    return {"scenario": "orders", "orders": orders, "offered_per_s": rate,
+            "posted_per_s": round(len(steps) / elapsed, 1), "events": len(steps),
+            "pushes_expected": expected, "pushes_received": len(pushed),
+            "post_ms": {"p50": round(pct(posts, 50), 2), "p99": round(pct(posts, 99), 2)},
+            "push_ms": {"p50": round(pct(pushed, 50), 2), "p99": round(pct(pushed, 99), 2)}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m loadtest.quick")
-    ap.add_argument("scenario", choices=["tracking", "chat"])
+    ap.add_argument("scenario", choices=["tracking", "chat", "orders"])
     ap.add_argument("--techs", type=int, default=100)
     ap.add_argument("--pairs", type=int, default=20)
+    ap.add_argument("--orders", type=int, default=50)
     ap.add_argument("--rate", type=float, default=None,
-                    help="tracking: points/s per technician (default 5); chat: sends/s in total (50)")
+                    help="tracking: points/s per technician (default 5); chat: sends/s in total (50); "
+                         "orders: events/s in total (50)")
     ap.add_argument("--duration", type=float, default=20.0)
     args = ap.parse_args()
     stack = Stack()
@@ -293,6 +363,8 @@ def main() -> None:
             await stack.ready()
             if args.scenario == "tracking":
                 return await run_tracking(stack, args.techs, args.rate or 5.0, args.duration)
+            if args.scenario == "orders":
+                return await run_orders(stack, args.orders, args.rate or 50.0)
             return await run_chat(stack, args.pairs, args.rate or 50.0, args.duration)
 
         print(json.dumps(asyncio.run(go()), ensure_ascii=False))
