@@ -158,6 +158,16 @@ def _direct_ended(sock: Any, link: DirectLink) -> None:
     task.add_done_callback(_ending.discard)
 
 
+async def sessions_ended() -> None:
+    """Wait until the ends of the websocket sessions under way (their
+    disconnect handlers) are done: a graceful stop must not stop the
+    services those handlers use before they finish. (aiohttp waits for its
+    request handlers; a session's end is not one of them.)"""
+    await asyncio.sleep(0)  # a link that just ended starts its end's task
+    while _ending:
+        await asyncio.gather(*list(_ending), return_exceptions=True)
+
+
 class _DirectQueue:
     """Stands in for an Engine.IO socket's outbound queue when a DirectLink
     serves it: a packet is written the moment python-engineio queues it, so
@@ -334,6 +344,7 @@ class RealtimeServer(socketio.AsyncServer):  # type: ignore[misc]
                 await sock.close(wait=False)
             except Exception as exc:  # a broken socket must not stop the shutdown
                 log.info("closing a socket at shutdown failed: %s", type(exc).__name__)
+        await sessions_ended()  # those whose client left just before
         await self.shutdown()
 
     async def _reply_error(self, eio_sid: str, pkt: Any, code: str, message: str) -> None:

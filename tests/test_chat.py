@@ -25,7 +25,16 @@ from aiohttp import web
 
 from realtime.app import create_app
 from tests.conftest import Live, StartApp, make_settings
-from tests.harness import Client, free_port, server_errors, stop_process, uid, wait_port
+from tests.harness import (
+    Client,
+    MongoServer,
+    RedisServer,
+    free_port,
+    server_errors,
+    stop_process,
+    uid,
+    wait_port,
+)
 from tests.wire import assert_error
 
 NS = "/chat"
@@ -1045,3 +1054,18 @@ async def test_feedback_by_anyone_listed_for_staff(app: Live) -> None:
         assert status == 400 and reply["error"]["code"] == "invalid", (bad, reply)
     status, _ = await app.http.request("POST", "/api/feedback", None, json=body)
     assert status == 401
+
+
+@pytest.mark.parametrize("engine", ["memory", "redis"])
+async def test_sessions_ending_as_the_server_stops_finish_their_disconnect_first(
+        engine: str, mongo_server: MongoServer, redis_server: RedisServer) -> None:
+    """Clients that leave just as the server stops: each session's end (the
+    /chat disconnect handlers, which use presence and the chat service)
+    finishes before the services stop, and nothing is logged as an error
+    (the autouse check). app_on closes every client, then stops at once."""
+    extra = {"redis_url": redis_server.url, "redis_channel": uid("t")} if engine == "redis" else {}
+    async with app_on(mongo_server.url, mongo_db=uid("chat_"), **extra) as live:
+        agents = await asyncio.gather(*(connect(live, "agent") for _ in range(10)))
+        await asyncio.gather(*(a.ok("set_status", {"status": "available"}) for a in agents))
+        customers = await asyncio.gather(*(connect(live, "customer") for _ in range(10)))
+        await asyncio.gather(*(c.ok("open", {"kind": "support"}) for c in customers))
