@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -296,10 +297,15 @@ async def run_orders(stack: Stack, orders: int, rate: float) -> dict[str, Any]:
     agent = await client(stack, "/orders", "agent", f"qa{run}")
     subs.append(agent)
 
+    expected = orders * len(ORDER_PATH) * 2  # to the customer and to the agent
+    all_in = asyncio.Event()
+
     def on_event(e: dict[str, Any]) -> None:
         t = sent_at.get((e["order_id"], e["state"]))
         if t is not None:
             pushed.append((time.perf_counter() - t) * 1000)
+            if len(pushed) >= expected:
+                all_in.set()
 
     agent.on("order_event", on_event, namespace="/orders")
     for i, oid in enumerate(oids):
@@ -334,10 +340,10 @@ async def run_orders(stack: Stack, orders: int, rate: float) -> dict[str, Any]:
             last[oid] = asyncio.ensure_future(post(oid, state))
         await asyncio.gather(*last.values())
         elapsed = time.monotonic() - start
-    await asyncio.sleep(1.0)
+    with contextlib.suppress(TimeoutError):  # what is missing then is reported as missing
+        await asyncio.wait_for(all_in.wait(), 10)
     for c in subs:
         await c.disconnect()
-    expected = len(steps) * 2
     return {"scenario": "orders", "orders": orders, "offered_per_s": rate,
             "posted_per_s": round(len(steps) / elapsed, 1), "events": len(steps),
             "pushes_expected": expected, "pushes_received": len(pushed),

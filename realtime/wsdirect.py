@@ -17,17 +17,24 @@ feeds is replaced by one that acts on each message where it is parsed:
   written directly only while that queue is empty, so nothing overtakes what
   is queued.
 - Everything one read of the socket produces is written per recipient in
-  one go (corked: one syscall for a backlog's many acks), and work that
-  only the newest of its kind needs (a technician's position fan-out) runs
-  once per read: a server that fell behind catches up in fewer, larger
-  steps instead of replaying every intermediate position.
+  one go (corked: one syscall for a backlog's many acks), and work gathered
+  per key (a technician's position fan-out, `gather`) runs once per read
+  with every item of that key: a server that fell behind catches up in
+  fewer, larger steps, and the fan-out can skip what a newer fix of the
+  same read supersedes.
 - A client that stops reading is dropped once MAX_BUFFERED bytes wait for it
   (it reconnects and replays what it missed), so memory stays bounded.
 - Liveness: a session with no frame for ping_interval + ping_timeout ends
   (Engine.IO clients answer the server's pings, so a live one never idles).
+- Once the handshake is answered the connection leaves aiohttp
+  (`DirectWebSocketResponse.detach`): the transport's protocol becomes a
+  `_LinkProtocol`, and aiohttp's request handler, its request and its two
+  tasks are freed. An idle session is its link, its parser and its
+  Engine.IO/Socket.IO state; nothing waits on it.
 
-The hook is aiohttp's `WebSocketResponse._post_start` and the reader's queue
-class; pyproject pins aiohttp below 4 and the wire tests fail if it changes.
+The hooks are aiohttp's `WebSocketResponse._post_start`, the reader's queue
+class and the request handler's `transport`/`_manager`; pyproject pins
+aiohttp below 4 and the wire tests fail if they change.
 """
 
 from __future__ import annotations
@@ -471,7 +478,7 @@ class DirectWebSocketResponse(WebSocketResponse):
         The transport's protocol becomes a _LinkProtocol, and aiohttp's request
         handler is told the connection is gone: when the web handler returns,
         its two tasks end and the request, its headers and the handler object
-        are freed (~5 KB per session) instead of being held until the socket
+        are freed (~6 KB per session) instead of being held until the socket
         closes. write_eof() then leaves the websocket open."""
         handler = request.protocol
         transport = handler.transport

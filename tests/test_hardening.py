@@ -224,7 +224,6 @@ async def test_an_open_websocket_session_holds_no_task(start_app: StartApp) -> N
         return asyncio.all_tasks()  # a session's tasks start before its connect is answered
 
     first = await connect(5)  # the server's own one-off tasks start with the first
-    await asyncio.sleep(0)  # the handshake's own tasks finish once its reply is written
     new = [t.get_coro().__qualname__ for t in await connect(5) - first]  # type: ignore[union-attr]
     assert new == [], sorted(new)
     for raw in sockets:
