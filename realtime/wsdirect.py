@@ -94,15 +94,15 @@ FastPath = Callable[[Any, str], bool]
 
 
 class _Chunk:
-    """What one socket read produced: corked links and deferred work."""
+    """What one socket read produced: corked links and gathered work."""
 
-    __slots__ = ("active", "deferred", "gathered", "links")
+    __slots__ = ("active", "gathered", "links")
 
     def __init__(self) -> None:
         self.active = False
         self.links: list[DirectLink] = []
-        self.deferred: dict[Any, Callable[[], None]] = {}
-        self.gathered: dict[Any, list[Any]] = {}
+        # key -> (flush, the items gathered under it), in first-arrival order
+        self.gathered: dict[Any, tuple[Callable[[list[Any]], None], list[Any]]] = {}
 
 
 _CHUNK = _Chunk()
@@ -117,12 +117,11 @@ def gather(key: Any, item: T, flush: Callable[[list[T]], None]) -> None:
     if not chunk.active:
         flush([item])
         return
-    items = chunk.gathered.get(key)
-    if items is None:
-        items = chunk.gathered[key] = [item]
-        chunk.deferred[key] = lambda: flush(items)
+    entry = chunk.gathered.get(key)
+    if entry is None:
+        chunk.gathered[key] = (flush, [item])
     else:
-        items.append(item)
+        entry[1].append(item)
 
 
 class _ChunkParser:
@@ -145,12 +144,11 @@ class _ChunkParser:
             return self.reader.feed_data(data)  # type: ignore[no-any-return]
         finally:
             try:
-                while chunk.deferred:
-                    deferred, chunk.deferred = chunk.deferred, {}
-                    chunk.gathered = {}
-                    for work in deferred.values():
+                while chunk.gathered:
+                    gathered, chunk.gathered = chunk.gathered, {}
+                    for flush, items in gathered.values():
                         try:
-                            work()
+                            flush(items)
                         except Exception:
                             log.exception("deferred fan-out failed")
             finally:
