@@ -221,11 +221,9 @@ class TrackingService:
             except Exception as exc:  # store away too: go on with what we know
                 log.warning("active order refresh failed: %s", type(exc).__name__)
                 st.must_refresh = True
-        # The last accepted point: this node's own memory while the technician
-        # streams to it, the shared store's before that.
         if not st.primed:
             await self._prime(st, tech.id)
-        return self._process(st, tech.id, name, skills, items, st.last_point or st.known)
+        return self._process(st, tech.id, name, skills, items)
 
     def ingest_now(self, technician_id: str, name: str | None, point: Point,
                    skills: tuple[str, ...] = ()) -> PointResult | None:
@@ -236,7 +234,7 @@ class TrackingService:
         if st is None or not st.primed or st.must_refresh:
             return None
         self._take_token(technician_id)
-        return self._process(st, technician_id, name, skills, [point], st.last_point or st.known)[0]
+        return self._process(st, technician_id, name, skills, [point])[0]
 
     def _take_token(self, technician_id: str) -> None:
         wait_ms = self._limiter.take(technician_id)
@@ -245,8 +243,10 @@ class TrackingService:
             raise RateLimited("too many location messages", wait_ms)
 
     def _process(self, st: _TechState, technician_id: str, name: str | None,
-                 skills: tuple[str, ...], items: list[Point | PointResult],
-                 last: Point | None) -> list[PointResult]:
+                 skills: tuple[str, ...], items: list[Point | PointResult]) -> list[PointResult]:
+        # Filtered against this connection's last accepted point, or before
+        # the first, the shared store's (loaded at connect).
+        last = st.last_point or st.known
         now = now_ms()
         results: list[PointResult] = []
         accepted: list[Point] = []
