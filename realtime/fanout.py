@@ -33,8 +33,13 @@ def encode_event(namespace: str, event: str, args: list[Any]) -> str:
 
 
 def encode_ack(namespace: str, ack_id: int, args: list[Any]) -> str:
+    return ack_packet(namespace, ack_id, _dumps(args))
+
+
+def ack_packet(namespace: str, ack_id: int, args_json: str) -> str:
+    """A Socket.IO ACK packet whose arguments are already a JSON array."""
     prefix = "3" if namespace == "/" else f"3{namespace},"
-    return f"{prefix}{ack_id}{_dumps(args)}"
+    return f"{prefix}{ack_id}{args_json}"
 
 
 def local_emit(manager: Any, event: str, data: Any, namespace: str,

@@ -33,7 +33,7 @@ from engineio.async_drivers import aiohttp as eio_aiohttp
 from engineio.async_socket import AsyncSocket
 from socketio import packet
 
-from realtime.fanout import deliver, encode_ack
+from realtime.fanout import ack_packet, deliver, encode_ack
 from realtime.wsdirect import (
     CLIENT_EIO_TYPES,
     MAX_BUFFERED,
@@ -92,8 +92,8 @@ class _PlainWebSocket(eio_aiohttp.WebSocket):  # type: ignore[misc]
 # What a session's WSGI-style environ keeps once its websocket is open: what
 # the namespaces' handshakes read (the query string, for refusing tokens in
 # it; Host, for the origin check) and what identifies the client in logs.
-# The rest (every header, copied under a new key) would be held for the life
-# of the session, by python-socketio and by the request handler.
+# The rest (every header, copied under a new key) would be held by
+# python-socketio for the life of the session.
 ENVIRON_KEPT = ("QUERY_STRING", "PATH_INFO", "REQUEST_METHOD", "REMOTE_ADDR", "HTTP_HOST",
                 "HTTP_ORIGIN", "HTTP_USER_AGENT", "HTTP_X_FORWARDED_FOR", "wsgi.url_scheme")
 
@@ -310,8 +310,7 @@ class RealtimeServer(socketio.AsyncServer):  # type: ignore[misc]
         if j > i:
             ack_id = int(data[i:j])
             if isinstance(reply, str):
-                prefix = "3" if namespace == "/" else f"3{namespace},"
-                deliver(sock, f"{prefix}{ack_id}[{reply}]")
+                deliver(sock, ack_packet(namespace, ack_id, f"[{reply}]"))
             else:
                 deliver(sock, encode_ack(namespace, ack_id, [reply]))
         return True
