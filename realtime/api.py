@@ -142,17 +142,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @web.middleware
-def api_middleware(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
-    """Bearer auth, JSON errors and the HTTP metric. A websocket session
-    passes straight through: a middleware that awaits the handler keeps its
-    frame for the life of the session (it has no auth or error of ours to
-    add, and it is counted in realtime_connections, not as a response)."""
+async def api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bearer auth, JSON errors and the HTTP metric. A websocket handshake
+    passes straight through: it has no auth or error of ours to add, and a
+    session is counted in realtime_connections, not as an HTTP response."""
     if request.headers.get("Upgrade", "").lower() == "websocket":
-        return handler(request)
-    return _api(request, handler)
-
-
-async def _api(request: web.Request, handler: Handler) -> web.StreamResponse:
+        return await handler(request)
     ctx = request.app[CTX]
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else "?"
     try:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 from urllib.parse import urlsplit
@@ -160,13 +159,12 @@ async def dev_token(request: web.Request) -> web.Response:
 
 
 @web.middleware
-def dev_token_middleware(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
+async def dev_token_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Answers POST /api/dev/token ahead of the API middleware, which would ask
-    for a bearer token this endpoint exists to hand out. Not a coroutine: it
-    hands on the handler's own, so it keeps no frame while a websocket lives."""
+    for a bearer token this endpoint exists to hand out."""
     if request.path == DEV_TOKEN_PATH:
-        return dev_token(request)
-    return handler(request)
+        return await dev_token(request)
+    return await handler(request)
 
 
 def setup_pages(app: web.Application, settings: Settings) -> None:
