@@ -227,10 +227,10 @@ class DirectLink:
                  "fast", "last_rx", "loop", "max_unsent", "ping_at", "pinger", "sock", "timeout",
                  "transport")
 
-    def __init__(self, protocol: Any, loop: asyncio.AbstractEventLoop, timeout: float,
+    def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop, timeout: float,
                  max_unsent: int = MAX_BUFFERED, clock: LinkClock | None = None) -> None:
         self.max_unsent = max_unsent
-        self.transport: Any = protocol.transport
+        self.transport: Any = transport
         self.loop = loop
         self.timeout = timeout
         self.sock: Any = None
@@ -461,8 +461,8 @@ class DirectWebSocketResponse(WebSocketResponse):
         self._ws_protocol = protocol
         self._writer = writer
         loop = request._loop
-        self.link = DirectLink(request.protocol, loop, self._link_timeout, self._max_unsent,
-                               self._clock)
+        self.link = DirectLink(request.protocol.transport, loop, self._link_timeout,
+                               self._max_unsent, self._clock)
         inbox = _Inbox(request.protocol, loop, self.link)
         self._reader = inbox
         self._parser = WebSocketReader(inbox, self._max_msg_size, compress=False, decode_text=True)
