@@ -479,9 +479,10 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         lines += ["", f"| target | base rate | burst rate (10 s) | × capacity | recovered after "
                       f"({RECOVERY_HOLD_S} s within p99) | strictly (every later second) | delivered "
                       "| longest GC pause ms |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        def secs(v: int | None) -> str:
+            return "not within 25 s" if v is None else f"{v} s"
+
         for b in results["burst"]:
-            def secs(v: int | None) -> str:
-                return "not within 25 s" if v is None else f"{v} s"
             gc_ms = "–" if b.get("gc_max_ms") is None else f"{b['gc_max_ms']:.1f}"
             lines.append(f"| {b['target']} | {b['base_rate']:,.0f} | {b['burst_rate']:,.0f} | "
                          f"{b.get('burst_x_capacity', 3.0):.2f} | {secs(b['recovery_s'])} | "
