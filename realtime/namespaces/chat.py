@@ -106,8 +106,7 @@ class ChatNamespace(BaseNamespace):
     async def disconnected(self, sid: str, p: Principal) -> None:
         if p.role == "agent" and self.ctx._chat is not None:
             if await self.ctx.engine.agent_presence.disconnect(p.id):
-                if self.ctx._chat is not None:  # not stopped meanwhile (a graceful stop)
-                    self.chat.router.agent_offline(p.id)
+                self.chat.router.agent_offline(p.id)
                 await self.ctx.ops.announce("agent", p.id, False)
 
     # -- fan-out (called by the chat service) -----------------------------
