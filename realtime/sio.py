@@ -19,6 +19,7 @@ these hooks stops working.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -43,6 +44,10 @@ from realtime.wsdirect import (
 )
 
 log = logging.getLogger(__name__)
+
+# How long a server-ended long-polling session waits for the client's next
+# GET to take its CLOSE packet (a live client polls again at once).
+POLL_CLOSE_WAIT_S = 5.0
 
 # Names the Socket.IO protocol reserves for the server's own lifecycle
 # events; a client emitting one must not reach the connect/disconnect logic.
@@ -244,6 +249,21 @@ class _EngineServer(engineio.AsyncServer):  # type: ignore[misc]
             return handle
         return super().start_background_task(target, *args, **kwargs)
 
+    async def disconnect(self, sid: str | None = None) -> None:
+        """End a session from the server. For a long-polling session
+        python-engineio waits until the client's next GET takes the CLOSE
+        packet, for ever if that GET never comes (a client gone, or one
+        that gave up after its POST was refused): the caller, a refused
+        POST's own request among them, would hang. The wait is bounded."""
+        sock = self.sockets.get(sid) if sid is not None else None
+        if sock is None or sock.upgraded:
+            await super().disconnect(sid)
+            return
+        await sock.close(wait=False, reason=self.reason.SERVER_DISCONNECT)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(sock.queue.join(), POLL_CLOSE_WAIT_S)
+        self.sockets.pop(sid, None)
+
 
 # A reply dict, or the reply already as JSON text, or None (not handled here).
 FastHandler = Callable[[str, dict[str, Any]], "dict[str, Any] | str | None"]
@@ -331,8 +351,12 @@ class RealtimeServer(socketio.AsyncServer):  # type: ignore[misc]
         # answering its pending long-poll GET, which then hangs for
         # ping_interval + ping_timeout (and holds up a graceful stop).
         # Wake it with an empty answer.
+        # Only then: when the server ends a session, the CLOSE packet queued
+        # next is what must answer that GET; an empty answer ahead of it
+        # would leave the CLOSE (and python-engineio's close, waiting for the
+        # client to take it) hanging.
         sock = self.eio.sockets.get(eio_sid)
-        if sock is not None and not sock.upgraded:
+        if sock is not None and not sock.upgraded and reason == self.reason.CLIENT_DISCONNECT:
             sock.queue.put_nowait(None)
 
     async def close_all(self) -> None:

@@ -12,6 +12,7 @@ import pytest
 from aiohttp import web, web_protocol
 from pydantic import ValidationError
 
+from realtime.api import CTX
 from realtime.settings import Settings
 from tests.conftest import JWT_SECRET, Live, StartApp
 from tests.wire import RawSocketIO
@@ -180,7 +181,6 @@ async def test_a_websocket_session_keeps_no_copy_of_its_handshake(start_app: Sta
     handler: the connection is handed to the link (realtime/sio.py,
     realtime/wsdirect.py). And it still works: a namespace connects, refuses
     a token in the query string, and events are answered."""
-    from realtime.api import CTX
     from realtime.sio import ENVIRON_KEPT
 
     live = await start_app()
@@ -228,3 +228,67 @@ async def test_an_open_websocket_session_holds_no_task(start_app: StartApp) -> N
     assert new == [], sorted(new)
     for raw in sockets:
         await raw.close()
+
+
+class Polling:
+    """A long-polling Engine.IO v4 session driven by hand, joined to /orders."""
+
+    def __init__(self, live: Live) -> None:
+        self.live = live
+        self.sid = ""
+
+    @property
+    def url(self) -> str:
+        return f"{self.live.url}/socket.io/?EIO=4&transport=polling&sid={self.sid}"
+
+    async def open(self) -> None:
+        async with self.live.http.session.get(f"{self.live.url}/socket.io/?EIO=4&transport=polling") as r:
+            body = await r.text()
+        assert body.startswith("0{"), body
+        self.sid = json.loads(body[1:])["sid"]
+        await self.post('40/orders,' + json.dumps({"token": self.live.token("admin")}))
+        joined = await self.get()
+        assert joined.startswith('40/orders,{"sid"'), joined
+
+    async def get(self) -> str:
+        async with self.live.http.session.get(self.url) as r:
+            return await r.text()
+
+    async def post(self, body: str) -> int:
+        async with self.live.http.session.post(self.url, data=body.encode()) as r:
+            await r.read()
+            return r.status
+
+
+async def test_a_refused_polling_post_ends_the_session_with_close_on_the_pending_get(live: Live) -> None:
+    """A POST over the 64 KiB limit is refused and ends its session: the
+    client's pending long-poll GET is answered with the CLOSE packet (not an
+    empty answer that leaves the CLOSE, and the POST's request, waiting for a
+    GET that will not come), and the POST is answered at once."""
+    polling = Polling(live)
+    await polling.open()
+    pending = asyncio.create_task(polling.get())
+    await asyncio.sleep(0.2)  # the GET is waiting on the server
+    assert not pending.done()
+    status = await asyncio.wait_for(polling.post("4" + "x" * (70 * 1024)), 3.0)
+    assert status == 400
+    assert await asyncio.wait_for(pending, 3.0) == "1"  # CLOSE
+    assert polling.sid not in live.app[CTX].sio.eio.sockets
+
+
+async def test_a_refused_polling_post_is_answered_when_no_get_takes_the_close(live: Live) -> None:
+    """The same with no GET pending (a client that gave up): the POST is
+    answered once the bounded wait for the client's next GET is over, and
+    the session is gone."""
+    from realtime.sio import POLL_CLOSE_WAIT_S
+
+    polling = Polling(live)
+    await polling.open()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    status = await asyncio.wait_for(polling.post("4" + "x" * (70 * 1024)), POLL_CLOSE_WAIT_S + 3.0)
+    assert status == 400
+    assert loop.time() - started >= POLL_CLOSE_WAIT_S - 0.5  # it did wait for a GET
+    assert polling.sid not in live.app[CTX].sio.eio.sockets
+    async with live.http.session.get(polling.url) as r:
+        assert r.status == 400  # no such session
