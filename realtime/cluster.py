@@ -263,12 +263,18 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
                     pass
 
     async def aclose(self) -> None:
-        # Bounded: a publish cut off mid-pipeline must not hold up a stop.
-        if self._publisher_task is not None:
-            self._publisher_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, TimeoutError, Exception):
-                await asyncio.wait_for(asyncio.shield(self._publisher_task), 2.0)
-        if self._pub is not None:
-            pub, self._pub = self._pub, None
-            with contextlib.suppress(TimeoutError, Exception):
-                await asyncio.wait_for(pub.aclose(), 2.0)
+        """Stop publishing and listening, and close both Redis clients.
+        Bounded: a publish cut off mid-pipeline must not hold up a stop. The
+        listener must end here, not be dropped: a pending task left behind
+        is garbage-collected later with its async generators mid-iteration,
+        and asyncio logs their failed close as errors of whatever runs then."""
+        for task in (self._publisher_task, getattr(self, "thread", None)):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, TimeoutError, Exception):
+                    await asyncio.wait_for(asyncio.shield(task), 2.0)
+        for client in (self._pub, self.pubsub, self.redis):
+            if client is not None:
+                with contextlib.suppress(TimeoutError, Exception):
+                    await asyncio.wait_for(client.aclose(), 2.0)
+        self._pub = None

@@ -15,7 +15,7 @@ from aiohttp import web
 from realtime.app import create_app
 from realtime.auth import mint_token
 from realtime.settings import Settings
-from tests.harness import Client, Http, MongoServer, RedisServer, free_port, uid
+from tests.harness import Client, Http, MongoServer, RedisServer, assert_no_tasks_left, free_port, uid
 
 JWT_SECRET = "test-secret-0123456789abcdef-0123456789"
 
@@ -138,6 +138,7 @@ async def start_app(mongo_server: MongoServer, redis_server: RedisServer,
     for runner in runners:
         await runner.cleanup()
     await session.close()
+    await assert_no_tasks_left()
 
 
 @pytest.fixture

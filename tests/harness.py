@@ -99,6 +99,35 @@ class MongoServer:
         stop_process(self.proc)
 
 
+def _chain(task: asyncio.Task[Any]) -> str:
+    """Where a task waits: its coroutine chain, outermost first."""
+    links, coro = [], task.get_coro()
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        where = f" ({frame.f_code.co_filename}:{frame.f_lineno})" if frame else ""
+        links.append(f"{getattr(coro, '__qualname__', type(coro).__name__)}{where}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return " -> ".join(links)
+
+
+async def assert_no_tasks_left(timeout: float = 2.0) -> None:
+    """Once an app has stopped, nothing of it may still run: a task left
+    pending is a request or session that hangs (a client kept waiting), or
+    one the garbage collector later finds mid-iteration and reports as an
+    error of whatever test runs then. The browser the page tests share
+    (playwright) is not ours."""
+    current = asyncio.current_task()
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [t for t in asyncio.all_tasks() if t is not current
+                and not getattr(t.get_coro(), "__module__", "").startswith("playwright")
+                and "playwright" not in _chain(t)]
+        if not left or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.02)
+    assert not left, "tasks left running after the app stopped:\n" + "\n".join(_chain(t) for t in left)
+
+
 def server_errors(records: list[Any]) -> list[Any]:
     """Log records that mean the server failed: ERROR and above, or a traceback.
 

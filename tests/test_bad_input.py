@@ -18,7 +18,7 @@ from aiohttp import web
 
 from realtime.app import create_app
 from tests.conftest import Live, make_settings
-from tests.harness import Client, MongoServer, free_port, uid
+from tests.harness import Client, MongoServer, assert_no_tasks_left, free_port, uid
 from tests.wire import RawClosed, RawSocketIO, assert_error, assert_no_server_errors, parse_packet
 
 NS = "/orders"
@@ -95,6 +95,7 @@ async def matrix(mongo_server: MongoServer) -> AsyncIterator[Matrix]:
             await c.close()
         await runner.cleanup()
         await session.close()
+        await assert_no_tasks_left()
 
 
 async def call(client: Client, event: str, payload: Any) -> Any:

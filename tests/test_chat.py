@@ -29,6 +29,7 @@ from tests.harness import (
     Client,
     MongoServer,
     RedisServer,
+    assert_no_tasks_left,
     free_port,
     server_errors,
     stop_process,
@@ -725,6 +726,7 @@ async def app_on(mongo_url: str, **overrides: Any) -> AsyncIterator[Live]:
             await c.close()
         await runner.cleanup()
         await session.close()
+        await assert_no_tasks_left()
 
 
 async def test_store_outage_unavailable_then_retries_store_each_message_once() -> None:
