@@ -183,31 +183,19 @@ async def test_positions_go_only_to_nodes_that_watch(cluster: Cluster) -> None:
         await next_where(local, "position", lambda x: x["ts"] == last)
         return last
 
-    heard = 'realtime_bus_received_total{signal="interest"}'
-
-    async def a_hears(change: Awaitable[Any]) -> None:
-        """B changes what it watches; A has received B's announcement. (B answers
-        once the announcement is published; A gets it a moment later.)"""
-        before = await cluster.metric(a, heard) or 0.0
-        await change
-        deadline = time.monotonic() + 10
-        while (await cluster.metric(a, heard) or 0.0) <= before:
-            assert time.monotonic() < deadline, "A never heard B's interest"
-            await asyncio.sleep(0.02)
-
     # Only the technician's own node watches: nothing goes to B.
     await send(3)
     assert (await cluster.metric(b, series) or 0.0) == 0.0
 
     # A customer on B watches: A sends B the positions.
     remote = await cluster.client(b, "/tracking", "customer", cust_id)
-    await a_hears(remote.ok("watch", {"order_id": oid}))
+    await cluster.heard(a, remote.ok("watch", {"order_id": oid}))
     last = await send(1)
     await next_where(remote, "position", lambda x: x["ts"] == last)
     assert (await cluster.metric(b, series) or 0.0) >= 1
 
     # B's customer stops watching: A stops sending.
-    await a_hears(remote.ok("unwatch", {"order_id": oid}))
+    await cluster.heard(a, remote.ok("unwatch", {"order_id": oid}))
     before = await cluster.metric(b, series) or 0.0
     await send(3)
     await remote.ok("unwatch", {"order_id": oid})  # a round trip on B after A's sends
@@ -215,7 +203,7 @@ async def test_positions_go_only_to_nodes_that_watch(cluster: Cluster) -> None:
 
     # An area view on B wants every technician's positions.
     agent = await cluster.client(b, "/tracking", "agent")
-    await a_hears(agent.ok("watch_area", BOX))
+    await cluster.heard(a, agent.ok("watch_area", BOX))
     last = await send(1)
     batch = await next_where(agent, "positions",
                              lambda x: any(t["id"] == tech_id and t["ts"] == last for t in x["technicians"]))
@@ -231,7 +219,7 @@ async def test_positions_reach_watchers_on_other_nodes(cluster: Cluster) -> None
 
     tech = await cluster.client(a, "/tracking", "technician", tech_id, name="张师傅")
     watcher = await cluster.client(b, "/tracking", "customer", cust_id)
-    view = await watcher.ok("watch", {"order_id": oid})
+    view = await cluster.heard(a, watcher.ok("watch", {"order_id": oid}))
     assert view["technician"]["id"] == tech_id and view["position"] is None, view
 
     p1 = pt(at(-2000))
@@ -246,7 +234,7 @@ async def test_positions_reach_watchers_on_other_nodes(cluster: Cluster) -> None
     # once when A itself reads positions (its searches read their own writes: they flush).
     await cluster.api(a, "GET", f"/api/technicians/nearby?lat={p1['lat']}&lng={p1['lng']}")
     watcher_c = await cluster.client(c, "/tracking", "customer", cust_id)
-    view = await watcher_c.ok("watch", {"order_id": oid})
+    view = await cluster.heard(a, watcher_c.ok("watch", {"order_id": oid}))
     assert view["technician"] == {"id": tech_id, "name": "张师傅"}
     assert view["position"]["ts"] == p1["ts"] and view["distance_m"] == pytest.approx(2000, abs=5)
 
@@ -322,8 +310,9 @@ async def test_area_watch_batches_for_a_technician_on_another_node(cluster: Clus
     assert (await tech.ok("location", p1))["status"] == "accepted"
     local = await cluster.client(a, "/tracking", "agent")   # same node as the technician
     remote = await cluster.client(c, "/tracking", "agent")  # another node
-    for w in (local, remote):
-        area = await w.ok("watch_area", BOX)
+    for w, node in ((local, None), (remote, a)):
+        change = w.ok("watch_area", BOX)
+        area = await (change if node is None else cluster.heard(node, change))
         assert [t["ts"] for t in area["technicians"] if t["id"] == tech_id] == [p1["ts"]], area
     p2 = pt(at(-1400), p1["ts"] + 2000)
     assert (await tech.ok("location", p2))["status"] == "accepted"
@@ -361,7 +350,7 @@ async def test_assignment_through_another_node_reaches_the_technicians_node(clus
     # The assignment has reached node A (its order_event was pushed there).
     assert (await next_where(tech_orders, "order_event", lambda e: e["state"] == "assigned"))["seq"] == 2
     watcher = await cluster.client(b, "/tracking", "customer", cust_id)
-    await watcher.ok("watch", {"order_id": oid})
+    await cluster.heard(a, watcher.ok("watch", {"order_id": oid}))
 
     p = pt(at(-2900), t0 + 2000)
     assert (await tech.ok("location", p))["status"] == "accepted"
