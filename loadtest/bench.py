@@ -25,6 +25,7 @@ from typing import Any
 import aiohttp
 import jwt
 
+from loadtest.cpuquota import CpuQuota
 from loadtest.targets import ROOT, SECRET, Services, Target, gc_window, pin
 
 P99_LIMIT_MS = 100.0
@@ -339,27 +340,32 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sockets-rate", type=float, default=1000.0)
     ap.add_argument("--burst-max", type=float, default=BURST_MAX_RATE,
                     help="the most points/s a burst offers (the generator's ceiling here)")
+    ap.add_argument("--server-cpu", type=float, default=None,
+                    help="cap every server process together at this share of one core "
+                         "(a slower machine, so that a 3x burst fits under the generator's "
+                         "ceiling; loadtest/cpuquota.py)")
     ap.add_argument("--capacities", default="",
                     help="name=points/s,... : the capacity a burst is sized from when the run "
                          "has no ramp of that target (default 1000)")
     args = ap.parse_args(argv)
     duration, warmup = (5.0, 2.0) if args.quick else (8.0, 3.0)
     rates: list[float] = [1000, 2000, 4000, 6000, 8000, 12000, 16000, 24000, 32000, 40000]
+    quota = CpuQuota(args.server_cpu) if args.server_cpu is not None else None
     catalog = {
-        "ours-memory": Target("ours-memory", "ours"),
-        "ours-redis": Target("ours-redis", "ours", redis=True),
-        "node-memory": Target("node-memory", "node"),
-        "node-redis": Target("node-redis", "node", redis=True),
+        "ours-memory": Target("ours-memory", "ours", quota=quota),
+        "ours-redis": Target("ours-redis", "ours", redis=True, quota=quota),
+        "node-memory": Target("node-memory", "node", quota=quota),
+        "node-redis": Target("node-redis", "node", redis=True, quota=quota),
         # Two nodes sharing the server core: technicians on one, watchers on the other.
-        "ours-redis-2": Target("ours-redis-2", "ours", redis=True, nodes=2),
-        "node-redis-2": Target("node-redis-2", "node", redis=True, nodes=2),
-        "raw": Target("raw", "raw"),
+        "ours-redis-2": Target("ours-redis-2", "ours", redis=True, nodes=2, quota=quota),
+        "node-redis-2": Target("node-redis-2", "node", redis=True, nodes=2, quota=quota),
+        "raw": Target("raw", "raw", quota=quota),
     }
     scenarios = set(args.scenarios.split(","))
     names = [n for n in args.targets.split(",") if n]
     results: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
                                "techs": args.techs, "watchers_per_tech": 2, "ramps": [], "idle": [],
-                               "burst": [], "sockets": []}
+                               "burst": [], "sockets": [], "server_cpu_share": args.server_cpu}
 
     def log(msg: str) -> None:
         print(msg, flush=True)
@@ -392,6 +398,8 @@ def main(argv: list[str] | None = None) -> None:
                                                        args.sockets_rate, log))
     finally:
         services.stop()
+        if quota is not None:
+            quota.close()
     out_dir = ROOT / "loadtest/results"
     out_dir.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -449,6 +457,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
     caps = {r["target"]: r["capacity"] for r in results["ramps"]}
     lines = [f"# Benchmark run {results['started']}", "",
              f"Machine: {results['machine']}", "",
+             *([f"Every server capped at {results['server_cpu_share']:g} of one core "
+                "(--server-cpu).", ""] if results.get("server_cpu_share") else []),
              "| target | capacity (points/s, p99 ≤ 100 ms, ≥ 99.9 % delivered) | ratio ours/Node |",
              "| --- | --- | --- |"]
     pairs = {"ours-memory": "node-memory", "ours-redis": "node-redis", "ours-redis-2": "node-redis-2"}

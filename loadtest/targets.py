@@ -16,6 +16,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loadtest.cpuquota import CpuQuota
+
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-secret-0123456789abcdef-0123456789"
 
@@ -132,6 +134,7 @@ class Target:
     redis: bool = False
     ports: list[int] = field(default_factory=list)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    quota: CpuQuota | None = None  # every server process under one CPU cap (--server-cpu)
 
     @property
     def urls(self) -> list[str]:
@@ -175,6 +178,8 @@ class Target:
                                                stderr=err))
             if not isinstance(err, int):
                 err.close()  # the child has its own copy
+            if self.quota is not None:
+                self.quota.add(self.procs[-1].pid)
             wait_http(f"http://127.0.0.1:{port}{health}")
         return self
 
