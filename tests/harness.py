@@ -110,7 +110,7 @@ def _chain(task: asyncio.Task[Any]) -> str:
     return " -> ".join(links)
 
 
-async def assert_no_tasks_left(timeout: float = 2.0) -> None:
+async def assert_no_tasks_left(timeout: float = 5.0) -> None:
     """Once an app has stopped, nothing of it may still run: a task left
     pending is a request or session that hangs (a client kept waiting), or
     one the garbage collector later finds mid-iteration and reports as an
