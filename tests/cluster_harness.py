@@ -78,18 +78,6 @@ class RestartableRedis:
             stop_process(self.proc, sig, timeout=10)
 
 
-async def until(pred: Callable[[], Awaitable[bool]], timeout: float, every: float = 0.1,
-                what: str = "condition") -> float:
-    """Poll an async predicate until true; returns the seconds it took."""
-    t0 = time.monotonic()
-    while True:
-        if await pred():
-            return time.monotonic() - t0
-        if time.monotonic() - t0 > timeout:
-            raise TimeoutError(f"{what} not reached within {timeout}s")
-        await asyncio.sleep(every)
-
-
 async def next_where(c: Client, event: str, pred: Callable[[Any], bool], timeout: float = 10.0) -> Any:
     """The next `event` on c matching pred (earlier non-matching ones are consumed)."""
     deadline = time.monotonic() + timeout

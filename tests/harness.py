@@ -15,6 +15,7 @@ import tempfile
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,18 @@ class MongoServer:
 
     def stop(self) -> None:
         stop_process(self.proc)
+
+
+async def until(pred: Callable[[], Awaitable[bool]], timeout: float, every: float = 0.1,
+                what: str = "condition") -> float:
+    """Poll an async predicate until true; returns the seconds it took."""
+    t0 = time.monotonic()
+    while True:
+        if await pred():
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"{what} not reached within {timeout}s")
+        await asyncio.sleep(every)
 
 
 def _chain(task: asyncio.Task[Any]) -> str:

@@ -32,9 +32,8 @@ from tests.cluster_harness import (
     next_where,
     now_ms,
     token,
-    until,
 )
-from tests.harness import MongoServer, RedisServer, ServerProcess, uid
+from tests.harness import MongoServer, RedisServer, ServerProcess, uid, until
 from tracking.geo import haversine_m
 
 M_PER_DEG = haversine_m(0, 0, 1, 0)

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from realtime.api import CTX
 from realtime.settings import Settings
 from tests.conftest import JWT_SECRET, Live, StartApp
+from tests.harness import until
 from tests.wire import RawSocketIO
 
 
@@ -268,8 +269,9 @@ async def test_a_refused_polling_post_ends_the_session_with_close_on_the_pending
     polling = Polling(live)
     await polling.open()
     pending = asyncio.create_task(polling.get())
-    await asyncio.sleep(0.2)  # the GET is waiting on the server
-    assert not pending.done()
+    queue = live.app[CTX].sio.eio.sockets[polling.sid].queue
+    await until(lambda: asyncio.sleep(0, bool(queue._getters)), 5.0, every=0.01,
+                what="the GET waiting on the server")
     status = await asyncio.wait_for(polling.post("4" + "x" * (70 * 1024)), 3.0)
     assert status == 400
     assert await asyncio.wait_for(pending, 3.0) == "1"  # CLOSE
