@@ -309,9 +309,9 @@ async def test_area_watch_batches_for_a_technician_on_another_node(cluster: Clus
     assert (await tech.ok("location", p1))["status"] == "accepted"
     local = await cluster.client(a, "/tracking", "agent")   # same node as the technician
     remote = await cluster.client(c, "/tracking", "agent")  # another node
-    for w, node in ((local, None), (remote, a)):
+    for w in (local, remote):
         change = w.ok("watch_area", BOX)
-        area = await (change if node is None else cluster.heard(node, change))
+        area = await (cluster.heard(a, change) if w is remote else change)
         assert [t["ts"] for t in area["technicians"] if t["id"] == tech_id] == [p1["ts"]], area
     p2 = pt(at(-1400), p1["ts"] + 2000)
     assert (await tech.ok("location", p2))["status"] == "accepted"
