@@ -349,12 +349,9 @@ class RealtimeServer(socketio.AsyncServer):  # type: ignore[misc]
         await super()._handle_eio_disconnect(eio_sid, reason)
         # python-engineio closes a polling client that said goodbye without
         # answering its pending long-poll GET, which then hangs for
-        # ping_interval + ping_timeout (and holds up a graceful stop).
-        # Wake it with an empty answer.
-        # Only then: when the server ends a session, the CLOSE packet queued
-        # next is what must answer that GET; an empty answer ahead of it
-        # would leave the CLOSE (and python-engineio's close, waiting for the
-        # client to take it) hanging.
+        # ping_interval + ping_timeout (and holds up a graceful stop): wake it
+        # with an empty answer. Only then: when the server ends a session,
+        # the CLOSE packet it queues next must be that GET's answer.
         sock = self.eio.sockets.get(eio_sid)
         if sock is not None and not sock.upgraded and reason == self.reason.CLIENT_DISCONNECT:
             sock.queue.put_nowait(None)

@@ -18,7 +18,7 @@ import aiohttp
 
 from realtime.auth import mint_token
 from realtime.settings import Settings
-from tests.harness import Client, Http, ServerProcess, free_port, stop_process, uid, wait_port
+from tests.harness import Client, Http, ServerProcess, free_port, stop_process, uid, until, wait_port
 from tests.server_procs import log_text, server_process, start, stop
 
 SECRET = "cluster-test-secret-0123456789abcdef"
@@ -181,10 +181,11 @@ class Cluster:
         series = 'realtime_bus_received_total{signal="interest"}'
         before = await self.metric(node, series) or 0.0
         reply = await change
-        deadline = time.monotonic() + 10
-        while (await self.metric(node, series) or 0.0) <= before:
-            assert time.monotonic() < deadline, f"node {node.port} never heard the interest change"
-            await asyncio.sleep(0.02)
+
+        async def heard() -> bool:  # another process's counter: nothing to await but its rise
+            return (await self.metric(node, series) or 0.0) > before
+
+        await until(heard, 10, every=0.02, what=f"node {node.port} hearing the interest change")
         return reply
 
     def logs(self) -> str:
