@@ -13,16 +13,18 @@ Message = dict[str, Any]
 STAFF: Final = frozenset({"agent", "admin"})
 # Who sees originals (and the `masked` flag): staff and the business backend.
 SEES_ORIGINALS: Final = frozenset({"agent", "admin", "service"})
-# Fields of a stored conversation that are bookkeeping, not for the wire.
+# Fields of a stored conversation that are bookkeeping, not for the wire
+# (`read`: the read markers of earlier versions, now ignored; storage/chat.py).
 _INTERNAL: Final = ("read", "queue_rank", "open_key", "_id")
 
 
-def conversation_view(conv: Conversation, viewer: Actor | None = None) -> Conversation:
+def conversation_view(conv: Conversation, last_read: int | None = None) -> Conversation:
+    """The conversation on the wire; with `last_read` (the viewer's marker) also
+    `last_read_seq` and `unread`."""
     out = {k: v for k, v in conv.items() if k not in _INTERNAL}
-    if viewer is not None:
-        read = int(conv.get("read", {}).get(viewer.id, 0))
-        out["last_read_seq"] = read
-        out["unread"] = max(0, int(conv.get("last_seq", 0)) - read)
+    if last_read is not None:
+        out["last_read_seq"] = last_read
+        out["unread"] = max(0, int(conv.get("last_seq", 0)) - last_read)
     return out
 
 

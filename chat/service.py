@@ -1,13 +1,16 @@
 """Chat service: support and order conversations, durable messages with
-gap-free seqs, idempotent sends, read markers, CSAT, order timeline cards."""
+gap-free seqs, idempotent sends, send rate limits, read markers, CSAT,
+order timeline cards."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol
 
+from chat.limits import Limiter, SendLimits
 from chat.masking import mask_contacts
 from chat.model import (
     STAFF,
@@ -21,7 +24,7 @@ from chat.model import (
 )
 from chat.routing import FRONT_OFFSET, Router
 from tracking.clock import now_ms
-from tracking.errors import Conflict, Forbidden, Invalid, NotFound
+from tracking.errors import Conflict, Forbidden, Invalid, NotFound, RateLimited
 from tracking.lifecycle import Actor
 from tracking.locks import KeyedLocks
 from tracking.orders import Event, Order, OrderService
@@ -46,6 +49,7 @@ class ChatStore(Protocol):
                      unset: tuple[str, ...] = ()) -> Conversation | None: ...
     async def add_staff(self, conv_id: str, agent_id: str) -> None: ...
     async def set_read(self, conv_id: str, user_id: str, seq: int) -> int: ...
+    async def read_markers(self, user_id: str, conv_ids: list[str]) -> dict[str, int]: ...
     async def queue_position(self, conv: Conversation) -> int: ...
     async def queued(self, limit: int) -> list[Conversation]: ...
     async def load_by_agent(self) -> dict[str, int]: ...
@@ -68,12 +72,17 @@ def order_conversation_id(order_id: str) -> str:
 
 class ChatService:
     def __init__(self, store: ChatStore, orders: OrderService, router: Router,
-                 delivered: Delivered) -> None:
+                 delivered: Delivered, *, limits: SendLimits,
+                 busy_wait_s: float | None = None) -> None:
         self.store = store
+        self.limits = limits
         self.orders = orders
         self.router = router
         self._delivered = delivered
         self._lock = KeyedLocks()  # sends to one conversation leave this node in seq order
+        # How long a send waits for the conversation's lock (the store's bound:
+        # a stalled store must not queue sends one timeout after another).
+        self._busy_wait_s = busy_wait_s
 
     async def get(self, conv_id: str) -> Conversation:
         conv = await self.store.get(conv_id)
@@ -87,15 +96,14 @@ class ChatService:
         if actor.role != "customer":
             raise Forbidden("support conversations are opened by customers")
         if order_id is not None:
-            order = await self.orders.get(order_id)
-            if order["customer_id"] != actor.id:
-                raise Forbidden("not your order")
+            # Someone else's order looks exactly like a missing one.
+            await self.orders.visible(actor, order_id)
         ts = now_ms()
         conv: Conversation = {
             "conversation_id": "s-" + uuid.uuid4().hex, "kind": "support", "status": "queued",
             "customer_id": actor.id, "order_id": order_id, "topic": topic, "technician_id": None,
             "assignee": None, "staff": [], "last_seq": 0, "created_ts": ts, "updated_ts": ts,
-            "queue_rank": ts, "open_key": actor.id, "csat": None, "read": {},
+            "queue_rank": ts, "open_key": actor.id, "csat": None,
         }
         conv, created = await self.store.insert_open(conv)
         if created:
@@ -108,13 +116,10 @@ class ChatService:
         return conv, position
 
     async def open_order(self, actor: Actor, order_id: str) -> Conversation:
-        order = await self.orders.get(order_id)
-        if actor.role == "customer" and order["customer_id"] != actor.id:
-            raise Forbidden("not your order")
-        if actor.role == "technician" and order.get("technician_id") != actor.id:
-            raise Forbidden("not your order")
         if actor.role not in ("customer", "technician", *STAFF):
             raise Forbidden("order chats are for the order's customer, technician and staff")
+        # Someone else's order looks exactly like a missing one.
+        order = await self.orders.visible(actor, order_id)
         conv = await self._order_conversation(order)
         if actor.role == "agent" and actor.id not in conv.get("staff", []):
             await self.store.add_staff(conv["conversation_id"], actor.id)
@@ -131,7 +136,6 @@ class ChatService:
                 "customer_id": order["customer_id"], "order_id": order["order_id"],
                 "technician_id": order.get("technician_id"), "topic": None, "assignee": None,
                 "staff": [], "last_seq": 0, "created_ts": ts, "updated_ts": ts, "csat": None,
-                "read": {},
             })
         elif conv.get("technician_id") != order.get("technician_id"):
             conv = await self.store.update(
@@ -141,6 +145,10 @@ class ChatService:
     # -- messages --------------------------------------------------------
     async def send(self, actor: Actor, name: str | None, conv_id: str, client_msg_id: str,
                    body: str, kind: str, origin: str | None = None) -> Message:
+        # The sender's own limit first, before any store call: a flood costs
+        # the store nothing. Every attempt counts, retries too (knowing that
+        # one is a retry takes a look-up).
+        await _admit(self.limits.per_user, actor.id, "you are sending messages too fast")
         conv = await self.get(conv_id)
         check_write(actor, conv)
         if conv["status"] == "closed":
@@ -149,6 +157,9 @@ class ChatService:
             if existing is not None:
                 return message_view(existing, actor)
             raise Conflict("this conversation is closed")
+        # The conversation's limit only once the sender may post there: no
+        # outsider can spend a conversation's allowance.
+        await _admit(self.limits.per_conversation, conv_id, "too many messages in this conversation")
         # No look-up first: the unique index turns a retry into "return the
         # stored one" (one round trip fewer on every first send).
         msg: Message = {
@@ -160,14 +171,15 @@ class ChatService:
             masked = mask_contacts(body)
             if masked != body:
                 msg["masked_body"] = masked
-        async with self._lock(conv_id):
+        async with self._lock.hold(conv_id, self._busy_wait_s, "the conversation is busy; retry"):
             stored, created = await self.store.append(conv_id, msg)
             if created:
                 await self._delivered(conv, stored, origin)
         return message_view(stored, actor)
 
     async def append_order_event(self, order: Order, event: Event) -> None:
-        """The order's timeline inside its chat: one system card per event."""
+        """The order's timeline inside its chat: one system card per event (never
+        rate limited: the order's own changes are already authorized and few)."""
         conv = await self._order_conversation(order)
         label = STATE_LABELS.get(event["state"], event["state"])
         body = f"订单状态：{label}" if event["type"] != "rated" else "客户已评价"
@@ -177,7 +189,8 @@ class ChatService:
             "kind": "system", "body": body, "ts": event["ts"],
             "order_event": {k: event[k] for k in ("seq", "type", "state", "ts", "actor")},
         }
-        async with self._lock(conv["conversation_id"]):
+        async with self._lock.hold(conv["conversation_id"], self._busy_wait_s,
+                                   "the conversation is busy; retry"):
             stored, created = await self.store.append(conv["conversation_id"], msg)
             if created:
                 await self._delivered(conv, stored, None)
@@ -188,10 +201,11 @@ class ChatService:
         if actor.role == "agent" and conv["kind"] == "order" and actor.id not in conv.get("staff", []):
             await self.store.add_staff(conv_id, actor.id)
             conv = await self.get(conv_id)
-        msgs = await self.store.messages_after(conv_id, since_seq, MAX_JOIN)
+        msgs, marks = await asyncio.gather(self.store.messages_after(conv_id, since_seq, MAX_JOIN),
+                                           self.store.read_markers(actor.id, [conv_id]))
         last = msgs[-1]["seq"] if msgs else since_seq
         return {
-            "conversation": conversation_view(conv, actor),
+            "conversation": conversation_view(conv, marks.get(conv_id, 0)),
             "messages": [message_view(m, actor) for m in msgs],
             "has_more": last < int(conv["last_seq"]) and len(msgs) == MAX_JOIN,
         }
@@ -215,10 +229,16 @@ class ChatService:
         stored = await self.store.set_read(conv_id, actor.id, min(seq, int(conv["last_seq"])))
         return conv, stored
 
+    async def view(self, actor: Actor, conv: Conversation) -> Conversation:
+        """The conversation as `actor` sees it: with their own read marker."""
+        marks = await self.store.read_markers(actor.id, [conv["conversation_id"]])
+        return conversation_view(conv, marks.get(conv["conversation_id"], 0))
+
     async def conversations(self, actor: Actor) -> list[Conversation]:
         field = {"customer": "customer_id", "technician": "technician_id"}.get(actor.role, "assignee")
         convs = await self.store.for_user(field, actor.id, MAX_LIST)
-        return [conversation_view(c, actor) for c in convs]
+        marks = await self.store.read_markers(actor.id, [c["conversation_id"] for c in convs])
+        return [conversation_view(c, marks.get(c["conversation_id"], 0)) for c in convs]
 
     async def queue(self, actor: Actor, limit: int) -> list[Conversation]:
         """Extension: the waiting support conversations, first in line first, for
@@ -297,6 +317,12 @@ class ChatService:
 
     def typing_allowed(self, actor: Actor, conv: Conversation) -> bool:
         return actor.role in STAFF or is_participant(actor, conv)
+
+
+async def _admit(limiter: Limiter, key: str, message: str) -> None:
+    wait_ms = await limiter.take(key)
+    if wait_ms:
+        raise RateLimited(message, wait_ms)
 
 
 def check_kind(kind: str, actor: Actor) -> None:

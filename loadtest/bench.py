@@ -361,6 +361,14 @@ def main(argv: list[str] | None = None) -> None:
         "node-redis-2": Target("node-redis-2", "node", redis=True, nodes=2, quota=quota),
         "raw": Target("raw", "raw", quota=quota),
     }
+    # BENCH_BEFORE=<a checkout of older code>: `before-memory` and `before-redis`
+    # run that code, for a before/after comparison inside one run (the same
+    # machine minutes, the same Node peer).
+    before = os.environ.get("BENCH_BEFORE")
+    if before:
+        catalog["before-memory"] = Target("before-memory", "ours", quota=quota, src=Path(before))
+        catalog["before-redis"] = Target("before-redis", "ours", redis=True, quota=quota,
+                                         src=Path(before))
     scenarios = set(args.scenarios.split(","))
     names = [n for n in args.targets.split(",") if n]
     results: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
@@ -461,7 +469,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
                 "(--server-cpu).", ""] if results.get("server_cpu_share") else []),
              "| target | capacity (points/s, p99 ≤ 100 ms, ≥ 99.9 % delivered) | ratio ours/Node |",
              "| --- | --- | --- |"]
-    pairs = {"ours-memory": "node-memory", "ours-redis": "node-redis", "ours-redis-2": "node-redis-2"}
+    pairs = {"ours-memory": "node-memory", "ours-redis": "node-redis", "ours-redis-2": "node-redis-2",
+             "before-memory": "node-memory", "before-redis": "node-redis"}
     for k, v in caps.items():
         node = pairs.get(k)
         ratio = f"{v / caps[node]:.2f}" if node and caps.get(node) else ""

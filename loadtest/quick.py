@@ -54,7 +54,10 @@ def free_port() -> int:
 class Stack:
     """A store and one server process, pinned apart from the generator."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: bool = False) -> None:
+        # limits=False lifts the per-user rate limits (location, chat sends) out
+        # of a measurement's way; loadtest/abuse.py keeps the defaults.
+        self.limits = limits
         self.tmp = Path(tempfile.mkdtemp(prefix="rt-quick-"))
         self.mongo_port, self.port = free_port(), free_port()
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -71,12 +74,22 @@ class Stack:
         env = {**os.environ, "REALTIME_JWT_SECRET": SECRET, "REALTIME_PORT": str(self.port),
                "REALTIME_HOST": "127.0.0.1", "REALTIME_DATA_DIR": str(self.tmp),
                "MONGO_URL": f"mongodb://127.0.0.1:{self.mongo_port}/?directConnection=true",
-               "REALTIME_LOG_LEVEL": "WARNING", "REALTIME_LOCATION_RATE": "1000",
-               "REALTIME_LOCATION_BURST": "1000"}
+               "REALTIME_LOG_LEVEL": os.environ.get("LOADTEST_SERVER_LOG_LEVEL", "WARNING")}
+        if not self.limits:
+            env.update({"REALTIME_LOCATION_RATE": "1000", "REALTIME_LOCATION_BURST": "1000",
+                        "REALTIME_CHAT_SEND_RATE": "1000", "REALTIME_CHAT_SEND_BURST": "1000",
+                        "REALTIME_CHAT_CONVERSATION_RATE": "1000",
+                        "REALTIME_CHAT_CONVERSATION_BURST": "1000",
+                        "REALTIME_HANDSHAKE_RATE": "0", "REALTIME_HTTP_IP_RATE": "0",
+                        "REALTIME_HTTP_USER_RATE": "0"})
         env.pop("REDIS_URL", None)
+        # LOADTEST_SERVER_LOG=path keeps the server's log (else it is discarded).
+        log_path = os.environ.get("LOADTEST_SERVER_LOG")
+        out = open(log_path, "ab") if log_path else subprocess.DEVNULL
+        # LOADTEST_SERVER_SRC=<another checkout>: serve that code (before/after runs).
         self.procs.append(subprocess.Popen([*self._pin("0"), sys.executable, "-m", "realtime"],
-                                           env=env, stdout=subprocess.DEVNULL,
-                                           stderr=subprocess.DEVNULL))
+                                           env=env, stdout=out, stderr=out,
+                                           cwd=os.environ.get("LOADTEST_SERVER_SRC")))
         self.settings = Settings(jwt_secret=SECRET)
 
     async def ready(self) -> None:

@@ -135,6 +135,7 @@ class Target:
     ports: list[int] = field(default_factory=list)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     quota: CpuQuota | None = None  # every server process under one CPU cap (--server-cpu)
+    src: Path | None = None  # ours from another checkout (bench's BENCH_BEFORE)
 
     @property
     def urls(self) -> list[str]:
@@ -150,6 +151,9 @@ class Target:
                        "REALTIME_HOST": "127.0.0.1", "MONGO_URL": services.mongo_url,
                        "REALTIME_DATA_DIR": str(services.tmp), "REALTIME_LOG_LEVEL": "WARNING",
                        "REALTIME_LOCATION_RATE": "100", "REALTIME_LOCATION_BURST": "200",
+                       # The generator opens thousands of sockets from one address;
+                       # the per-address limits (docs/operations.md) are for attackers.
+                       "REALTIME_HANDSHAKE_RATE": "0", "REALTIME_HTTP_IP_RATE": "0",
                        "REALTIME_REDIS_CHANNEL": f"bench{services.redis_port}",
                        # The relay is compared, and the Node peer stores nothing: with
                        # trails on, SecantusDB (~1,800 inserts/s of one core) took the
@@ -174,7 +178,8 @@ class Target:
             log_dir = os.environ.get("BENCH_LOG_DIR")  # keep the servers' logs (debugging a run)
             err = (open(Path(log_dir) / f"{self.name}-{port}.log", "wb")
                    if log_dir else subprocess.DEVNULL)
-            self.procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+            self.procs.append(subprocess.Popen(cmd, env=env, cwd=self.src or ROOT,
+                                               stdout=subprocess.DEVNULL,
                                                stderr=err))
             if not isinstance(err, int):
                 err.close()  # the child has its own copy

@@ -14,16 +14,22 @@ from collections.abc import AsyncIterator
 from pydantic import ValidationError
 
 from realtime.auth import ROLES, mint_token
-from realtime.settings import Settings
+from realtime.settings import ConfigError, Settings
 
 
 def _settings() -> Settings:
+    """The settings, with the HS* secret in place; a refusal is one clear line and exit 2."""
     try:
-        return Settings()
+        settings = Settings()
+        settings.ensure_secret()
     except ValidationError as exc:
         for e in exc.errors():
             print(f"configuration error: {e['msg']}", file=sys.stderr)
         raise SystemExit(2) from None
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return settings
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -91,10 +97,14 @@ def demo(args: argparse.Namespace) -> None:
 
 def token(args: argparse.Namespace) -> None:
     settings = _settings()
-    settings.ensure_secret()
     skills = [s.strip() for s in args.skills.split(",") if s.strip()] if args.skills else None
-    print(mint_token(settings, sub=args.sub, role=args.role, name=args.name,
-                     skills=skills, ttl_s=args.ttl))
+    try:
+        minted = mint_token(settings, sub=args.sub, role=args.role, name=args.name,
+                            skills=skills, ttl_s=args.ttl)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(minted)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,24 +9,28 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, Literal
 
-from aiohttp import web
+from aiohttp import web, web_response
 from pydantic import BaseModel, Field, StringConstraints, field_validator
 
 from chat.model import conversation_view, message_view
+from realtime import jsonwire
 from realtime.auth import Principal
 from realtime.context import Context
 from realtime.errors import WireError, ok, to_error
+from realtime.limits import LIMITS, SOCKETIO_PATH, Limited, Limits, is_new_session, within
+from realtime.metrics import Metrics
 from realtime.namespaces.models import MAX_SAFE_INT, Id, Inbound, Ts
 from realtime.namespaces.orders import actor_of
+from storage.gate import store_deadline
 from storage.trails import trail_for_order
 from tracking.clock import now_ms
-from tracking.errors import Forbidden
+from tracking.errors import DomainError, Forbidden
 from tracking.lifecycle import STATES
-from tracking.orders import can_view
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +101,10 @@ class EventIn(Inbound):
         return v
 
 
-# Free-form JSON we store must fit MongoDB (nesting, 64-bit ints) and
-# JavaScript (safe integers).
+# Free-form JSON we store must fit MongoDB (nesting, 64-bit ints, keys
+# without NUL) and JavaScript (safe integers, finite numbers). The body was
+# parsed by realtime/jsonwire.py, which already refuses NaN, infinities and
+# NUL in keys; checked again here because this is what gets stored.
 MAX_DEPTH = 16
 
 
@@ -106,32 +112,34 @@ def check_plain(value: Any, depth: int) -> None:
     if depth > MAX_DEPTH:
         raise ValueError(f"data nests deeper than {MAX_DEPTH} levels")
     if isinstance(value, dict):
-        for item in value.values():
+        for key, item in value.items():
+            if not isinstance(key, str) or "\x00" in key:
+                raise ValueError("keys in data must be strings without NUL characters")
             check_plain(item, depth + 1)
     elif isinstance(value, list):
         for item in value:
             check_plain(item, depth + 1)
     elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_SAFE_INT:
         raise ValueError("integers in data must be within ±(2**53 - 1)")
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("numbers in data must be finite")
 
 
 def json_response(body: Any, status: int = 200) -> web.Response:
-    return web.json_response(body, status=status, dumps=lambda o: json.dumps(o, separators=(",", ":")))
+    return web.json_response(body, status=status, dumps=jsonwire.dumps)
 
 
 async def parse(request: web.Request, model: type[BaseModel]) -> Any:
     if request.content_length is None and request.body_exists is False:
         raise WireError("invalid", "a JSON body is required")
     try:
-        raw = await request.json(loads=lambda text: json.loads(text, parse_constant=_no_constants))
+        raw = await request.json(loads=jsonwire.loads)
     except web.HTTPRequestEntityTooLarge:
         raise WireError("too_large", "request body too large") from None
-    except (ValueError, UnicodeDecodeError):
+    except UnicodeDecodeError:
         raise WireError("invalid", "body is not valid JSON") from None
+    except ValueError as exc:  # malformed, or refused by realtime/jsonwire.py (depth, numbers, keys)
+        raise WireError("invalid", f"body is not valid JSON: {jsonwire.why(exc)}") from None
     if not isinstance(raw, dict):
         raise WireError("invalid", "body must be a JSON object",
                         [{"field": "(payload)", "error": "must be an object"}])
@@ -143,23 +151,29 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @web.middleware
 async def api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Bearer auth, JSON errors and the HTTP metric. A websocket handshake
-    passes straight through: it has no auth or error of ours to add, and a
-    session is counted in realtime_connections, not as an HTTP response."""
+    """Rate limits (realtime/limits.py), bearer auth, JSON errors and the HTTP
+    metric. A new Engine.IO session over its address's rate is refused 429
+    before engine.io sees it. Then a websocket handshake passes straight
+    through: it has no auth or error of ours to add, and a session is counted
+    in realtime_connections, not as an HTTP response."""
+    limits = request.app[LIMITS]
+    if is_new_session(request):
+        try:
+            limits.new_session(request)
+        except Limited as exc:
+            return too_many(exc)
     if request.headers.get("Upgrade", "").lower() == "websocket":
         return await handler(request)
     ctx = request.app[CTX]
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else "?"
     try:
         if request.path.startswith("/api/"):
-            header = request.headers.get("Authorization", "")
-            scheme, _, token = header.partition(" ")
-            if scheme.lower() != "bearer" or not token:
-                raise WireError("unauthorized", "send Authorization: Bearer <token>")
-            if "token" in request.query or "access_token" in request.query:
-                raise WireError("unauthorized", "tokens in the query string are refused")
-            request[PRINCIPAL] = ctx.verifier.verify(token.strip())
+            request[PRINCIPAL] = authenticate(request, ctx, limits)
+        elif not request.path.startswith(SOCKETIO_PATH):  # sessions: limited above
+            limits.by_address(request)
         resp = await handler(request)
+    except Limited as exc:
+        resp = too_many(exc)
     except web.HTTPException as exc:
         if not request.path.startswith("/api/"):
             raise
@@ -173,7 +187,35 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
             raise  # Socket.IO and the pages handle their own failures
         err = to_error(exc)
         resp = json_response(err.body(), err.http_status)
+        retry_ms = err.body()["error"].get("retry_after_ms")
+        if isinstance(retry_ms, int | float) and retry_ms > 0:  # shed by the store's gate
+            resp.headers["Retry-After"] = str(max(1, math.ceil(retry_ms / 1000)))
     ctx.metrics.http.labels(route, str(resp.status)).inc()
+    return resp
+
+
+def authenticate(request: web.Request, ctx: Context, limits: Limits) -> Principal:
+    """The bearer token's principal, charged to its own bucket; a request
+    without a valid token is charged to its address (so a refused token
+    costs the same as no token, and a flood of them is limited)."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    try:
+        if scheme.lower() != "bearer" or not token:
+            raise WireError("unauthorized", "send Authorization: Bearer <token>")
+        if "token" in request.query or "access_token" in request.query:
+            raise WireError("unauthorized", "tokens in the query string are refused")
+        p = ctx.verifier.verify(token.strip())
+    except (WireError, DomainError):
+        limits.by_address(request)
+        raise
+    limits.by_principal(p)
+    return p
+
+
+def too_many(exc: Limited) -> web.Response:
+    resp = json_response(exc.body(), exc.http_status)
+    resp.headers["Retry-After"] = exc.retry_after_s()  # whole seconds (RFC 9110)
     return resp
 
 
@@ -198,9 +240,8 @@ async def get_order(request: web.Request) -> web.Response:
     p = principal(request)
     orders = request.app[CTX].orders
     order_id = request.match_info["order_id"]
-    order = await orders.get(order_id)
-    if not can_view(actor_of(p), order):
-        raise Forbidden("not your order")
+    # Not theirs: 404, as for an order that does not exist.
+    order = await orders.visible(actor_of(p), order_id)
     events = await orders.events_since(order_id, 0)
     return json_response(ok({"order": order, "events": events}))
 
@@ -234,7 +275,8 @@ async def get_trail(request: web.Request) -> web.Response:
     after_ts = int_query(request, "after_ts", 0, 0, 2**53)
     limit = int_query(request, "limit", TRAIL_PAGE, 1, TRAIL_PAGE)
     assert ctx.mongo is not None
-    points = await trail_for_order(ctx.mongo[ctx.settings.mongo_db], order_id, after_ts, limit)
+    with store_deadline(ctx.settings.mongo_timeout_ms / 1000):  # outside the gate, still bounded
+        points = await trail_for_order(ctx.mongo[ctx.settings.mongo_db], order_id, after_ts, limit)
     return json_response(ok({"order_id": order_id, "technician_id": order.get("technician_id"),
                              "points": points, "has_more": len(points) == limit}))
 
@@ -396,8 +438,63 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    m = request.app[CTX].metrics
+    """On the main port: for client addresses in REALTIME_METRICS_ALLOW only
+    (the host itself by default). The metrics listener serves them to anyone
+    who can reach it (metrics_listener)."""
+    ctx = request.app[CTX]
+    if not within(request.app[LIMITS].client(request), ctx.settings.metrics_allow):
+        err = WireError("forbidden", "metrics are served only to REALTIME_METRICS_ALLOW "
+                                     "and on REALTIME_METRICS_PORT")
+        return json_response(err.body(), err.http_status)
+    return render_metrics(ctx.metrics)
+
+
+def render_metrics(m: Metrics) -> web.Response:
     return web.Response(body=m.render(), headers={"Content-Type": m.content_type})
+
+
+# What every response says in `Server`: no framework or version to look up
+# vulnerabilities by.
+SERVER_NAME = "realtime"
+
+
+async def server_header(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """on_response_prepare: every routed response, errors, Engine.IO and websocket
+    handshakes included."""
+    response.headers["Server"] = SERVER_NAME
+
+
+def hide_server_version() -> None:
+    """aiohttp's default `Server` (Python and aiohttp versions), which its
+    answers to unparseable requests carry: they come before any route, so
+    before server_header. Process-wide; tests/test_harden_config.py pins it."""
+    web_response.SERVER_SOFTWARE = SERVER_NAME  # type: ignore[attr-defined]
+
+
+async def metrics_listener(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx: with REALTIME_METRICS_PORT, /metrics (and nothing else) on
+    its own listener at REALTIME_METRICS_HOST, for Prometheus on an internal
+    interface."""
+    ctx = app[CTX]
+    settings = ctx.settings
+    if not settings.metrics_port:
+        yield
+        return
+    side = web.Application()
+
+    async def scrape(request: web.Request) -> web.Response:
+        return render_metrics(ctx.metrics)
+
+    side.router.add_get("/metrics", scrape)
+    side.on_response_prepare.append(server_header)
+    runner = web.AppRunner(side, handle_signals=False, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, settings.metrics_host, settings.metrics_port).start()
+        log.info("metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
+        yield
+    finally:
+        await runner.cleanup()
 
 
 def setup_routes(app: web.Application) -> None:

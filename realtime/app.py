@@ -10,17 +10,29 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from chat.routing import Router
 from chat.service import ChatService
-from realtime.api import CTX, api_middleware, json_response, setup_routes
+from realtime.api import (
+    CTX,
+    api_middleware,
+    hide_server_version,
+    json_response,
+    metrics_listener,
+    server_header,
+    setup_routes,
+)
 from realtime.auth import TokenVerifier
 from realtime.cluster import ClusterManager
 from realtime.context import Context
 from realtime.engine import build_engine
 from realtime.errors import ok
+from realtime.hostile import Hostile, HostileLogFilter
 from realtime.interest import Interest
+from realtime.limits import LIMITS, Limits
 from realtime.metrics import Metrics
+from realtime.namespaces.base import NotServed
 from realtime.namespaces.chat import NAMESPACE as CHAT_NS
 from realtime.namespaces.chat import ChatNamespace
 from realtime.namespaces.ops import NAMESPACE as OPS_NS
@@ -35,6 +47,7 @@ from realtime.sio import RealtimeServer
 from storage.chat import MongoChatStore
 from storage.dispatch import MongoDispatchStore
 from storage.embedded import EmbeddedMongo
+from storage.gate import StoreGate
 from storage.mongo import MongoOrderStore, connect, ensure_indexes
 from storage.trails import KEEP_NO_TRAILS, TrailWriter, ensure_trail_indexes
 from tracking.dispatch import DispatchConfig, DispatchService
@@ -91,6 +104,7 @@ def create_app(settings: Settings) -> web.Application:
         max_http_buffer_size=settings.max_message_bytes,
         ping_interval=settings.ping_interval_s,
         ping_timeout=settings.ping_timeout_s,
+        join_timeout_s=settings.join_timeout_s,
         http_compression=False,
         # Engine.IO already runs each inbound message in its own task; a
         # second task per event at the Socket.IO layer is pure overhead.
@@ -98,6 +112,7 @@ def create_app(settings: Settings) -> web.Application:
         logger=False,
         engineio_logger=False,
     )
+    sio.hostile.count_with(metrics.count_hostile)
     ctx = Context(settings=settings, metrics=metrics, verifier=TokenVerifier(settings), sio=sio,
                   engine=engine)
     orders_ns = OrdersNamespace(ORDERS_NS, ctx)
@@ -105,7 +120,7 @@ def create_app(settings: Settings) -> web.Application:
     chat_ns = ChatNamespace(CHAT_NS, ctx)
     ops_ns = OpsNamespace(OPS_NS, ctx)
     ctx.ops = ops_ns
-    for ns in (orders_ns, tracking_ns, chat_ns, ops_ns):
+    for ns in (orders_ns, tracking_ns, chat_ns, ops_ns, NotServed(ctx)):
         sio.register_namespace(ns)
     sio.fast_handlers[TRACKING_NS] = {"location": tracking_ns.fast_location}
     sio.eio.max_unsent_bytes = settings.max_unsent_bytes
@@ -142,6 +157,10 @@ def create_app(settings: Settings) -> web.Application:
 
     app = web.Application(middlewares=[api_middleware], client_max_size=settings.max_message_bytes)
     app[CTX] = ctx
+    app[LIMITS] = Limits(settings, metrics)
+    hide_server_version()
+    app.on_response_prepare.append(server_header)
+    app.cleanup_ctx.append(metrics_listener)
     sio.attach(app)
     setup_routes(app)
     setup_pages(app, settings)
@@ -155,17 +174,24 @@ def create_app(settings: Settings) -> web.Application:
             await embedded.start()
             url = embedded.url
         client = connect(url, settings.mongo_timeout_ms)
+        # All store work of this node's calls goes through one gate (storage/gate.py).
+        bound_s = settings.mongo_timeout_ms / 1000
+        gate = StoreGate(client[settings.mongo_db], timeout_s=bound_s,
+                         max_inflight=settings.store_max_inflight,
+                         max_waiting=settings.store_max_waiting, on_shed=metrics.store_shed.inc)
+        metrics.store_inflight.set_function(lambda: gate.inflight)
+        metrics.store_waiting.set_function(lambda: gate.waiting)
         trails: TrailWriter | None = None
         background: list[asyncio.Task[None]] = []
         try:
             db = client[settings.mongo_db]
             await asyncio.wait_for(_ensure_indexes_retrying(db), STORE_START_TIMEOUT_S)
             await ensure_trail_indexes(db, settings.trail_ttl_days)
-            chat_store = MongoChatStore(client, db, metrics.observe_store)
+            chat_store = MongoChatStore(client, db, metrics.observe_store, gate)
             await chat_store.ensure_indexes()
             ctx.mongo = client
-            order_store = MongoOrderStore(client, db, metrics.observe_store)
-            ctx._orders = OrderService(order_store, order_changed)
+            order_store = MongoOrderStore(client, db, metrics.observe_store, gate)
+            ctx._orders = OrderService(order_store, order_changed, busy_wait_s=bound_s)
             if settings.trails:
                 trails = TrailWriter(db, interval=settings.trail_flush_s,
                                      on_flush=metrics.trail_flushed, on_drop=metrics.trail_dropped)
@@ -188,8 +214,9 @@ def create_app(settings: Settings) -> web.Application:
             metrics.queue_length.set_function(lambda: router.queue_length)
             metrics.agents_available.set_function(lambda: router.available_agents)
             ctx.chat_store = chat_store
-            ctx._chat = ChatService(chat_store, ctx._orders, router, chat_ns.delivered)
-            dispatch_store = MongoDispatchStore(db)
+            ctx._chat = ChatService(chat_store, ctx._orders, router, chat_ns.delivered,
+                                    limits=engine.chat_limits, busy_wait_s=bound_s)
+            dispatch_store = MongoDispatchStore(db, gate)
             await dispatch_store.ensure_indexes()
             ctx._dispatch = DispatchService(
                 orders=ctx._orders, positions=engine.positions, presence=engine.tech_presence,
@@ -229,6 +256,7 @@ def create_app(settings: Settings) -> web.Application:
             ctx.trails = None
             ctx._orders = None
             ctx.mongo = None
+            await gate.close()
             await client.close()
             await engine.close()
             if embedded is not None:
@@ -240,7 +268,24 @@ def create_app(settings: Settings) -> web.Application:
         await sio.close_all()
 
     app.on_shutdown.append(say_goodbye)
+    quiet_bad_requests(app, sio.hostile)
     return app
+
+
+def quiet_bad_requests(app: web.Application, hostile: Hostile) -> None:
+    """aiohttp logs a traceback for every malformed HTTP request (an
+    oversized header, a garbage request line): anyone could fill the log.
+    While this app runs they are counted as hostile input instead."""
+    logger = logging.getLogger("aiohttp.server")
+    quiet = HostileLogFilter(hostile, "bad_http_request", "Error handling request",
+                             (HttpProcessingError,))
+
+    async def install(app: web.Application) -> AsyncIterator[None]:
+        logger.addFilter(quiet)
+        yield
+        logger.removeFilter(quiet)
+
+    app.cleanup_ctx.append(install)
 
 
 async def resync(sio: RealtimeServer, ctx: Context) -> None:

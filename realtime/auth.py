@@ -1,19 +1,48 @@
 """JWT -> Principal. The algorithm is pinned by configuration; `none` and
-every other algorithm are refused, and `exp`, `sub` and `role` are required."""
+every other algorithm are refused, and `exp`, `sub` and `role` are required.
+
+Claims are typed, not coerced: times are JSON numbers (PyJWT alone takes
+`"9999999999"` for `exp`), and `sub` and `skills` follow the same id rule as
+every id in a payload (`Id`, realtime/namespaces/models.py), because they
+become room names, index keys and the `actor` of stored events."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
+from pydantic import TypeAdapter, ValidationError
 
+from realtime.namespaces.models import Id
 from realtime.settings import Settings, read_key
 from tracking.errors import Unauthorized
 
 ROLES = frozenset({"customer", "technician", "agent", "admin", "service"})
 MAX_TOKEN_CHARS = 8192
+MAX_NAME_CHARS = 128
+MAX_SKILLS = 64
+TIME_CLAIMS = ("exp", "nbf", "iat")
+ID_RULE = "1..64 characters of A-Z a-z 0-9 _ . : @ -"
+_ID = TypeAdapter(Id)
+
+
+def is_id(value: object) -> bool:
+    """True when `value` passes the payload id rule (the one `Id` type)."""
+    try:
+        _ID.validate_python(value, strict=True)
+    except ValidationError:
+        return False
+    return True
+
+
+def is_time(value: object) -> bool:
+    """A NumericDate: a finite JSON number (not a bool, not a numeric string)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return math.isfinite(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,18 +97,21 @@ class TokenVerifier:
 
 
 def principal_from_claims(claims: dict[str, Any]) -> Principal:
+    for claim in TIME_CLAIMS:
+        if claim in claims and not is_time(claims[claim]):
+            raise Unauthorized(f"claim {claim!r} must be a number (seconds since the epoch)")
     sub, role = claims.get("sub"), claims.get("role")
-    if not isinstance(sub, str) or not 0 < len(sub) <= 128:
-        raise Unauthorized("claim 'sub' must be a string of 1..128 characters")
+    if not isinstance(sub, str) or not is_id(sub):
+        raise Unauthorized(f"claim 'sub' must be an id: {ID_RULE}")
     if not isinstance(role, str) or role not in ROLES:
         raise Unauthorized(f"claim 'role' must be one of {sorted(ROLES)}")
     name = claims.get("name")
-    if name is not None and (not isinstance(name, str) or len(name) > 128):
-        raise Unauthorized("claim 'name' must be a string of at most 128 characters")
+    if name is not None and (not isinstance(name, str) or len(name) > MAX_NAME_CHARS):
+        raise Unauthorized(f"claim 'name' must be a string of at most {MAX_NAME_CHARS} characters")
     skills = claims.get("skills") or []
-    if not isinstance(skills, list) or not all(isinstance(s, str) and len(s) <= 64 for s in skills):
-        raise Unauthorized("claim 'skills' must be a list of strings")
-    return Principal(id=sub, role=str(role), name=name, skills=tuple(skills[:64]))
+    if not isinstance(skills, list) or len(skills) > MAX_SKILLS or not all(map(is_id, skills)):
+        raise Unauthorized(f"claim 'skills' must be a list of at most {MAX_SKILLS} ids ({ID_RULE})")
+    return Principal(id=sub, role=role, name=name, skills=tuple(skills))
 
 
 def mint_token(
@@ -93,6 +125,8 @@ def mint_token(
 ) -> str:
     if not isinstance(role, str) or role not in ROLES:
         raise ValueError(f"role must be one of {sorted(ROLES)}")
+    if not is_id(sub):
+        raise ValueError(f"sub must be an id: {ID_RULE}")
     now = int(time.time())
     claims: dict[str, Any] = {"sub": sub, "role": role, "iat": now, "exp": now + ttl_s}
     if name:

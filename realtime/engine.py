@@ -10,6 +10,7 @@ from typing import Any
 
 from redis import asyncio as aioredis
 
+from chat.limits import LocalRateLimiter, SendLimits
 from chat.routing import AgentDirectory, MemoryAgentDirectory, PumpLock, local_lock
 from realtime.bus import Bus
 from realtime.cluster import ClusterManager
@@ -19,6 +20,7 @@ from realtime.presence.memory import MemoryPresence
 from realtime.presence.redis import RedisPresence
 from realtime.settings import Settings
 from storage.fallback import FallbackDirectory, FallbackPositions
+from storage.rate_limits import shared_limiter
 from storage.redis_state import RedisAgentDirectory, RedisPositions, redis_lock
 from tracking.locations import MemoryRateLimiter
 from tracking.positions import MemoryPositions, PositionStore
@@ -42,6 +44,7 @@ class Engine:
     agent_presence: Presence
     directory: AgentDirectory
     pump_lock: PumpLock
+    chat_limits: SendLimits
     manager: ClusterManager | LocalManager = field(default_factory=LocalManager)
     redis: aioredis.Redis | None = field(default=None, repr=False)
 
@@ -62,6 +65,9 @@ def build_engine(settings: Settings) -> Engine:
             limiter=MemoryRateLimiter(settings.location_rate, settings.location_burst),
             tech_presence=MemoryPresence(), agent_presence=MemoryPresence(),
             directory=MemoryAgentDirectory(), pump_lock=local_lock(),
+            chat_limits=SendLimits(
+                LocalRateLimiter(settings.chat_send_rate, settings.chat_send_burst),
+                LocalRateLimiter(settings.chat_conversation_rate, settings.chat_conversation_burst)),
         )
     pool = aioredis.BlockingConnectionPool.from_url(
         settings.redis_url, max_connections=STATE_POOL, timeout=STATE_TIMEOUT_S,
@@ -84,6 +90,13 @@ def build_engine(settings: Settings) -> Engine:
         agent_presence=RedisPresence(redis, "agent", node_id, ttl, prefix),
         directory=FallbackDirectory(RedisAgentDirectory(redis, prefix)),
         pump_lock=redis_lock(redis, f"{prefix}:chat:pump"),
+        # Chat limits are cluster-wide: one user's connections, and one
+        # conversation's senders, are often on different nodes.
+        chat_limits=SendLimits(
+            shared_limiter(redis, f"{prefix}:rl:chat:user:", settings.chat_send_rate,
+                           settings.chat_send_burst),
+            shared_limiter(redis, f"{prefix}:rl:chat:conv:", settings.chat_conversation_rate,
+                           settings.chat_conversation_burst)),
     )
 
 

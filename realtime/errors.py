@@ -10,12 +10,16 @@ import logging
 from typing import Any
 
 from pydantic import ValidationError
-from pymongo.errors import ConnectionFailure, PyMongoError, ServerSelectionTimeoutError
+from pymongo.errors import ConnectionFailure, PyMongoError
 from redis.exceptions import RedisError
 
 from tracking.errors import DomainError
 
 log = logging.getLogger(__name__)
+
+# A timed-out write may still be applied by the store (docs/protocol.md,
+# Replies): the reply says to retry, not that nothing was stored.
+STORE_UNAVAILABLE = "the store is unreachable or too slow; retry"
 
 HTTP_STATUS = {
     "invalid": 400,
@@ -43,6 +47,10 @@ class WireError(Exception):
             err["details"] = self.details
         if self.code == "rate_limited" and isinstance(self.details, dict):
             err["retry_after_ms"] = self.details.get("retry_after_ms")
+        elif self.code == "unavailable" and isinstance(self.details, dict) \
+                and "retry_after_ms" in self.details:
+            # Shed by the store gate: when to come back, where rate_limited says it.
+            err["retry_after_ms"] = self.details["retry_after_ms"]
         return {"ok": False, "error": err}
 
     @property
@@ -67,10 +75,15 @@ def to_error(exc: BaseException) -> WireError:
         return WireError("invalid", "payload failed validation", validation_details(exc))
     if isinstance(exc, DomainError):
         return WireError(exc.code, exc.message, exc.details)
-    if isinstance(exc, (ConnectionFailure, ServerSelectionTimeoutError)):
-        return WireError("unavailable", "the store is unreachable; nothing was stored, retry")
-    if isinstance(exc, PyMongoError) and exc.has_error_label("TransientTransactionError"):
-        return WireError("unavailable", "the store is unreachable; nothing was stored, retry")
+    if isinstance(exc, PyMongoError) and (
+            exc.timeout or isinstance(exc, ConnectionFailure)
+            or exc.has_error_label("TransientTransactionError")):
+        # Expected while the store is down or slow: the client is told, the
+        # operator sees it in the metrics; no log line (let alone a traceback)
+        # per call. Covers every CSOT expiry: ServerSelectionTimeoutError,
+        # WaitQueueTimeoutError, NetworkTimeout (ConnectionFailures) and
+        # ExecutionTimeout (an OperationFailure with `timeout`).
+        return WireError("unavailable", STORE_UNAVAILABLE)
     if isinstance(exc, PyMongoError):
         log.error("store error: %s", type(exc).__name__, exc_info=exc)
         return WireError("unavailable", "store error; retry")

@@ -12,17 +12,16 @@ look-up and nothing else (no encoding).
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import socketio
 from engineio import packet as eio_packet
 
+from realtime import jsonwire
 from realtime.wsdirect import text_frame
 
-# One encoder for every packet (json.dumps with arguments builds a new
-# encoder per call); compact and ASCII-only, as python-socketio encodes.
-_dumps = json.JSONEncoder(separators=(",", ":")).encode
+# One encoder for every packet: compact, ASCII-only, never NaN or Infinity.
+_dumps = jsonwire.dumps
 
 
 def encode_event(namespace: str, event: str, args: list[Any]) -> str:

@@ -62,6 +62,19 @@ class Metrics:
             "realtime_store_latency_seconds", "Store operation latency", ["op"],
             buckets=STORE_BUCKETS, registry=r,
         )
+        # The store gate (storage/gate.py): calls turned away at once because this
+        # node already has store_max_inflight + store_max_waiting operations.
+        self.store_shed = Counter(
+            "realtime_store_shed_total", "Store calls refused by this node's gate (unavailable)",
+            registry=r,
+        )
+        self.store_inflight = Gauge(
+            "realtime_store_inflight", "Store operations running on this node now", registry=r
+        )
+        self.store_waiting = Gauge(
+            "realtime_store_waiting", "Store operations waiting for a turn on this node now",
+            registry=r,
+        )
         self.order_events = Counter(
             "realtime_order_events_total", "Order events stored", ["type"], registry=r
         )
@@ -100,6 +113,12 @@ class Metrics:
             "realtime_chat_queue_length", "Support conversations waiting for an agent", registry=r
         )
 
+        self.hostile = Counter(
+            "realtime_hostile_input_total",
+            "Hostile or malformed input dropped or refused, by kind (realtime/hostile.py)",
+            ["kind"], registry=r,
+        )
+
         self.gc_pause = Histogram(
             "realtime_gc_pause_seconds", "Garbage collector pauses (the process's event loop stalls)",
             ["generation"], buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
@@ -128,6 +147,9 @@ class Metrics:
                 self.gc_pause_max.set(pause)
 
         gc.callbacks.append(callback)
+
+    def count_hostile(self, kind: str) -> None:
+        self.hostile.labels(kind).inc()
 
     def observe_store(self, op: str, seconds: float) -> None:
         self.store_latency.labels(op).observe(seconds)

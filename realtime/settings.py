@@ -5,6 +5,7 @@ Names are fixed: operators and acceptance checks use them.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import secrets
@@ -17,6 +18,16 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 log = logging.getLogger(__name__)
 
 Algorithm = Literal["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256"]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+# HS* keys shorter than this are refused, configured or read from the data dir.
+MIN_SECRET_CHARS = 16
+# A rate in events per second (0: no limit), and a burst (bucket size).
+Rate = Annotated[float, Field(ge=0, le=1_000_000, allow_inf_nan=False)]
+Burst = Annotated[float, Field(ge=1, le=10_000_000, allow_inf_nan=False)]
+
+
+class ConfigError(ValueError):
+    """A setting the server refuses to start with (the CLI prints it and exits 2)."""
 
 
 class Settings(BaseSettings):
@@ -46,10 +57,20 @@ class Settings(BaseSettings):
         default=None, validation_alias=AliasChoices("MONGO_URL", "REALTIME_MONGO_URL")
     )
     mongo_db: str = "realtime"
-    # How long a store call may wait for a reachable server before the client
-    # gets `unavailable`; short, because the client retries and a hung ack is
-    # worse than a clear error.
+    # The deadline of every store operation (storage/gate.py), its wait for a
+    # turn, server selection, every round trip and a whole transaction
+    # included, before the client gets `unavailable`; short, because the
+    # client retries and a hung ack is worse than a clear error.
     mongo_timeout_ms: int = Field(default=2500, ge=100, le=60_000)
+    # Store operations per node running at once, and waiting for a turn; past
+    # both a call gets `unavailable` with `retry_after_ms` at once. 64 leaves
+    # PyMongo's pool of 100 connections room for the trail writer and health
+    # checks, and is far above a healthy node's need (at ~2 ms an operation,
+    # 64 at once is ~30,000 operations/s). 256 waiting take a healthy store
+    # ~20 ms to drain, and cap what a stalled store holds on a node at 320
+    # calls, each answered within mongo_timeout_ms.
+    store_max_inflight: int = Field(default=64, ge=1, le=10_000)
+    store_max_waiting: int = Field(default=256, ge=0, le=100_000)
     redis_url: str | None = Field(
         default=None, validation_alias=AliasChoices("REDIS_URL", "REALTIME_REDIS_URL")
     )
@@ -68,6 +89,10 @@ class Settings(BaseSettings):
     max_unsent_bytes: int = Field(default=4 * 1024 * 1024, ge=16 * 1024)
     ping_interval_s: float = Field(default=25.0, gt=0)
     ping_timeout_s: float = Field(default=20.0, gt=0)
+    # A session that has joined no namespace this long after its handshake is
+    # closed (clients join with their first frame; Node socket.io's
+    # connectTimeout is the same idea at 45 s).
+    join_timeout_s: float = Field(default=10.0, gt=0, le=300)
 
     # Tracking (docs/tracking.md).
     max_speed_mps: float = Field(default=70.0, gt=0)
@@ -109,12 +134,72 @@ class Settings(BaseSettings):
     agent_cap: int = Field(default=5, ge=1, le=100)  # concurrent conversations per agent
     agent_grace_s: float = Field(default=60.0, ge=0)  # keep a disconnected agent's chats this long
 
+    # /metrics (docs/operations.md). metrics_port > 0: also served on its own
+    # listener at metrics_host (loopback by default: bind it to the internal
+    # interface Prometheus scrapes). On the main port /metrics answers only
+    # client addresses in metrics_allow (empty: nobody; the host itself by default).
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+    metrics_allow: Annotated[list[Network], NoDecode] = Field(
+        default_factory=lambda: [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1")])
+    # Peers whose X-Forwarded-For is believed (the load balancers); from any
+    # other peer the header is ignored and the client is the peer itself.
+    trusted_proxies: Annotated[list[Network], NoDecode] = Field(default_factory=list)
+
+    # Rate limits at the edge, per node (realtime/limits.py, docs/operations.md).
+    # HTTP without a valid token (pages, health, refused tokens), per client
+    # address: a page load is ~10 requests, so a burst of 100 lets a NAT'd
+    # office load ten pages at once; 50/s stops id probing and floods.
+    http_ip_rate: Rate = 50.0
+    http_ip_burst: Burst = 100.0
+    # HTTP with a valid token, per principal (sub + role): far above what a
+    # person's console or app sends, and what stops one token probing ids.
+    http_user_rate: Rate = 100.0
+    http_user_burst: Burst = 200.0
+    # The business backend (role `service`) pushes every order change: its
+    # own bucket, ten times larger, only there to stop a runaway loop.
+    http_service_rate: Rate = 1000.0
+    http_service_burst: Burst = 2000.0
+    # New Engine.IO sessions per client address. One app or tab is one
+    # session (namespaces share it); a NAT'd office reconnecting after a blip
+    # gets 50 at once and 20 more every second (clients retry with backoff).
+    handshake_rate: Rate = 20.0
+    handshake_burst: Burst = 50.0
+    # Live sockets of one user per namespace on this node (phones, tabs, the
+    # console's namespaces each count once per namespace); `service` exempt.
+    max_sockets_per_user: int = Field(default=20, ge=1, le=100_000)
+    # Chat sends (token buckets, docs/protocol.md). Per user, from all their
+    # connections: 2/s with a burst of 20 lets a fast typist, or an outbox of 20
+    # flushed after a reconnect, through at once. Per conversation, all senders
+    # together: more than any conversation of people needs, far below a flood.
+    chat_send_rate: float = Field(default=2.0, gt=0, le=1000)  # messages per second per user
+    chat_send_burst: float = Field(default=20.0, ge=1, le=10_000)
+    chat_conversation_rate: float = Field(default=10.0, gt=0, le=10_000)  # per conversation
+    chat_conversation_burst: float = Field(default=50.0, ge=1, le=100_000)
+
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:
         if isinstance(value, str):
             return [o.strip().rstrip("/") for o in value.split(",") if o.strip()]
         return value
+
+    @field_validator("metrics_allow", "trusted_proxies", mode="before")
+    @classmethod
+    def _split_networks(cls, value: object) -> object:
+        """Comma-separated addresses or CIDR blocks (an address is a /32 or /128)."""
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, list):
+            return value
+        networks = []
+        for item in value:
+            try:
+                networks.append(item if isinstance(item, ipaddress.IPv4Network | ipaddress.IPv6Network)
+                                else ipaddress.ip_network(str(item), strict=False))
+            except ValueError:
+                raise ValueError(f"{str(item)[:64]!r} is not an IP address or CIDR block") from None
+        return networks
 
     @field_validator("tile_url")
     @classmethod
@@ -131,10 +216,13 @@ class Settings(BaseSettings):
         if "*" in self.cors_origins and not self.dev:
             raise ValueError("REALTIME_CORS_ORIGINS='*' is refused outside dev mode (REALTIME_DEV=1)")
         if self.jwt_algorithm.startswith("HS"):
-            if self.jwt_secret is not None and len(self.jwt_secret) < 16:
-                raise ValueError("REALTIME_JWT_SECRET must be at least 16 characters")
+            if self.jwt_secret is not None and len(self.jwt_secret) < MIN_SECRET_CHARS:
+                raise ValueError(f"REALTIME_JWT_SECRET must be at least {MIN_SECRET_CHARS} characters")
         elif not self.jwt_public_key:
             raise ValueError(f"REALTIME_JWT_PUBLIC_KEY is required for {self.jwt_algorithm}")
+        if self.metrics_port and self.metrics_port == self.port:
+            raise ValueError("REALTIME_METRICS_PORT must differ from REALTIME_PORT "
+                             "(0 serves /metrics on the main port only)")
         return self
 
     def ensure_secret(self) -> None:
@@ -147,15 +235,38 @@ class Settings(BaseSettings):
             return
         path = self.data_dir / "jwt_secret"
         if path.exists():
-            self.jwt_secret = path.read_text().strip()
+            secret = path.read_text().strip()
+            if len(secret) < MIN_SECRET_CHARS:
+                # A short key is guessable offline from any one token.
+                raise ConfigError(
+                    f"the JWT secret in {path} has {len(secret)} characters; at least "
+                    f"{MIN_SECRET_CHARS} are required (delete the file to generate one, "
+                    "or set REALTIME_JWT_SECRET)")
+            private_data_dir(self.data_dir)
+            make_private(path, 0o600)
+            self.jwt_secret = secret
             return
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        private_data_dir(self.data_dir)
         secret = secrets.token_urlsafe(48)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secret + "\n")
         self.jwt_secret = secret
         log.warning("no REALTIME_JWT_SECRET set: generated one and stored it in %s", path)
+
+
+def private_data_dir(path: Path) -> None:
+    """The data dir holds the secret and stored chats: its owner's only (0700)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_private(path, 0o700)
+
+
+def make_private(path: Path, mode: int) -> None:
+    """chmod, or say why not (a path we do not own): the server still starts."""
+    try:
+        path.chmod(mode)
+    except OSError as exc:
+        log.warning("could not make %s private (mode %o): %s", path, mode, exc.strerror)
 
 
 def read_key(value: str) -> str:

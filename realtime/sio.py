@@ -34,7 +34,9 @@ from engineio.async_drivers import aiohttp as eio_aiohttp
 from engineio.async_socket import AsyncSocket
 from socketio import packet
 
+from realtime import jsonwire
 from realtime.fanout import ack_packet, deliver, encode_ack
+from realtime.hostile import Hostile
 from realtime.wsdirect import (
     CLIENT_EIO_TYPES,
     MAX_BUFFERED,
@@ -66,7 +68,7 @@ class _PlainWebSocket(eio_aiohttp.WebSocket):  # type: ignore[misc]
             data = await super().wait()
             if isinstance(data, bytes) or (data and data[0] in CLIENT_EIO_TYPES):
                 return data
-            log.info("dropped a frame that is not an Engine.IO packet")
+            self.server.hostile.report("junk_frame")
 
     async def __call__(self, environ: dict[str, Any]) -> WebSocketResponse:
         request = environ["aiohttp.request"]
@@ -132,6 +134,7 @@ def _open_direct(sock: Any, link: DirectLink) -> None:
     written as it is queued. Nothing waits for the session: its end runs
     from the link's `done`."""
     link.sock = sock
+    sock.__class__ = _DirectSocket
     link.fast = sock.server.fast_message
     queued, sock.queue = sock.queue, _DirectQueue(link)
     while not queued.empty():  # what was queued before the switch (the open packet)
@@ -148,6 +151,21 @@ def _open_direct(sock: Any, link: DirectLink) -> None:
     sock.connected = True
     sock.upgraded = True
     link.done.add_done_callback(lambda _: _direct_ended(sock, link))
+
+
+class _DirectSocket(AsyncSocket):  # type: ignore[misc]
+    """An Engine.IO socket served by a DirectLink. python-engineio ends a
+    session whose pong is late by ping_timeout (on every send, and in its
+    service task); while the link holds unread messages the pong is waiting
+    behind them, on the server's side: the client is not late, the server is.
+    The deadline then restarts from now (issue 14: a pipelining client lost
+    2,715 acks to this)."""
+
+    async def check_ping_timeout(self) -> bool:
+        link = getattr(self, "link", None)
+        if link is not None and link.unread and getattr(self, "last_ping", None):
+            self.last_ping: float = time.time()
+        return bool(await super().check_ping_timeout())
 
 
 # Sessions whose end (python-engineio's close, the disconnect handlers) is running.
@@ -267,7 +285,6 @@ class _EngineServer(engineio.AsyncServer):  # type: ignore[misc]
 
 # A reply dict, or the reply already as JSON text, or None (not handled here).
 FastHandler = Callable[[str, dict[str, Any]], "dict[str, Any] | str | None"]
-_loads = json.loads
 
 
 def refusal(code: str, message: str) -> socketio.exceptions.ConnectionRefusedError:
@@ -275,10 +292,39 @@ def refusal(code: str, message: str) -> socketio.exceptions.ConnectionRefusedErr
     return socketio.exceptions.ConnectionRefusedError(message, {"code": code, "message": message})
 
 
+class _EngineJson:
+    """What python-engineio parses an Engine.IO message's text with before
+    python-socketio sees it (it tries JSON on any message not starting with
+    a digit, which no Socket.IO packet does): the strict, depth-bounded
+    parser, so that `4` + 30,000 `[` ends in its "not JSON" branch, not in a
+    RecursionError logged with a traceback (the long-polling POST path).
+    python-engineio keeps this on its Packet class, for the process."""
+
+    loads = staticmethod(jsonwire.loads)
+    dumps = staticmethod(json.dumps)  # with python-engineio's own arguments
+
+
+eio_packet.Packet.json = _EngineJson
+
+
+# A session that has joined no namespace this long after its Engine.IO
+# handshake is closed (REALTIME_JOIN_TIMEOUT_S). Real clients send their
+# namespace CONNECT with the first frame after the open packet.
+JOIN_TIMEOUT_S = 10.0
+
+
 class RealtimeServer(socketio.AsyncServer):  # type: ignore[misc]
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, join_timeout_s: float = JOIN_TIMEOUT_S, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         quiet_engineio_logs()
+        self.join_timeout_s = join_timeout_s
+        # eio sid -> the timer that closes the session if it joins no namespace
+        self._join_deadlines: dict[str, asyncio.TimerHandle] = {}
+        self._closing_unjoined: set[asyncio.Task[Any]] = set()
+        # Counted, rate-limited reports of junk from clients (realtime/hostile.py),
+        # shared with the engine.io layer and every websocket link.
+        self.hostile = Hostile()
+        self.eio.hostile = self.hostile
         self.eio._async = {**self.eio._async, "websocket": _PlainWebSocket}
         self.eio.fast_message = self.fast_message
         # namespace -> event -> synchronous handler (sid, payload) -> reply,
@@ -307,17 +353,17 @@ class RealtimeServer(socketio.AsyncServer):  # type: ignore[misc]
             return False
         j = i
         n = len(data)
-        while j < n and data[j].isdigit():
+        while j < n and j - i <= jsonwire.MAX_ACK_DIGITS and "0" <= data[j] <= "9":
             j += 1
         if not data.startswith('["', j):
             return False
         end = data.find('"', j + 2)
         handler = handlers.get(data[j + 2:end])
-        if handler is None or j - i > 15:
+        if handler is None:
             return False
         try:
-            args = _loads(data[j:])
-        except ValueError:
+            args = jsonwire.loads(data[j:])
+        except ValueError:  # refused or malformed: the regular path replies `invalid`
             return False
         if len(args) != 2 or not isinstance(args[1], dict):
             return False
@@ -345,7 +391,30 @@ class RealtimeServer(socketio.AsyncServer):  # type: ignore[misc]
         args = [] if r is None else list(r) if isinstance(r, tuple) else [r]
         await self.eio.send(eio_sid, encode_ack(namespace or "/", id, args))
 
+    async def _handle_eio_connect(self, eio_sid: str, environ: dict[str, Any]) -> None:
+        await super()._handle_eio_connect(eio_sid, environ)
+        self._join_deadlines[eio_sid] = asyncio.get_running_loop().call_later(
+            self.join_timeout_s, self._join_deadline, eio_sid)
+
+    def joined_any(self, eio_sid: str) -> bool:
+        return any(self.manager.sid_from_eio_sid(eio_sid, ns) is not None
+                   for ns in self.namespace_handlers)
+
+    def _join_deadline(self, eio_sid: str) -> None:
+        """A session that joined no namespace in time holds memory for
+        nobody (2,000 of them stayed open past 70 s before): closed."""
+        self._join_deadlines.pop(eio_sid, None)
+        if eio_sid not in self.eio.sockets or self.joined_any(eio_sid):
+            return
+        self.hostile.report("no_namespace_joined")
+        task = asyncio.ensure_future(self.eio.disconnect(eio_sid))
+        self._closing_unjoined.add(task)
+        task.add_done_callback(self._closing_unjoined.discard)
+
     async def _handle_eio_disconnect(self, eio_sid: str, reason: Any) -> None:
+        handle = self._join_deadlines.pop(eio_sid, None)
+        if handle is not None:
+            handle.cancel()
         await super()._handle_eio_disconnect(eio_sid, reason)
         # python-engineio closes a polling client that said goodbye without
         # answering its pending long-poll GET, which then hangs for
@@ -365,44 +434,60 @@ class RealtimeServer(socketio.AsyncServer):  # type: ignore[misc]
             except Exception as exc:  # a broken socket must not stop the shutdown
                 log.info("closing a socket at shutdown failed: %s", type(exc).__name__)
         await sessions_ended()  # those whose client left just before
+        for handle in self._join_deadlines.values():
+            handle.cancel()
+        self._join_deadlines.clear()
+        if self._closing_unjoined:
+            await asyncio.gather(*list(self._closing_unjoined), return_exceptions=True)
         await self.shutdown()
 
-    async def _reply_error(self, eio_sid: str, pkt: Any, code: str, message: str) -> None:
-        if pkt.id is None:
+    async def _reply_error(self, eio_sid: str, namespace: str | None, ack_id: int | None,
+                           code: str, message: str) -> None:
+        """An error ack, when the packet carried an ack id and its namespace
+        is one this client joined (nothing is sent to a namespace it did not)."""
+        if ack_id is None or self.manager.sid_from_eio_sid(eio_sid, namespace or "/") is None:
             return
         err = {"ok": False, "error": {"code": code, "message": message}}
-        await self._send_packet(eio_sid, self.packet_class(
-            packet.ACK, namespace=pkt.namespace or "/", id=pkt.id, data=[err]))
+        await self.eio.send(eio_sid, encode_ack(namespace or "/", ack_id, [err]))
 
     async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
+        """python-socketio's, with the packet read here: the header with a
+        bounded ack id, then the JSON through realtime/jsonwire.py (depth,
+        numbers, keys), so that a packet whose JSON is refused is still
+        answered `invalid` on its ack id. Every drop is counted, never logged
+        per packet (realtime/hostile.py)."""
         if not isinstance(data, str):
             # A binary frame: an attachment of a packet we refused, or noise.
             return
-        try:
-            pkt = self.packet_class(encoded_packet=data)
-        except Exception:  # malformed JSON or header: nothing to reply to
-            log.info("dropped a malformed packet from %s", eio_sid)
+        head = jsonwire.split_packet(data)
+        if head is None:  # no type, or an ack id too long to be one: no reply possible
+            self.hostile.report("malformed_packet")
             return
-        kind = pkt.packet_type
+        kind, namespace, ack_id, body = head
+        try:
+            payload = jsonwire.loads(body) if body else None
+        except ValueError as exc:
+            self.hostile.report("malformed_packet")
+            if kind in (packet.EVENT, packet.BINARY_EVENT):
+                await self._reply_error(eio_sid, namespace, ack_id, "invalid", jsonwire.why(exc))
+            return
         if kind == packet.EVENT:
-            if not (isinstance(pkt.data, list) and pkt.data and isinstance(pkt.data[0], str)):
-                await self._reply_error(eio_sid, pkt, "invalid", "an event needs a name")
+            if not (isinstance(payload, list) and payload and isinstance(payload[0], str)):
+                await self._reply_error(eio_sid, namespace, ack_id, "invalid", "an event needs a name")
                 return
-            if pkt.data[0] in RESERVED_EVENTS:
-                await self._reply_error(eio_sid, pkt, "invalid",
-                                        f"{pkt.data[0]!r} is a reserved event name")
+            if payload[0] in RESERVED_EVENTS:
+                await self._reply_error(eio_sid, namespace, ack_id, "invalid",
+                                        f"{payload[0][:64]!r} is a reserved event name")
                 return
-            await self._handle_event(eio_sid, pkt.namespace, pkt.id, pkt.data)
+            await self._handle_event(eio_sid, namespace, ack_id, payload)
         elif kind == packet.ACK:
-            await self._handle_ack(eio_sid, pkt.namespace, pkt.id, pkt.data)
+            await self._handle_ack(eio_sid, namespace, ack_id, payload)
         elif kind == packet.CONNECT:
-            await self._handle_connect(eio_sid, pkt.namespace, pkt.data)
+            await self._handle_connect(eio_sid, namespace, payload)
         elif kind == packet.DISCONNECT:
-            await self._handle_disconnect(eio_sid, pkt.namespace, self.reason.CLIENT_DISCONNECT)
-        elif kind in (packet.BINARY_EVENT, packet.BINARY_ACK):
-            if kind == packet.BINARY_EVENT:
-                await self._reply_error(
-                    eio_sid, pkt, "invalid", "binary payloads are not accepted; send JSON"
-                )
-        else:
-            log.info("dropped a packet of type %s from %s", kind, eio_sid)
+            await self._handle_disconnect(eio_sid, namespace, self.reason.CLIENT_DISCONNECT)
+        elif kind == packet.BINARY_EVENT:
+            await self._reply_error(eio_sid, namespace, ack_id, "invalid",
+                                    "binary payloads are not accepted; send JSON")
+        else:  # BINARY_ACK (refused: JSON only), or CONNECT_ERROR, which only servers send
+            self.hostile.report("malformed_packet")

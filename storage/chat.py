@@ -3,6 +3,13 @@
 A message and its conversation's `last_seq` are written in one transaction,
 so seqs are gap-free; `(conversation_id, sender.id, client_msg_id)` is a
 unique index, so a retried send stores nothing twice, ever.
+
+Read markers live in `chat_reads`, one record per (conversation, user): a
+user id is only ever a value, never a field name, so any string is a valid
+id. (Conversations of earlier versions kept them as `read.<user id>`; those
+fields are ignored: markers start again from 0.) A marker is written apart
+from the conversation, so marking read never conflicts with the transaction
+that appends a message.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from chat.model import Conversation, Message
+from storage.gate import GatedStore, StoreGate
 from storage.mongo import Observe, _no_observe, run_txn
 
 CHAT_INDEXES: dict[str, list[IndexModel]] = {
@@ -32,6 +40,9 @@ CHAT_INDEXES: dict[str, list[IndexModel]] = {
         IndexModel([("conversation_id", ASCENDING), ("seq", ASCENDING)], unique=True),
         IndexModel([("conversation_id", ASCENDING), ("sender.id", ASCENDING),
                     ("client_msg_id", ASCENDING)], unique=True),
+    ],
+    "chat_reads": [
+        IndexModel([("conversation_id", ASCENDING), ("user", ASCENDING)], unique=True),
     ],
     "feedback": [
         IndexModel([("ts", DESCENDING)]),
@@ -60,12 +71,15 @@ def _msg(doc: dict[str, Any]) -> Message:
     return doc
 
 
-class MongoChatStore:
+class MongoChatStore(GatedStore):  # every public method goes through the store gate
     def __init__(self, client: AsyncMongoClient[dict[str, Any]],
-                 db: AsyncDatabase[dict[str, Any]], observe: Observe = _no_observe) -> None:
+                 db: AsyncDatabase[dict[str, Any]], observe: Observe = _no_observe,
+                 gate: StoreGate | None = None) -> None:
+        self._gate = gate
         self._client = client
         self._convs = db["conversations"]
         self._msgs = db["messages"]
+        self._reads = db["chat_reads"]
         self._feedback = db["feedback"]
         self._observe = observe
 
@@ -105,11 +119,27 @@ class MongoChatStore:
         await self._convs.update_one({"_id": conv_id}, {"$addToSet": {"staff": agent_id}})
 
     async def set_read(self, conv_id: str, user_id: str, seq: int) -> int:
-        """Move the read marker forward only; returns the marker now stored."""
-        doc = await self._convs.find_one_and_update(
-            {"_id": conv_id}, {"$max": {f"read.{user_id}": seq}},
-            projection={f"read.{user_id}": 1}, return_document=ReturnDocument.AFTER)
-        return int(((doc or {}).get("read") or {}).get(user_id, 0))
+        """Move the user's marker forward only; returns the marker now stored."""
+        query = {"conversation_id": conv_id, "user": user_id}
+        try:
+            doc = await self._set_read(query, seq)
+        except DuplicateKeyError:
+            # Two first markers of one user raced to insert: the record exists now.
+            doc = await self._set_read(query, seq)
+        return int(doc["seq"]) if doc else 0
+
+    async def _set_read(self, query: dict[str, Any], seq: int) -> dict[str, Any] | None:
+        return await self._reads.find_one_and_update(
+            query, {"$max": {"seq": seq}}, projection={"_id": 0, "seq": 1}, upsert=True,
+            return_document=ReturnDocument.AFTER)
+
+    async def read_markers(self, user_id: str, conv_ids: list[str]) -> dict[str, int]:
+        """The user's markers in these conversations (absent: nothing read)."""
+        if not conv_ids:
+            return {}
+        cursor = self._reads.find({"conversation_id": {"$in": conv_ids}, "user": user_id},
+                                  projection={"_id": 0, "conversation_id": 1, "seq": 1})
+        return {d["conversation_id"]: int(d["seq"]) async for d in cursor}
 
     async def queued(self, limit: int) -> list[Conversation]:
         cursor = self._convs.find({"status": "queued"}).sort("queue_rank", ASCENDING).limit(limit)

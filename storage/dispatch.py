@@ -9,6 +9,7 @@ from pymongo import ASCENDING, IndexModel
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from storage.gate import GatedStore, StoreGate
 from tracking.errors import Conflict
 
 INDEXES = [
@@ -27,8 +28,9 @@ def _out(doc: dict[str, Any] | None) -> dict[str, Any] | None:
     return doc
 
 
-class MongoDispatchStore:
-    def __init__(self, db: AsyncDatabase[dict[str, Any]]) -> None:
+class MongoDispatchStore(GatedStore):
+    def __init__(self, db: AsyncDatabase[dict[str, Any]], gate: StoreGate | None = None) -> None:
+        self._gate = gate
         self._c = db["dispatches"]
 
     async def ensure_indexes(self) -> None:

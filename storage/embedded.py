@@ -3,6 +3,10 @@
 A separate process keeps its GPL licence on the far side of a socket and its
 work off our event loop. Data lives in ``<data_dir>/mongo`` and survives
 restarts; the child is stopped (SIGTERM, then SIGKILL) with the server.
+
+The data is stored chats, orders and trails: the data dir, the store's files
+and its log are the owner's only (dirs 0700, files 0600). The child runs
+with umask 077, and what an older version left readable is tightened at start.
 """
 
 from __future__ import annotations
@@ -22,6 +26,31 @@ log = logging.getLogger(__name__)
 # WiredTiger recovery on a large data dir can take a while on first start.
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
+# Whatever the store creates: no access for group or others.
+STORE_UMASK = 0o077
+
+
+def make_private(root: Path, recursive: bool = True) -> None:
+    """chmod `root` (and, recursive, everything under it) to its owner only:
+    dirs 0700, files without group/other bits. Symlinks are left alone (their
+    targets are not ours to change); a path we cannot change is logged, not
+    fatal."""
+    if not root.exists():
+        return
+    paths = [root]
+    if recursive and root.is_dir():
+        for dirpath, dirnames, filenames in os.walk(root):  # symlinked dirs are not entered
+            paths.extend(Path(dirpath) / name for name in dirnames + filenames)
+    for path in paths:
+        try:
+            if path.is_symlink():
+                continue
+            mode = path.stat().st_mode
+            private = 0o700 if path.is_dir() else (mode & 0o700)
+            if (mode & 0o777) != private:
+                path.chmod(private)
+        except OSError as exc:
+            log.warning("could not make %s private: %s", path, exc.strerror)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -76,14 +105,23 @@ class EmbeddedMongo:
         return f"mongodb://{self.host}:{self.port}/?directConnection=true"
 
     async def start(self) -> None:
+        log_path: Path | None = None
         if self.storage_path != ":memory:":
-            Path(self.storage_path).mkdir(parents=True, exist_ok=True)
+            store_dir = Path(self.storage_path)
+            store_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            log_path = store_dir.parent / "secantusd.log"
+            # The data dir itself, not what else it holds; all of the store's own.
+            make_private(store_dir.parent, recursive=False)
+            make_private(store_dir)
+            make_private(log_path)
         exe = find_executable(self.command)
-        log_path = (
-            Path(self.storage_path).parent / "secantusd.log"
-            if self.storage_path != ":memory:" else None
-        )
-        out = open(log_path, "ab") if log_path else asyncio.subprocess.DEVNULL
+        out: int = (os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                    if log_path else asyncio.subprocess.DEVNULL)
+        # The child inherits our umask at fork. (Popen's umask= is not in
+        # uvloop's subprocess_exec; preexec_fn is unsafe with threads.) The
+        # fork happens before create_subprocess_exec first yields, and a file
+        # another thread creates meanwhile is only made more private.
+        umask = os.umask(STORE_UMASK)
         try:
             # Through a supervisor that stops the store if we die (even by
             # SIGKILL): a store left behind would hold the data dir's lock.
@@ -97,8 +135,9 @@ class EmbeddedMongo:
                 start_new_session=True,
             )
         finally:
-            if not isinstance(out, int):
-                out.close()
+            os.umask(umask)
+            if log_path:
+                os.close(out)
         log.info("embedded store (SecantusDB) starting on %s:%d, data in %s (pid %d)",
                  self.host, self.port, self.storage_path, self._proc.pid)
         try:

@@ -15,39 +15,42 @@ from typing import Any, TypeVar
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, ReturnDocument
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import (
-    ConnectionFailure,
-    DuplicateKeyError,
-    PyMongoError,
-    ServerSelectionTimeoutError,
-)
+from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError
 
+from storage.gate import GatedStore, StoreGate, transaction_interrupted
 from tracking.lifecycle import TECHNICIAN_PHASE
 from tracking.orders import Event, Order, OrderExists, StaleWrite
 
 Observe = Callable[[str, float], None]
 T = TypeVar("T")
 # Write conflicts between concurrent transactions are retried this many
-# times; a store that is down fails the first attempt's server selection
-# (REALTIME_MONGO_TIMEOUT_MS) and is not retried here: the client gets
-# `unavailable` promptly and retries itself. (PyMongo's with_transaction
-# would keep retrying for up to 120 s, hanging the caller's ack.)
+# times, all within the operation's deadline (storage/gate.py). A store that
+# is down or too slow is not retried here: the client gets `unavailable`
+# within REALTIME_MONGO_TIMEOUT_MS and retries itself. (PyMongo's
+# with_transaction would keep retrying for up to 120 s, hanging the caller's ack.)
 TXN_ATTEMPTS = 10
 
 
 async def run_txn(client: AsyncMongoClient[dict[str, Any]],
                   fn: Callable[[AsyncClientSession], Awaitable[T]]) -> T:
     for attempt in range(TXN_ATTEMPTS):
-        async with client.start_session() as session:
-            try:
-                async with await session.start_transaction():
-                    return await fn(session)
-            except PyMongoError as exc:
-                conflict = exc.has_error_label("TransientTransactionError") and not isinstance(
-                    exc, (ConnectionFailure, ServerSelectionTimeoutError))
-                if not conflict or attempt == TXN_ATTEMPTS - 1:
-                    raise
-            await asyncio.sleep(0.002 * (attempt + 1))
+        session = client.start_session()
+        handed_over = False
+        try:
+            async with await session.start_transaction():
+                return await fn(session)
+        except PyMongoError as exc:
+            if exc.timeout or isinstance(exc, ConnectionFailure):
+                # The abort may not have reached the store: the transaction
+                # may still hold its writes there (the gate ends it).
+                handed_over = transaction_interrupted(session)
+                raise
+            if not exc.has_error_label("TransientTransactionError") or attempt == TXN_ATTEMPTS - 1:
+                raise
+        finally:
+            if not handed_over:
+                await session.end_session()
+        await asyncio.sleep(0.002 * (attempt + 1))
     raise AssertionError("unreachable")
 
 
@@ -56,6 +59,12 @@ def _no_observe(op: str, seconds: float) -> None:
 
 
 def connect(url: str, timeout_ms: int) -> AsyncMongoClient[dict[str, Any]]:
+    # What runs through the gate (every call of the stores below) is bounded
+    # by its per-operation deadline (CSOT), which overrides these. They bound
+    # the rest: the trail writer, start-up, health checks. No client-wide
+    # timeoutMS: it would also cut off index builds at start-up (the server
+    # aborts a createIndexes past its maxTimeMS), and a node with a new index
+    # on a large collection would never start.
     return AsyncMongoClient(
         url,
         serverSelectionTimeoutMS=timeout_ms,
@@ -91,9 +100,11 @@ def _order_out(doc: dict[str, Any]) -> Order:
     return doc
 
 
-class MongoOrderStore:
+class MongoOrderStore(GatedStore):
     def __init__(self, client: AsyncMongoClient[dict[str, Any]],
-                 db: AsyncDatabase[dict[str, Any]], observe: Observe = _no_observe) -> None:
+                 db: AsyncDatabase[dict[str, Any]], observe: Observe = _no_observe,
+                 gate: StoreGate | None = None) -> None:
+        self._gate = gate
         self._client = client
         self._orders = db["orders"]
         self._events = db["order_events"]

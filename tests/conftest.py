@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -95,6 +96,29 @@ class Live:
 
 
 StartApp = Callable[..., Awaitable[Live]]
+
+
+@contextlib.asynccontextmanager
+async def app_on(mongo_url: str, **overrides: Any) -> AsyncIterator[Live]:
+    """A live app outside `start_app`: on a store of its own, or shared by a
+    module. Stopped, with its clients, when the block ends; it must leave no
+    task behind."""
+    settings = make_settings(mongo_url, **overrides)
+    web_app = create_app(settings)
+    runner = web.AppRunner(web_app, handle_signals=False, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    session = aiohttp.ClientSession()
+    live = Live(settings, web_app, port, session)
+    try:
+        yield live
+    finally:
+        for c in live.clients:
+            await c.close()
+        await runner.cleanup()
+        await session.close()
+        await assert_no_tasks_left()
 
 
 # Every test that starts an app runs on both engines: memory (one node) and

@@ -345,9 +345,10 @@ async def test_actor_is_the_token_subject(live: Live) -> None:
     customer = await live.client("customer", customer_id)
     stranger = await live.client("customer")
 
-    # Another customer cannot act on or see it, whatever the payload says.
-    await stranger.error("subscribe", {"order_id": oid}, "forbidden")
-    await stranger.error("cancel", {"order_id": oid}, "forbidden")
+    # Another customer cannot act on or see it, whatever the payload says (to them it
+    # does not exist).
+    await stranger.error("subscribe", {"order_id": oid}, "not_found")
+    await stranger.error("cancel", {"order_id": oid}, "not_found")
 
     # Identity fields in payloads are refused, never trusted.
     for extra in ({"actor": {"id": customer_id, "role": "admin"}}, {"customer_id": customer_id},
@@ -391,7 +392,7 @@ async def test_technician_identity(live: Live) -> None:
     oid = order["order_id"]
     await live.assign(oid, tech_id)
     impostor = await live.client("technician")
-    await impostor.error("progress", {"order_id": oid, "state": "en_route"}, "forbidden")
+    await impostor.error("progress", {"order_id": oid, "state": "en_route"}, "not_found")
     await impostor.error("progress", {"order_id": oid, "state": "en_route", "technician_id": tech_id},
                          "invalid")
     tech = await live.client("technician", tech_id)

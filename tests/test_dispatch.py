@@ -633,7 +633,8 @@ async def test_answers_refused_and_the_connection_survives(live: Live,
     did = (await started(live, oid, {"timeout_s": 30}))["dispatch_id"]
     assert (await offered.orders.next("offer"))["dispatch_id"] == did
     for event in ("accept", "decline"):
-        await stranger.error(event, {"order_id": oid}, "forbidden")
+        # Never offered: the same answer as before the round (nothing learnt of it).
+        await stranger.error(event, {"order_id": oid}, "conflict")
         await customer.error(event, {"order_id": oid}, "forbidden")
         await agent.error(event, {"order_id": oid}, "forbidden")
 

@@ -9,6 +9,7 @@ import gc
 import weakref
 
 from realtime.gcpolicy import (
+    GEN2_SWEEP_MAX,
     NO_AUTO_FULL,
     YOUNG1,
     freeze_survivors,
@@ -41,6 +42,41 @@ def test_frozen_cycles_wait_for_the_full_collection() -> None:
         assert ref() is not None, "a frozen cycle is not collected until the full collection"
         assert full_collection() > 0
         assert ref() is None, "the full collection reclaims it"
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*saved)
+
+
+def test_cycles_that_reached_generation_2_and_died_before_the_freeze_are_freed() -> None:
+    """Issue 14, item 1: cyclic garbage promoted while alive (a store call that
+    waited out a stall) and dead by the next freeze is collected then, not
+    frozen until the hourly full collection. Failed before: the freeze ran
+    only a young collection (generation 1)."""
+    saved = gc.get_threshold()
+    try:
+        start_policy()
+        alive = Node()
+        ref = weakref.ref(alive)
+        gc.collect(1)  # survived two young collections: now in generation 2
+        assert any(o is alive for o in gc.get_objects(2))
+        del alive  # dies there, in a cycle
+        assert freeze_survivors() == 2
+        assert ref() is None, "freed by the freeze's collection, not frozen"
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*saved)
+
+
+def test_a_large_generation_2_is_frozen_after_a_young_collection_only() -> None:
+    """After a connect storm generation 2 is mostly live sockets: walking it
+    would pause past the target, so the freeze keeps to a young collection."""
+    saved = gc.get_threshold()
+    try:
+        start_policy()
+        storm = [[i] for i in range(GEN2_SWEEP_MAX + 1)]
+        gc.collect(1)
+        assert freeze_survivors() == 1
+        del storm
     finally:
         gc.unfreeze()
         gc.set_threshold(*saved)

@@ -52,23 +52,33 @@ HTTP_STATUS = {"ok": 200, "conflict": 409, "forbidden": 403, "not_found": 404, "
 
 
 def expected(from_state: str, target: str, who: str) -> str:
-    """'ok', 'conflict' or 'forbidden' for `who` moving an order from `from_state` to `target`."""
-    if target not in SUCCESSORS[from_state]:
-        return "conflict"
+    """'ok', 'not_found', 'forbidden' or 'conflict' for `who` moving an order from
+    `from_state` to `target`. Checked in this order: a stranger (no relation to the
+    order) gets `not_found`, as for a missing order; then who may make the move at
+    all (`forbidden`); then the state (`conflict`)."""
+    # "technician" is the assigned one, and has no relation to an order not yet assigned.
+    if who in ("other_customer", "other_technician") or (who == "technician"
+                                                          and from_state == "created"):
+        return "not_found"
     if target == "assigned":
         allowed = who in ("admin", "service")
     elif target in WORK:
         allowed = who in ("technician", "admin", "service")
     elif target == "cancelled":
-        if who == "customer":
-            # The order's customer may cancel only before the technician sets off.
-            return "ok" if from_state in ("created", "assigned") else "conflict"
-        allowed = who in ("agent", "admin", "service")
+        allowed = who in ("customer", "agent", "admin", "service")
     elif target == "refund_requested":
         allowed = who == "customer"
-    else:  # refunded, refund_rejected
+    elif target in ("refunded", "refund_rejected"):
         allowed = who in ("agent", "admin", "service")
-    return "ok" if allowed else "forbidden"
+    else:  # `created`: no transition leads there, for anyone
+        allowed = True
+    if not allowed:
+        return "forbidden"
+    if target not in SUCCESSORS[from_state]:
+        return "conflict"
+    if target == "cancelled" and who == "customer" and from_state not in ("created", "assigned"):
+        return "conflict"  # the order's customer may cancel only before the technician sets off
+    return "ok"
 
 
 # What the socket events carry into the event's data (docs/protocol.md, "Order events").
@@ -233,7 +243,7 @@ async def barrier(client: Client) -> None:
 async def test_transition_matrix(live: Live, from_state: str, who: str) -> None:
     """From `from_state`, `who` asks for every target over every path (socket event,
     POST /events, POST /assign). Allowed ones store exactly one event with the next seq;
-    refused ones are `conflict` / `forbidden` and store nothing."""
+    refused ones are `not_found` / `forbidden` / `conflict` and store nothing."""
     cast = Cast(live)
     client = await cast.client(who)
     cases = [(target, channel, expected(from_state, target, who))
@@ -326,11 +336,12 @@ async def test_reassign_moves_the_order_to_the_new_technician(live: Live) -> Non
     assert await new.next("order_event") == ev
     assert await customer.next("order_event") == ev
 
-    # The previous technician has lost the order: no subscribe, no GET, no progress.
-    await old.error("subscribe", {"order_id": order_id}, "forbidden")
+    # The previous technician has lost the order: no subscribe, no GET, no progress; to
+    # them it is now an order like any other not theirs (not_found).
+    await old.error("subscribe", {"order_id": order_id}, "not_found")
     status, reply = await live.http.request("GET", f"/api/orders/{order_id}", cast.token("technician"))
-    assert status == 403 and reply["error"]["code"] == "forbidden", reply
-    await old.error("progress", {"order_id": order_id, "state": "en_route"}, "forbidden")
+    assert status == 404 and reply["error"]["code"] == "not_found", reply
+    await old.error("progress", {"order_id": order_id, "state": "en_route"}, "not_found")
     old.drain("order_event")
 
     # ... and stops hearing about it, although it had subscribed before.
@@ -360,9 +371,11 @@ async def test_rate_only_own_customer_after_completed_once(live: Live) -> None:
         assert len(events) == len(BUILD_PATH[state]) + 1, f"rating a {state} order stored an event"
 
     order_id = await cast.build("completed")
-    # Only the order's customer.
-    for who in ("other_customer", "technician", "other_technician", "agent", "admin", "service"):
+    # Only the order's customer; strangers are not told the order exists.
+    for who in ("technician", "agent", "admin", "service"):
         await clients[who].error("rate", {"order_id": order_id, "stars": 5}, "forbidden")
+    for who in ("other_customer", "other_technician"):
+        await clients[who].error("rate", {"order_id": order_id, "stars": 5}, "not_found")
     # Stars and the three dimensions are 1..5 integers; the payload is validated.
     bad = [
         ({"stars": 0}, "stars"), ({"stars": 6}, "stars"), ({"stars": "5"}, "stars"),
@@ -641,11 +654,11 @@ async def test_visibility_of_get_and_subscribe(live: Live) -> None:
                     problems.append(f"subscribe {label}: {sub}")
                 elif sub["data"]["events"] != reply["data"]["events"]:
                     problems.append(f"subscribe {label}: events differ from GET")
-            else:
-                if status != 403 or reply["error"]["code"] != "forbidden":
-                    problems.append(f"GET {label}: expected 403 forbidden, got {status} {reply}")
-                if sub["ok"] or sub["error"]["code"] != "forbidden":
-                    problems.append(f"subscribe {label}: expected forbidden, got {sub}")
+            else:  # not theirs: as if it did not exist
+                if status != 404 or reply["error"]["code"] != "not_found":
+                    problems.append(f"GET {label}: expected 404 not_found, got {status} {reply}")
+                if sub["ok"] or sub["error"]["code"] != "not_found":
+                    problems.append(f"subscribe {label}: expected not_found, got {sub}")
         missing = uid("nope-")
         status, reply = await live.http.request("GET", f"/api/orders/{missing}", cast.token(who))
         if status != 404 or reply["error"]["code"] != "not_found":
@@ -654,7 +667,7 @@ async def test_visibility_of_get_and_subscribe(live: Live) -> None:
         if sub["ok"] or sub["error"]["code"] != "not_found":
             problems.append(f"subscribe unknown order by {who}: {sub}")
     assert not problems, "\n".join(problems)
-    # A forbidden subscribe joins nothing: the other customer hears nothing of the order.
+    # A refused subscribe joins nothing: the other customer hears nothing of the order.
     await cast.step(assigned, "en_route")
     await barrier(clients["other_customer"])
     assert clients["other_customer"].received["order_event"] == []

@@ -89,6 +89,9 @@ def judge(pos: Position, *, lat: float, lng: float, radius_m: float, skills: lis
     return dist, None
 
 
+NO_OFFER = "you have no open offer of this order (taken, expired or never made)"
+
+
 class DispatchService:
     def __init__(self, *, orders: OrderService, positions: PositionStore, presence: Online,
                  busy: Busy, store: DispatchStore, send_offer: SendOffer, withdraw: Withdraw,
@@ -261,11 +264,12 @@ class DispatchService:
         if tech.role != "technician":
             raise Forbidden("only technicians answer offers")
         round_ = await self.store.running_for(order_id)
-        if round_ is None:
-            raise Conflict("this order has no open offer (taken, expired or never made)")
-        mine = next((c for c in round_["candidates"] if c["technician_id"] == tech.id), None)
-        if mine is None:
-            raise Forbidden("this order was not offered to you")
+        mine = None if round_ is None else next(
+            (c for c in round_["candidates"] if c["technician_id"] == tech.id), None)
+        if round_ is None or mine is None:
+            # One answer whether or not a round runs (or the order exists): a
+            # technician who was never offered the order learns nothing of it.
+            raise Conflict(NO_OFFER)
         if mine["status"] != "offered":
             raise Conflict(f"your offer is {mine['status']}")
         did = round_["dispatch_id"]

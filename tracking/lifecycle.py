@@ -70,6 +70,27 @@ class Actor:
         return {"id": self.id, "role": self.role}
 
 
+WORK: Final = frozenset({"en_route", "arrived", "in_service", "completed"})
+
+
+def may_move(actor: Actor, *, target: str, customer_id: str, technician_id: str | None) -> bool:
+    """Whether this actor may ever move the order to `target`, whatever its state
+    (True for a target no transition leads to: the table answers that one)."""
+    role = actor.role
+    if target == "assigned":
+        return role in STAFF or (role == SYSTEM and actor.id == "dispatch")
+    if target in WORK:
+        return (role in STAFF or (role == "technician" and actor.id == technician_id)
+                or (target == "arrived" and role == SYSTEM))
+    if target == "cancelled":
+        return role in STAFF or role == "agent" or (role == "customer" and actor.id == customer_id)
+    if target == "refund_requested":
+        return role == "customer" and actor.id == customer_id
+    if target in ("refunded", "refund_rejected"):
+        return role in STAFF or role == "agent"
+    return True
+
+
 def check_transition(
     actor: Actor,
     *,
@@ -78,35 +99,13 @@ def check_transition(
     customer_id: str,
     technician_id: str | None,
 ) -> None:
-    """Raise Conflict for a transition the table does not have, Forbidden for
-    an actor who may not make it. Returns when the transition is allowed."""
+    """Raise Forbidden for an actor who may not make this move, then Conflict for
+    a transition the table does not have. Permission comes first: the state is
+    told only to whoever may move the order there (docs/protocol.md, Orders)."""
+    if not may_move(actor, target=target, customer_id=customer_id, technician_id=technician_id):
+        raise Forbidden(f"{actor.role} {actor.id!r} may not move this order to {target!r}")
     if target not in NEXT.get(state, frozenset()):
         raise Conflict(f"cannot go from {state!r} to {target!r}", {"state": state})
-    role = actor.role
-    if target == "assigned":
-        if role in STAFF or (role == SYSTEM and actor.id == "dispatch"):
-            return
-    elif target in ("en_route", "arrived", "in_service", "completed"):
-        if role in STAFF:
-            return
-        if role == "technician" and actor.id == technician_id:
-            return
-        if target == "arrived" and role == SYSTEM:
-            return
-    elif target == "cancelled":
-        if role in STAFF or role == "agent":
-            return
-        if role == "customer" and actor.id == customer_id:
-            if state in CUSTOMER_CANCELLABLE:
-                return
-            raise Conflict(
-                "the technician is already on the way; ask support to cancel",
-                {"state": state},
-            )
-    elif target == "refund_requested":
-        if role == "customer" and actor.id == customer_id:
-            return
-    elif target in ("refunded", "refund_rejected"):
-        if role in STAFF or role == "agent":
-            return
-    raise Forbidden(f"{role} {actor.id!r} may not move this order to {target!r}")
+    if target == "cancelled" and actor.role == "customer" and state not in CUSTOMER_CANCELLABLE:
+        raise Conflict("the technician is already on the way; ask support to cancel",
+                       {"state": state})

@@ -10,12 +10,13 @@ the same state give one winner and one ``conflict``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol
 
 from tracking.clock import now_ms
 from tracking.errors import Conflict, Forbidden, NotFound, Unavailable
-from tracking.lifecycle import Actor, check_transition
+from tracking.lifecycle import SYSTEM, Actor, check_transition
 from tracking.locks import KeyedLocks
 
 Order = dict[str, Any]
@@ -60,18 +61,32 @@ CREATE_FIELDS: Final = ("customer_id", "service", "address", "window", "skills")
 
 
 class OrderService:
-    def __init__(self, store: OrderStore, notify: Notify) -> None:
+    def __init__(self, store: OrderStore, notify: Notify, *,
+                 busy_wait_s: float | None = None) -> None:
         self._store = store
         self._notify = notify
         # One lock per hot order on this node: events leave this node in seq
         # order, and local writers do not fight each other's optimistic retries.
         self._lock = KeyedLocks()
+        # How long a change waits behind another change of the same order (the
+        # store's bound: the one ahead ends within it) before `unavailable`;
+        # None: as long as it takes.
+        self._busy_wait_s = busy_wait_s
         self._reads: dict[str, asyncio.Future[Order]] = {}
 
     async def get(self, order_id: str) -> Order:
+        """The order, for callers who may see any order (staff, the server)."""
         order = await self._store.get(order_id)
         if order is None:
-            raise NotFound(f"order {order_id!r} not found")
+            raise not_found(order_id)
+        return order
+
+    async def visible(self, actor: Actor, order_id: str) -> Order:
+        """The order, if `actor` may know of it; else the same `not_found` as
+        for an order that does not exist (docs/protocol.md, Orders)."""
+        order = await self.get(order_id)
+        if not may_know(actor, order):
+            raise not_found(order_id)
         return order
 
     async def read_shared(self, order_id: str) -> Order:
@@ -191,9 +206,11 @@ class OrderService:
         order_id: str,
         decide: Callable[[Order], tuple[dict[str, Any], str, dict[str, Any]]],
     ) -> tuple[Order, Event]:
-        async with self._lock(order_id):
+        async with self._exclusive(order_id):
             for _ in range(MAX_COMMIT_ATTEMPTS):
-                order = await self.get(order_id)
+                # Existence and relation first, then the decision (permission,
+                # then the state): a stranger learns nothing of the order.
+                order = await self.visible(actor, order_id)
                 changes, ev_type, data = decide(order)
                 ts = now_ms()
                 changes["updated_ts"] = ts
@@ -207,6 +224,10 @@ class OrderService:
                 await self._notify(updated, event)
                 return updated, event
         raise Unavailable("the order is changing too fast; retry")
+
+    def _exclusive(self, order_id: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """This node's lock of the order, waited for at most busy_wait_s."""
+        return self._lock.hold(order_id, self._busy_wait_s, "the order is busy; retry")
 
     async def events_since(self, order_id: str, since_seq: int = 0,
                            limit: int = MAX_REPLAY) -> list[Event]:
@@ -224,6 +245,17 @@ class OrderService:
             "actor": actor.as_dict(),
             "data": data,
         }
+
+
+def not_found(order_id: str) -> NotFound:
+    return NotFound(f"order {order_id!r} not found")
+
+
+def may_know(actor: Actor, order: Order) -> bool:
+    """Whether the actor may learn that the order exists at all: whoever may
+    view it, and the server itself. To anyone else an existing order looks
+    exactly like a missing one."""
+    return actor.role == SYSTEM or can_view(actor, order)
 
 
 def can_view(actor: Actor, order: Order) -> bool:

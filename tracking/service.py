@@ -22,7 +22,7 @@ from tracking.eta import EtaConfig, EtaEstimator
 from tracking.geo import haversine_m
 from tracking.lifecycle import TECHNICIAN_PHASE, Actor
 from tracking.locations import INVALID_REASONS, FilterConfig, Point, check_point
-from tracking.orders import Order, OrderService
+from tracking.orders import Order, OrderService, may_know, not_found
 from tracking.positions import Position, PositionStore
 from tracking.tasks import BackgroundTasks
 
@@ -346,8 +346,8 @@ class TrackingService:
         if viewer.role not in ("customer", "agent", "admin"):
             raise Forbidden("only the order's customer, agents and admins may watch")
         order = await self.orders.read_shared(order_id)
-        if viewer.role == "customer" and order["customer_id"] != viewer.id:
-            raise Forbidden("not your order")
+        if not may_know(viewer, order):
+            raise not_found(order_id)  # not theirs: as if it did not exist
         if order["state"] not in VISIBLE or not order.get("technician_id"):
             raise Forbidden(
                 f"the technician's position is shown only while the order is assigned, "

@@ -74,6 +74,13 @@ class BaseNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
     async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
         try:
             principal = self._authenticate(environ, auth)
+            # Per node, per namespace: what one user's sockets may cost this
+            # node's memory. The backend's workers share one service identity.
+            cap = self.ctx.settings.max_sockets_per_user
+            mine = self.server.manager.rooms.get(self.namespace, {}).get(user_room(principal.id), ())
+            if len(mine) >= cap and principal.role != "service":
+                raise refusal("too_many_connections",
+                              f"at most {cap} connections per user to {self.namespace}; close one")
         except socketio.exceptions.ConnectionRefusedError as exc:
             code = exc.error_args.get("data", {}).get("code", "unauthorized")
             self.ctx.metrics.handshakes_refused.labels(self.namespace, code).inc()
@@ -148,7 +155,29 @@ class BaseNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
             reply = ok(data)
             code = "ok"
         except Exception as exc:
-            err = to_error(exc)
-            reply, code = err.body(), err.code
+            reply, code = error_reply(exc)
         metrics.acks.labels(self.namespace, label, code).inc()
         return reply
+
+
+def error_reply(exc: BaseException) -> tuple[dict[str, Any], str]:
+    """The reply to a failed event and its code. Kept out of the handler's
+    frame on purpose: a local there holding the error would make a reference
+    cycle (error -> traceback -> frame -> error) of every error reply, which
+    only the garbage collector frees, and under load only a full collection."""
+    err = to_error(exc)
+    return err.body(), err.code
+
+
+class NotServed(socketio.AsyncNamespace):  # type: ignore[misc]
+    """The default namespace `/`: nothing is served there, so every
+    handshake to it is refused (python-socketio would otherwise admit
+    anyone, token or not, to an empty namespace that holds a session)."""
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__("/")
+        self.ctx = ctx
+
+    async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
+        self.ctx.metrics.handshakes_refused.labels("/", "not_found").inc()
+        raise refusal("not_found", "nothing is served on '/'; use /orders, /tracking, /chat or /ops")

@@ -152,7 +152,7 @@ class ChatNamespace(BaseNamespace):
         actor = actor_of(p)
         if body.kind == "support":
             conv, position = await self.chat.open_support(actor, body.order_id, body.topic)
-            out: dict[str, Any] = {"conversation": conversation_view(conv, actor)}
+            out: dict[str, Any] = {"conversation": await self.chat.view(actor, conv)}
             if position is not None:
                 out["queue_position"] = position
             return out
@@ -162,7 +162,7 @@ class ChatNamespace(BaseNamespace):
         conv = await self.chat.open_order(actor, body.order_id)
         if p.role in ("agent", "admin"):
             await self.enter_room(sid, staff_room(conv["conversation_id"]))
-        return {"conversation": conversation_view(conv, actor)}
+        return {"conversation": await self.chat.view(actor, conv)}
 
     @handles("send", SendIn)
     async def send(self, p: Principal, sid: str, body: SendIn) -> dict[str, Any]:
@@ -206,12 +206,12 @@ class ChatNamespace(BaseNamespace):
     async def close(self, p: Principal, sid: str, body: ConvRef) -> dict[str, Any]:
         conv = await self.chat.close(actor_of(p), body.conversation_id)
         await self.conversation_changed(conv)
-        return {"conversation": conversation_view(conv, actor_of(p))}
+        return {"conversation": await self.chat.view(actor_of(p), conv)}
 
     @handles("rate", RateIn)
     async def rate(self, p: Principal, sid: str, body: RateIn) -> dict[str, Any]:
         conv = await self.chat.rate(actor_of(p), body.conversation_id, body.stars, body.comment)
-        return {"conversation": conversation_view(conv, actor_of(p))}
+        return {"conversation": await self.chat.view(actor_of(p), conv)}
 
     @handles("set_status", StatusIn)
     async def set_status(self, p: Principal, sid: str, body: StatusIn) -> dict[str, Any]:
@@ -225,7 +225,7 @@ class ChatNamespace(BaseNamespace):
     async def transfer(self, p: Principal, sid: str, body: TransferIn) -> dict[str, Any]:
         conv = await self.chat.transfer(actor_of(p), body.conversation_id, body.to_agent_id)
         await self.conversation_changed(conv, also=(conv.get("transferred_from") or "",))
-        return {"conversation": conversation_view(conv, actor_of(p))}
+        return {"conversation": await self.chat.view(actor_of(p), conv)}
 
     @handles("list", ListIn)
     async def list_conversations(self, p: Principal, sid: str, body: ListIn) -> dict[str, Any]:

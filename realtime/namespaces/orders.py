@@ -10,9 +10,8 @@ from pydantic import Field
 from realtime.auth import Principal
 from realtime.namespaces.base import BaseNamespace, handles, user_room
 from realtime.namespaces.models import Id, Inbound, Seq, ShortText, Text
-from tracking.errors import Forbidden
 from tracking.lifecycle import Actor
-from tracking.orders import Event, Order, can_view
+from tracking.orders import Event, Order
 
 NAMESPACE = "/orders"
 Stars = Annotated[int, Field(ge=1, le=5)]
@@ -99,9 +98,8 @@ class OrdersNamespace(BaseNamespace):
     @handles("subscribe", SubscribeIn)
     async def subscribe(self, p: Principal, sid: str, body: SubscribeIn) -> dict[str, Any]:
         orders = self.ctx.orders
-        order = await orders.get(body.order_id)
-        if not can_view(actor_of(p), order):
-            raise Forbidden("not your order")
+        # Not theirs: `not_found`, as for an order that does not exist.
+        order = await orders.visible(actor_of(p), body.order_id)
         # Join before reading: an event committed in between arrives both in
         # the reply and as a push, never in neither. Clients drop seq <= last.
         await self.enter_room(sid, order_room(body.order_id))
