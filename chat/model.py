@@ -55,11 +55,6 @@ def can_read(actor: Actor, conv: Conversation) -> bool:
     return actor.role in STAFF or is_participant(actor, conv)
 
 
-def check_read(actor: Actor, conv: Conversation) -> None:
-    if not can_read(actor, conv):
-        raise Forbidden("not your conversation")
-
-
 def check_write(actor: Actor, conv: Conversation) -> None:
     """Who may post: participants; in a support chat its assigned agent; in
     an order chat any agent who joined; admins always."""

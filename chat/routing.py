@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final, Protocol
@@ -123,7 +124,8 @@ class Router:
         """The agent has no connection on any node (their last one closed, or
         their node died): start the grace period on this node."""
         if agent_id not in self._graces:
-            self._graces[agent_id] = asyncio.get_running_loop().create_task(self._expire(agent_id))
+            self._graces[agent_id] = asyncio.get_running_loop().create_task(
+                self._expire(agent_id), context=contextvars.Context())  # not the caller's deadline
 
     async def _expire(self, agent_id: str) -> None:
         await asyncio.sleep(self.grace_s)

@@ -16,7 +16,7 @@ from chat.model import (
     STAFF,
     Conversation,
     Message,
-    check_read,
+    can_read,
     check_write,
     conversation_view,
     is_participant,
@@ -149,7 +149,7 @@ class ChatService:
         # the store nothing. Every attempt counts, retries too (knowing that
         # one is a retry takes a look-up).
         await _admit(self.limits.per_user, actor.id, "you are sending messages too fast")
-        conv = await self.get(conv_id)
+        conv = await self.readable(actor, conv_id)
         check_write(actor, conv)
         if conv["status"] == "closed":
             # A retry of a send that was stored before the close still gets its message.
@@ -196,8 +196,7 @@ class ChatService:
                 await self._delivered(conv, stored, None)
 
     async def join(self, actor: Actor, conv_id: str, since_seq: int) -> dict[str, Any]:
-        conv = await self.get(conv_id)
-        check_read(actor, conv)
+        conv = await self.readable(actor, conv_id)
         if actor.role == "agent" and conv["kind"] == "order" and actor.id not in conv.get("staff", []):
             await self.store.add_staff(conv_id, actor.id)
             conv = await self.get(conv_id)
@@ -212,16 +211,20 @@ class ChatService:
 
     async def history(self, actor: Actor, conv_id: str, before_seq: int | None,
                       limit: int) -> dict[str, Any]:
-        conv = await self.get(conv_id)
-        check_read(actor, conv)
+        conv = await self.readable(actor, conv_id)
         before = before_seq if before_seq is not None else int(conv["last_seq"]) + 1
         msgs = await self.store.messages_before(conv_id, before, limit)
         return {"messages": [message_view(m, actor) for m in msgs],
                 "has_more": bool(msgs) and msgs[0]["seq"] > 1}
 
     async def readable(self, actor: Actor, conv_id: str) -> Conversation:
-        conv = await self.get(conv_id)
-        check_read(actor, conv)
+        """The conversation, if `actor` may read it; else the same `not_found`
+        as for one that does not exist. An order's chat has the predictable id
+        `order:<order_id>` and exists once the order has an event: a
+        `forbidden` here would tell a stranger which orders exist."""
+        conv = await self.store.get(conv_id)
+        if conv is None or not can_read(actor, conv):
+            raise NotFound(f"conversation {conv_id!r} not found")
         return conv
 
     async def mark_read(self, actor: Actor, conv_id: str, seq: int) -> tuple[Conversation, int]:
@@ -260,14 +263,13 @@ class ChatService:
 
     # -- lifecycle -------------------------------------------------------
     async def close(self, actor: Actor, conv_id: str) -> Conversation:
-        conv = await self.get(conv_id)
+        conv = await self.readable(actor, conv_id)
         allowed = (actor.role == "admin"
                    or (conv["kind"] == "support" and (
                        (actor.role == "customer" and conv["customer_id"] == actor.id)
                        or (actor.role == "agent" and conv.get("assignee") == actor.id)))
                    or (conv["kind"] == "order" and actor.role == "agent"))
         if not allowed:
-            check_read(actor, conv)
             raise Forbidden("you may not close this conversation")
         if conv["status"] == "closed":
             raise Conflict("already closed")
@@ -281,7 +283,7 @@ class ChatService:
         return closed
 
     async def rate(self, actor: Actor, conv_id: str, stars: int, comment: str | None) -> Conversation:
-        conv = await self.get(conv_id)
+        conv = await self.readable(actor, conv_id)
         if actor.role != "customer" or conv["customer_id"] != actor.id:
             raise Forbidden("only the conversation's customer may rate it")
         if conv["status"] != "closed":
@@ -295,11 +297,11 @@ class ChatService:
         return rated
 
     async def transfer(self, actor: Actor, conv_id: str, to_agent: str) -> Conversation:
-        conv = await self.get(conv_id)
-        if conv["kind"] != "support":
-            raise Conflict("only support conversations are transferred")
+        conv = await self.readable(actor, conv_id)
         if not (actor.role == "admin" or (actor.role == "agent" and conv.get("assignee") == actor.id)):
             raise Forbidden("only the assigned agent or an admin may transfer")
+        if conv["kind"] != "support":
+            raise Conflict("only support conversations are transferred")
         if conv["status"] == "closed":
             raise Conflict("this conversation is closed")
         if not await self.router.is_online(to_agent):

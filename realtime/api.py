@@ -24,10 +24,12 @@ from realtime.context import Context
 from realtime.errors import WireError, ok, to_error
 from realtime.limits import LIMITS, SOCKETIO_PATH, Limited, Limits, is_new_session, within
 from realtime.metrics import Metrics
+from realtime.namespaces.base import store_owner
 from realtime.namespaces.models import MAX_SAFE_INT, Id, Inbound, Ts
 from realtime.namespaces.orders import actor_of
 from storage.gate import store_deadline
 from storage.trails import trail_for_order
+from tracking import deadline
 from tracking.clock import now_ms
 from tracking.errors import DomainError, Forbidden
 from tracking.lifecycle import STATES
@@ -162,13 +164,16 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
             limits.new_session(request)
         except Limited as exc:
             return too_many(exc)
-    if request.headers.get("Upgrade", "").lower() == "websocket":
+    if (request.headers.get("Upgrade", "").lower() == "websocket"
+            and request.path.startswith(SOCKETIO_PATH)):
         return await handler(request)
     ctx = request.app[CTX]
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else "?"
     try:
         if request.path.startswith("/api/"):
             request[PRINCIPAL] = authenticate(request, ctx, limits)
+            store_owner(request[PRINCIPAL])
+            deadline.start(ctx.settings.mongo_timeout_ms / 1000)
         elif not request.path.startswith(SOCKETIO_PATH):  # sessions: limited above
             limits.by_address(request)
         resp = await handler(request)

@@ -178,7 +178,8 @@ def create_app(settings: Settings) -> web.Application:
         bound_s = settings.mongo_timeout_ms / 1000
         gate = StoreGate(client[settings.mongo_db], timeout_s=bound_s,
                          max_inflight=settings.store_max_inflight,
-                         max_waiting=settings.store_max_waiting, on_shed=metrics.store_shed.inc)
+                         max_waiting=settings.store_max_waiting,
+                         max_per_owner=settings.store_max_per_user, on_shed=metrics.store_shed.inc)
         metrics.store_inflight.set_function(lambda: gate.inflight)
         metrics.store_waiting.set_function(lambda: gate.waiting)
         trails: TrailWriter | None = None

@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     # calls, each answered within mongo_timeout_ms.
     store_max_inflight: int = Field(default=64, ge=1, le=10_000)
     store_max_waiting: int = Field(default=256, ge=0, le=100_000)
+    # Of those places, one user (a token's sub; the backend's `service` role
+    # is not counted) holds at most this many: half the running places, so
+    # one user pipelining requests over several sockets cannot take the node.
+    store_max_per_user: int = Field(default=32, ge=1, le=100_000)
     redis_url: str | None = Field(
         default=None, validation_alias=AliasChoices("REDIS_URL", "REALTIME_REDIS_URL")
     )

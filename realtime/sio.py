@@ -362,7 +362,9 @@ class RealtimeServer(socketio.AsyncServer):  # type: ignore[misc]
         if handler is None:
             return False
         try:
-            args = jsonwire.loads(data[j:])
+            # The handler checks every value (and declines what it does not
+            # accept, which the regular path then parses strictly).
+            args = jsonwire.loads_checked_later(data[j:])
         except ValueError:  # refused or malformed: the regular path replies `invalid`
             return False
         if len(args) != 2 or not isinstance(args[1], dict):
@@ -393,8 +395,21 @@ class RealtimeServer(socketio.AsyncServer):  # type: ignore[misc]
 
     async def _handle_eio_connect(self, eio_sid: str, environ: dict[str, Any]) -> None:
         await super()._handle_eio_connect(eio_sid, environ)
-        self._join_deadlines[eio_sid] = asyncio.get_running_loop().call_later(
-            self.join_timeout_s, self._join_deadline, eio_sid)
+        self._arm_join_deadline(eio_sid)
+
+    def _arm_join_deadline(self, eio_sid: str) -> None:
+        if eio_sid not in self._join_deadlines:
+            self._join_deadlines[eio_sid] = asyncio.get_running_loop().call_later(
+                self.join_timeout_s, self._join_deadline, eio_sid)
+
+    async def _handle_disconnect(self, eio_sid: str, namespace: str | None,
+                                 reason: Any = None) -> None:
+        """A client leaving its last namespace while keeping the session has
+        the same deadline to join one again as a new session."""
+        await super()._handle_disconnect(eio_sid, namespace, reason)
+        sock = self.eio.sockets.get(eio_sid)
+        if sock is not None and not (sock.closing or sock.closed) and not self.joined_any(eio_sid):
+            self._arm_join_deadline(eio_sid)
 
     def joined_any(self, eio_sid: str) -> bool:
         return any(self.manager.sid_from_eio_sid(eio_sid, ns) is not None

@@ -400,8 +400,10 @@ class DirectLink:
             await self.sock.receive(eio_packet.Packet(encoded_packet=data))
         except eio_exceptions.SocketIsClosedError:
             self.finish()
-        except Exception:  # one bad packet must not end the session silently
+        except (ValueError, eio_exceptions.EngineIOError):  # the client's packet
             self.report("undecodable_packet")
+        except Exception:  # our bug: logged, and the session goes on
+            log.exception("handling a message failed")
         finally:
             self._done_one()
 
@@ -447,13 +449,17 @@ class DirectLink:
         refused for an oversized frame would see a bare disconnect.)"""
         transport = self.transport
         if transport is not None and not transport.is_closing() and not self._lingering:
-            if not self._close_sent:
-                self._close_sent = True
-                self._out.append(_frame(0x8, int(code).to_bytes(2, "big")))
-            out, self._out = self._out, []
-            if transport.get_write_buffer_size() <= self.max_unsent:
+            if transport.get_write_buffer_size() > self.max_unsent:
+                # It stopped reading: no close frame would get through.
+                self._out = []
+                transport.abort()
+            else:
+                if not self._close_sent:
+                    self._close_sent = True
+                    self._out.append(_frame(0x8, int(code).to_bytes(2, "big")))
+                out, self._out = self._out, []
                 transport.write(b"".join(out))
-            self._linger(transport)
+                self._linger(transport)
         self.finish()
 
     def _linger(self, transport: Any) -> None:
@@ -463,10 +469,12 @@ class DirectLink:
                 transport.write_eof()
             if self._paused:
                 transport.resume_reading()
-        except Exception:  # a transport that cannot half-close just closes
-            transport.close()
+        except Exception:  # a transport that cannot half-close just goes
+            transport.abort()
             return
-        self.loop.call_later(LINGER_S, transport.close)
+        # Then it goes, whatever is still unsent: a client that stopped reading
+        # must not hold the connection (and its buffer) open by never taking it.
+        self.loop.call_later(LINGER_S, transport.abort)
 
     def finish(self) -> None:
         if self.closed:

@@ -49,6 +49,7 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 
+from tracking import deadline as request_deadline
 from tracking.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -67,11 +68,15 @@ FENCE_RETRY_S: Final = 0.25
 
 # The gate whose operation this task is running now (None outside any).
 _CURRENT: ContextVar[StoreGate | None] = ContextVar("store_gate", default=None)
+# Whose request this task serves (a user id; None: the server's own work or
+# the backend), set by the edge for each request: one user holds at most
+# `max_per_owner` of the gate's places, running or waiting.
+OWNER: ContextVar[str | None] = ContextVar("store_owner", default=None)
 
 
 class StoreGate:
     def __init__(self, db: AsyncDatabase[dict[str, Any]], *, timeout_s: float,
-                 max_inflight: int, max_waiting: int,
+                 max_inflight: int, max_waiting: int, max_per_owner: int | None = None,
                  on_shed: Callable[[], None] | None = None) -> None:
         if max_inflight < 1 or max_waiting < 0 or timeout_s <= 0:
             raise ValueError("the gate needs max_inflight >= 1, max_waiting >= 0, timeout_s > 0")
@@ -79,6 +84,8 @@ class StoreGate:
         self.timeout_s = timeout_s
         self.max_inflight = max_inflight
         self.max_waiting = max_waiting
+        self.max_per_owner = max_per_owner
+        self._held: dict[str, int] = {}  # places held (running or waiting) by owner
         self._on_shed = on_shed or (lambda: None)
         self._free = max_inflight
         # Deadlines of the operations running now (for retry_after_ms), by turn.
@@ -108,17 +115,42 @@ class StoreGate:
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
-        turn = await self._take_turn(loop, deadline)
-        token = _CURRENT.set(self)
+        answer_by = request_deadline.at()  # the request's own, when it set one
+        if answer_by is not None:
+            if answer_by <= loop.time():
+                raise Unavailable("the store did not answer in time; retry",
+                                  {"retry_after_ms": self.retry_after_ms(loop.time())})
+            deadline = min(deadline, answer_by)
+        owner = OWNER.get() if self.max_per_owner is not None else None
+        if owner is not None:
+            held = self._held.get(owner, 0)
+            if held >= self.max_per_owner:  # type: ignore[operator]
+                # One user's pipelined requests must not take every place of the
+                # node while the store is slow (issue 14): the rest of theirs wait
+                # on the client, not here.
+                self._on_shed()
+                raise Unavailable("you have too much store work under way; retry",
+                                  {"retry_after_ms": self.retry_after_ms(loop.time())})
+            self._held[owner] = held + 1
         try:
-            # Never 0: pymongo.timeout(0) means no deadline at all.
-            with pymongo.timeout(max(deadline - loop.time(), 0.001)):
-                yield
-            if self._orphans:
-                self._store_answered.set()
+            turn = await self._take_turn(loop, deadline)
+            token = _CURRENT.set(self)
+            try:
+                # Never 0: pymongo.timeout(0) means no deadline at all.
+                with pymongo.timeout(max(deadline - loop.time(), 0.001)):
+                    yield
+                if self._orphans:
+                    self._store_answered.set()
+            finally:
+                _CURRENT.reset(token)
+                self._give_back(turn)
         finally:
-            _CURRENT.reset(token)
-            self._give_back(turn)
+            if owner is not None:
+                left = self._held[owner] - 1
+                if left:
+                    self._held[owner] = left
+                else:
+                    del self._held[owner]
 
     async def _take_turn(self, loop: asyncio.AbstractEventLoop, deadline: float) -> int:
         if self._free > 0 and not self._waiters:

@@ -923,7 +923,7 @@ async def test_order_open_without_order_id_names_the_field(app: Live) -> None:
 
 # -- who may do what --------------------------------------------------------------------------
 
-async def test_others_are_refused_with_forbidden(app: Live) -> None:
+async def test_others_are_refused_and_strangers_told_nothing(app: Live) -> None:
     cust_id, agent_id, tech_id = uid("c-"), uid("a-"), uid("t-")
     cust = await connect(app, "customer", cust_id)
     agent = await connect(app, "agent", agent_id)
@@ -949,10 +949,12 @@ async def test_others_are_refused_with_forbidden(app: Live) -> None:
         ("rate", {"conversation_id": cid, "stars": 1}),
         ("transfer", {"conversation_id": cid, "to_agent_id": agent_id}),
     ]
+    # Not theirs to read: exactly as if it did not exist (docs/protocol.md, Orders,
+    # "who is told what": an order's chat id is predictable).
     for who in (stranger, other_tech, own_tech):
         for event, data in per_conv:
             reply = await who.call(event, data, timeout=5)
-            assert reply["ok"] is False and reply["error"]["code"] == "forbidden", (event, reply)
+            assert reply["ok"] is False and reply["error"]["code"] == "not_found", (event, reply)
         await who.error("set_status", {"status": "available"}, "forbidden")
     # The stranger's own list does not show it.
     assert (await stranger.ok("list", {}))["conversations"] == []
@@ -977,9 +979,13 @@ async def test_others_are_refused_with_forbidden(app: Live) -> None:
                         ("typing", {"conversation_id": ocid, "typing": True}),
                         ("read", {"conversation_id": ocid, "seq": 1}),
                         ("close", {"conversation_id": ocid})]:
+        missing = {**data, "conversation_id": "order:o-missing-000"}
         for who in (stranger, other_tech):
             reply = await who.call(event, data, timeout=5)
-            assert reply["ok"] is False and reply["error"]["code"] == "forbidden", (event, reply)
+            absent = await who.call(event, missing, timeout=5)
+            assert reply["ok"] is False and reply["error"]["code"] == "not_found", (event, reply)
+            assert (reply["error"]["message"].replace(ocid, "?")
+                    == absent["error"]["message"].replace("order:o-missing-000", "?")), (reply, absent)
     # An agent must join an order chat before posting in it.
     await other_agent.error("send", payload(ocid, "hi"), "forbidden")
     await own_tech.ok("send", payload(ocid, "师傅在"))

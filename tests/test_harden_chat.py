@@ -250,7 +250,8 @@ async def test_the_conversation_cap_counts_all_senders_and_not_outsiders(start_a
     # Someone who may not post spends nothing of the conversation's allowance.
     outsider = await connect(live, "customer", uid("c-"))
     for r in await asyncio.gather(*(outsider.call("send", payload(cid, "骚扰")) for _ in range(12))):
-        assert r["ok"] is False and r["error"]["code"] == "forbidden", r
+        # Not theirs: as if it did not exist (docs/protocol.md, "who is told what").
+        assert r["ok"] is False and r["error"]["code"] == "not_found", r
 
     replies = await asyncio.gather(*(c.call("send", payload(cid, f"{i}")) for i in range(8)
                                      for c in (cust, agent)))

@@ -8,6 +8,7 @@ import contextlib
 import weakref
 from collections.abc import AsyncIterator
 
+from tracking import deadline
 from tracking.errors import Unavailable
 
 
@@ -29,7 +30,7 @@ class KeyedLocks:
         store timeout after another, far past the bound the client was promised."""
         lock = self(key)
         try:
-            async with asyncio.timeout(wait_s):
+            async with asyncio.timeout(deadline.remaining(wait_s)):
                 await lock.acquire()
         except TimeoutError:
             raise Unavailable(busy) from None

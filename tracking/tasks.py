@@ -4,6 +4,7 @@ holds tasks weakly), failures logged rather than lost, cancelled on close."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Awaitable
 
@@ -22,7 +23,10 @@ class BackgroundTasks:
             except Exception as exc:  # background work: log, never crash the caller
                 log.warning("%s background task failed: %s", self.name, type(exc).__name__)
 
-        task = asyncio.get_running_loop().create_task(run())
+        # A context of its own: background work is the server's, not the
+        # request's that started it (no request deadline, no user's share of
+        # the store gate: tracking/deadline.py, storage/gate.py).
+        task = asyncio.get_running_loop().create_task(run(), context=contextvars.Context())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

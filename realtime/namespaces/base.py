@@ -20,6 +20,8 @@ from pydantic import BaseModel
 from realtime.auth import Principal
 from realtime.errors import WireError, ok, to_error
 from realtime.sio import refusal
+from storage.gate import OWNER
+from tracking import deadline
 from tracking.errors import DomainError
 
 if TYPE_CHECKING:
@@ -137,6 +139,8 @@ class BaseNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
             principal = self.principals.get(sid)
             if principal is None:
                 raise WireError("unauthorized", "not connected")
+            store_owner(principal)
+            deadline.start(self.ctx.settings.mongo_timeout_ms / 1000)
             if spec is None:
                 raise WireError("invalid", f"unknown event {event[:64]!r}",
                                 {"events": sorted(self.events)})
@@ -158,6 +162,12 @@ class BaseNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
             reply, code = error_reply(exc)
         metrics.acks.labels(self.namespace, label, code).inc()
         return reply
+
+
+def store_owner(principal: Principal) -> None:
+    """The store work of this request (its task) is the principal's share of
+    the node's store gate (storage/gate.py); the backend's is not limited."""
+    OWNER.set(None if principal.role == "service" else f"{principal.role}:{principal.id}")
 
 
 def error_reply(exc: BaseException) -> tuple[dict[str, Any], str]:

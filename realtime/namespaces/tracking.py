@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Annotated, Any, cast
 from pydantic import Field, ValidationError, model_validator
 
 from realtime.auth import Principal
-from realtime.errors import WireError, ok, to_error, validation_details
+from realtime.errors import WireError, ok, validation_details
 from realtime.fanout import has_local_members, local_emit
 from realtime.interest import Interest
-from realtime.namespaces.base import BaseNamespace, handles
+from realtime.namespaces.base import BaseNamespace, error_reply, handles
 from realtime.namespaces.models import MAX_SAFE_INT, Id, Inbound, Ts
 from realtime.namespaces.orders import actor_of
 from realtime.presence import Presence
@@ -300,8 +300,7 @@ class TrackingNamespace(BaseNamespace):
             else:
                 reply, code = ok(result.as_dict()), "ok"
         except Exception as exc:
-            err = to_error(exc)
-            reply, code = err.body(), err.code
+            reply, code = error_reply(exc)  # (no reference cycle per refused fix)
         self._location_in.inc()
         counter = self._location_acks.get(code)
         if counter is None:
