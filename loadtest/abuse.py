@@ -38,6 +38,7 @@ import json
 import os
 import signal
 import statistics
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -111,20 +112,17 @@ async def run_blast(stack: Stack, sockets: int, frames: int, rounds: int,
     pid = stack.procs[-1].pid
     run = uuid.uuid4().hex[:6]
     attacker = f"attacker-{run}"
-    normal = await client(stack, "/orders", "customer", f"normal-{run}")
-    latencies: list[float] = []
-    stop = asyncio.Event()
-
-    async def normal_client() -> None:
-        while not stop.is_set():
-            t0 = time.perf_counter()
-            await normal.call("subscribe", {"order_id": "nope"}, namespace="/orders", timeout=60)
-            latencies.append((time.perf_counter() - t0) * 1000)
-            await asyncio.sleep(0.05)
-
+    # The normal client runs in a process of its own: in this one, parsing the
+    # attacker's 50,000 acks a round would delay it as much as the server does.
+    probe = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "loadtest.abuse", "probe", "--url", stack.url,
+        "--token", stack.token("customer", f"normal-{run}"),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    assert probe.stdout is not None and probe.stdin is not None
+    assert (await probe.stdout.readline()).strip() == b"ready"
+    windows: list[tuple[float, float]] = []
     result: dict[str, Any] = {"scenario": "blast", "sockets": sockets, "frames": frames,
                               "rss_start_mb": round(rss_mb(pid), 1), "rounds": []}
-    watcher = asyncio.create_task(normal_client())
     async with aiohttp.ClientSession() as session:
         socks = [await raw_socket(session, stack, stack.token("customer", attacker))
                  for _ in range(sockets)]
@@ -134,7 +132,7 @@ async def run_blast(stack: Stack, sockets: int, frames: int, rounds: int,
         for r in range(rounds):
             before = acks.n
             acks.expect(sockets * frames)
-            lat_from = len(latencies)
+            wall0 = time.time()
             t0 = time.monotonic()
             # No await yields in between: each socket's pipeline goes out at once.
             for ws in socks:
@@ -142,25 +140,49 @@ async def run_blast(stack: Stack, sockets: int, frames: int, rounds: int,
                     await ws.send_str(packet.format(r * frames + i + 1))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(acks.reached.wait(), 120)
-            during = latencies[lat_from:]
+            windows.append((wall0, time.time()))
             result["rounds"].append({
                 "acked": acks.n - before, "seconds": round(time.monotonic() - t0, 2),
-                "rss_mb": round(rss_mb(pid), 1),
-                "normal_ack_ms": {"n": len(during),
-                                  "p50": round(statistics.median(during), 1) if during else None,
-                                  "p99": round(pct(during, 99), 1), "max": round(max(during, default=0), 1)},
-            })
+                "rss_mb": round(rss_mb(pid), 1)})
         await asyncio.sleep(idle)
         result["rss_after_idle_mb"] = round(rss_mb(pid), 1)
         for ws in socks:
             await ws.close()
         for task in readers:
             task.cancel()
-    stop.set()
-    await watcher
-    await normal.disconnect()
+    probe.stdin.close()
+    lines = (await probe.stdout.read()).decode().split()
+    await probe.wait()
+    sent = [(float(t), float(ms)) for t, ms in zip(lines[::2], lines[1::2], strict=True)]
+    for (start, end), row in zip(windows, result["rounds"], strict=True):
+        during = [ms for t, ms in sent if start <= t <= end]
+        row["normal_ack_ms"] = {"n": len(during),
+                                "p50": round(statistics.median(during), 1) if during else None,
+                                "p99": round(pct(during, 99), 1), "max": round(max(during, default=0), 1)}
     result["gc_pause_max_ms"] = round(await metric(stack, "realtime_gc_pause_max_seconds") * 1000, 1)
     return result
+
+
+async def run_probe(url: str, token: str) -> None:
+    """A normal customer: `subscribe` every 50 ms until stdin closes; one line
+    `<wall time sent> <ack ms>` per request on stdout."""
+    import socketio
+
+    c = socketio.AsyncClient(reconnection=False)
+    await c.connect(url, namespaces=["/orders"], auth={"token": token}, transports=["websocket"],
+                    wait_timeout=20)
+    print("ready", flush=True)
+    done = asyncio.get_running_loop().create_future()
+    loop = asyncio.get_running_loop()
+    loop.add_reader(sys.stdin.fileno(), lambda: done.done() or (
+        not sys.stdin.buffer.read1(1 << 16) and done.set_result(None)))
+    while not done.done():
+        sent, t0 = time.time(), time.perf_counter()
+        await c.call("subscribe", {"order_id": "nope"}, namespace="/orders", timeout=60)
+        print(f"{sent:.3f} {(time.perf_counter() - t0) * 1000:.1f}", flush=True)
+        await asyncio.sleep(0.05)
+    loop.remove_reader(sys.stdin.fileno())
+    await c.disconnect()
 
 
 async def run_flood(stack: Stack, messages: int) -> dict[str, Any]:
@@ -328,7 +350,13 @@ def main() -> None:
     stall.add_argument("--stall-s", type=float, default=15.0)
     stall.add_argument("--sockets", type=int, default=4)
     stall.add_argument("--rate", type=float, default=33.0, help="messages/s per side")
+    probe = sub.add_parser("probe", help="(used by blast) a normal client in its own process")
+    probe.add_argument("--url", required=True)
+    probe.add_argument("--token", required=True)
     args = parser.parse_args()
+    if args.scenario == "probe":
+        asyncio.run(run_probe(args.url, args.token))
+        return
 
     async def go() -> dict[str, Any]:
         # The stall drives chat faster than one user's default send limit.
