@@ -79,6 +79,7 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         # drains them: one message per node and signal per drain.
         self._rows: dict[tuple[str, str], list[Any]] = {}
         self._publisher_task: asyncio.Task[None] | None = None
+        self._closed = False  # after aclose nothing starts a publisher again
 
     def _queue_signal(self, name: str, data: dict[str, Any]) -> None:
         self._enqueue(self._signal(name, data))
@@ -160,6 +161,12 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         self._wake_publisher()
 
     def _wake_publisher(self) -> None:
+        if self._closed:
+            # A late emit (a handler still finishing as the node stops) must
+            # not start a publisher nobody stops: it would outlive the app,
+            # waiting for ever. What it queued is dropped (at most once).
+            self._drop_queued()
+            return
         self._outbox_ready.set()
         if self._publisher_task is None or self._publisher_task.done():
             self._publisher_task = asyncio.get_running_loop().create_task(self._publisher_loop())
@@ -195,6 +202,13 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
                     self._publish_failed = False
                     if self._on_restored is not None:
                         await self._on_restored()
+
+    def _drop_queued(self) -> None:
+        dropped = len(self._outbox) + len(self._rows)  # the rows: one message each
+        self._outbox.clear()
+        self._rows.clear()
+        self.publish_dropped += dropped
+        self._done(self._queued - self._finished)
 
     def _done(self, n: int) -> None:
         self._finished += n
@@ -268,6 +282,7 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         listener must end here, not be dropped: a pending task left behind
         is garbage-collected later with its async generators mid-iteration,
         and asyncio logs their failed close as errors of whatever runs then."""
+        self._closed = True
         for task in (self._publisher_task, getattr(self, "thread", None)):
             if task is not None:
                 task.cancel()

@@ -44,3 +44,22 @@ async def test_rows_go_to_each_node_gathered_and_in_order(redis_server: RedisSer
         await pubsub.aclose()
         await listener.aclose()
         await manager.aclose()
+
+
+async def test_a_stopped_manager_starts_no_publisher_again(redis_server: RedisServer) -> None:
+    """An emit that comes after the node stopped (a handler still finishing)
+    must not start a publisher task: nothing would stop it, and it would wait
+    for ever after the app is gone. What it queued is dropped and counted."""
+    manager = ClusterManager(redis_server.url, Bus(), channel=uid("stopped"))
+    manager.queue_row(["b"], "positions", [1, "t"])
+    await manager.flush()
+    assert manager._publisher_task is not None
+    await manager.aclose()
+    assert manager._publisher_task.done()
+    manager.queue_row(["b"], "positions", [2, "t"])
+    await manager._publish({"method": "emit", "event": "x"})
+    await asyncio.wait_for(manager.flush(timeout=5.0), 1.0)  # nothing left to wait for
+    assert manager._publisher_task.done()
+    assert manager.publish_dropped == 2
+    left = [t for t in asyncio.all_tasks() if "_publisher_loop" in repr(t.get_coro())]
+    assert not left, left
