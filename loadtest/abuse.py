@@ -193,7 +193,13 @@ async def run_flood(stack: Stack, messages: int) -> dict[str, Any]:
     agent_id, customer_id = f"fa-{run}", f"fc-{run}"
     agent = await client(stack, "/chat", "agent", agent_id)
     received: list[dict[str, Any]] = []
-    agent.on("message", received.append, namespace="/chat")
+    agent_heard = asyncio.Event()
+
+    def on_message(message: dict[str, Any]) -> None:
+        received.append(message)
+        agent_heard.set()
+
+    agent.on("message", on_message, namespace="/chat")
     await agent.call("set_status", {"status": "available"}, namespace="/chat")
     replies: dict[int, Any] = {}
     async with aiohttp.ClientSession() as session:
@@ -222,8 +228,14 @@ async def run_flood(stack: Stack, messages: int) -> dict[str, Any]:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(read(), 120)
         seconds = time.monotonic() - t0
-        await asyncio.sleep(2)  # the last deliveries to the agent
         await ws.close()
+        # Every stored message reaches the agent: wait for as many as were acked.
+        stored_ok = sum(1 for r in replies.values() if r.get("ok"))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(30):
+                while len(received) < stored_ok:
+                    await agent_heard.wait()
+                    agent_heard.clear()
     transcript = await http_get(stack, f"/api/conversations/{cid}/messages?limit=1000")
     stored = [m for m in transcript["data"]["messages"] if m["kind"] != "system"]
     acked_ok = {r["data"]["message"]["id"] for r in replies.values() if r.get("ok")}

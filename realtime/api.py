@@ -24,12 +24,11 @@ from realtime.context import Context
 from realtime.errors import WireError, ok, to_error
 from realtime.limits import LIMITS, SOCKETIO_PATH, Limited, Limits, is_new_session, within
 from realtime.metrics import Metrics
-from realtime.namespaces.base import store_owner
+from realtime.namespaces.base import begin_request
 from realtime.namespaces.models import MAX_SAFE_INT, Id, Inbound, Ts
 from realtime.namespaces.orders import actor_of
 from storage.gate import store_deadline
 from storage.trails import trail_for_order
-from tracking import deadline
 from tracking.clock import now_ms
 from tracking.errors import DomainError, Forbidden
 from tracking.lifecycle import STATES
@@ -163,7 +162,7 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         try:
             limits.new_session(request)
         except Limited as exc:
-            return too_many(exc)
+            return error_response(exc)
     if (request.headers.get("Upgrade", "").lower() == "websocket"
             and request.path.startswith(SOCKETIO_PATH)):
         return await handler(request)
@@ -172,29 +171,23 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
     try:
         if request.path.startswith("/api/"):
             request[PRINCIPAL] = authenticate(request, ctx, limits)
-            store_owner(request[PRINCIPAL])
-            deadline.start(ctx.settings.mongo_timeout_ms / 1000)
+            begin_request(request[PRINCIPAL], ctx.settings)
         elif not request.path.startswith(SOCKETIO_PATH):  # sessions: limited above
             limits.by_address(request)
         resp = await handler(request)
-    except Limited as exc:
-        resp = too_many(exc)
+    except Limited as exc:  # pages and static files too, not only /api/
+        resp = error_response(exc)
     except web.HTTPException as exc:
         if not request.path.startswith("/api/"):
             raise
         code = {404: "not_found", 405: "invalid", 413: "too_large"}.get(exc.status, "invalid")
-        err = WireError(code, exc.reason)
-        resp = json_response(err.body(), err.http_status)
+        resp = error_response(WireError(code, exc.reason))
     except asyncio.CancelledError:
         raise
     except Exception as exc:
         if not request.path.startswith("/api/"):
             raise  # Socket.IO and the pages handle their own failures
-        err = to_error(exc)
-        resp = json_response(err.body(), err.http_status)
-        retry_ms = err.body()["error"].get("retry_after_ms")
-        if isinstance(retry_ms, int | float) and retry_ms > 0:  # shed by the store's gate
-            resp.headers["Retry-After"] = str(max(1, math.ceil(retry_ms / 1000)))
+        resp = error_response(to_error(exc))
     ctx.metrics.http.labels(route, str(resp.status)).inc()
     return resp
 
@@ -218,9 +211,15 @@ def authenticate(request: web.Request, ctx: Context, limits: Limits) -> Principa
     return p
 
 
-def too_many(exc: Limited) -> web.Response:
-    resp = json_response(exc.body(), exc.http_status)
-    resp.headers["Retry-After"] = exc.retry_after_s()  # whole seconds (RFC 9110)
+def error_response(err: WireError) -> web.Response:
+    """The error's body and status; with `Retry-After` (whole seconds, RFC
+    9110) whenever the error says when to come back (rate limited, or shed
+    by the store's gate)."""
+    body = err.body()
+    resp = json_response(body, err.http_status)
+    retry_ms = body["error"].get("retry_after_ms")
+    if isinstance(retry_ms, int | float) and retry_ms > 0:
+        resp.headers["Retry-After"] = str(max(1, math.ceil(retry_ms / 1000)))
     return resp
 
 

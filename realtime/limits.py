@@ -29,7 +29,6 @@ by their /64, which one host can rotate through at will.
 from __future__ import annotations
 
 import ipaddress
-import math
 from collections.abc import Sequence
 
 from aiohttp import web
@@ -55,10 +54,6 @@ class Limited(WireError):
 
     def __init__(self, message: str, retry_after_ms: int) -> None:
         super().__init__("rate_limited", message, {"retry_after_ms": retry_after_ms})
-        self.retry_after_ms = retry_after_ms
-
-    def retry_after_s(self) -> str:
-        return str(max(1, math.ceil(self.retry_after_ms / 1000)))
 
 
 class _NoLimit:

@@ -269,7 +269,7 @@ class LinkClock:
 class DirectLink:
     """One websocket session's transport, as the fan-out writes to it."""
 
-    __slots__ = ("_backlog", "_close_sent", "_inflight", "_lingering", "_out", "_paused", "_slot", "clock",
+    __slots__ = ("_backlog", "_inflight", "_lingering", "_out", "_paused", "_slot", "clock",
                  "closed", "done", "fast", "last_rx", "loop", "max_unsent", "ping_at", "pinger", "sock",
                  "timeout", "transport")
 
@@ -290,8 +290,7 @@ class DirectLink:
         # most what one read of the socket brought.
         self._backlog: deque[str | bytes] | None = None
         self._paused = False
-        self._close_sent = False
-        self._lingering = False
+        self._lingering = False  # our close frame is sent; the connection is closing
         self._out: list[bytes] = []
         # The server's clock serves both the liveness check and the Engine.IO
         # ping that is due next (pinger(sock) sends it).
@@ -454,10 +453,8 @@ class DirectLink:
                 self._out = []
                 transport.abort()
             else:
-                if not self._close_sent:
-                    self._close_sent = True
-                    self._out.append(_frame(0x8, int(code).to_bytes(2, "big")))
                 out, self._out = self._out, []
+                out.append(_frame(0x8, int(code).to_bytes(2, "big")))
                 transport.write(b"".join(out))
                 self._linger(transport)
         self.finish()

@@ -76,7 +76,7 @@ _CURRENT: ContextVar[StoreGate | None] = ContextVar("store_gate", default=None)
 # Whose request this task serves (a user id; None: the server's own work or
 # the backend), set by the edge for each request: one user holds at most
 # `max_per_owner` of the gate's places, running or waiting; more of theirs
-# wait for one of those (until their deadline) before they queue here.
+# wait up to OWNER_WAIT_S for one of those before they queue here.
 OWNER: ContextVar[str | None] = ContextVar("store_owner", default=None)
 
 

@@ -8,6 +8,7 @@ import asyncio
 import os
 import re
 import signal
+import sys
 from pathlib import Path
 
 from tests.harness import ServerProcess
@@ -121,3 +122,24 @@ async def wait_gone(pid: int, timeout: float) -> None:
             loop.remove_reader(fd)
     finally:
         os.close(fd)
+
+
+# How long a CLI command (`token`, a `serve` that should refuse to start) may take.
+CLI_TIMEOUT = 30.0
+
+
+async def cli(*args: str, env: dict[str, str], cwd: Path) -> tuple[int, str, str]:
+    """`python -m realtime <args>`: its exit code, stdout and stderr (killed
+    after CLI_TIMEOUT, e.g. a server that should have refused to start)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "realtime", *args, env=env, cwd=cwd,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), CLI_TIMEOUT)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import stat
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +24,11 @@ from realtime.auth import mint_token
 from realtime.settings import Settings
 from tests.conftest import JWT_SECRET, Live, StartApp
 from tests.harness import free_port, uid, until
-from tests.server_procs import clean_env, log_text, server_process, start, stop
+from tests.server_procs import clean_env, cli, log_text, server_process, start, stop
 from tests.wire import RawSocketIO, assert_error, claims
 
 XFF = "X-Forwarded-For"
 HANDSHAKE_TIMEOUT = 5.0
-CLI_TIMEOUT = 60.0
 
 
 def hs(payload: dict[str, Any]) -> str:
@@ -174,21 +172,11 @@ async def test_the_cli_refuses_a_3_char_secret_file_with_a_clear_message(
     (data / "jwt_secret").write_text("abc\n")
     port = free_port()
     env = clean_env(REALTIME_DATA_DIR=str(data), REALTIME_PORT=str(port), REALTIME_HOST="127.0.0.1")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "realtime", *args, env=env, cwd=tmp_path,
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), CLI_TIMEOUT)
-    finally:
-        if proc.returncode is None:  # it ran on with the short secret
-            proc.kill()
-            await proc.wait()
-    text = err.decode()
-    assert proc.returncode == 2, (proc.returncode, out.decode()[-500:], text[-3000:])
+    code, out, text = await cli(*args, env=env, cwd=tmp_path)  # a `serve` that ran on is killed
+    assert code == 2, (code, out[-500:], text[-3000:])
     assert "configuration error" in text and str(data / "jwt_secret") in text and "16" in text, text
     assert "Traceback" not in text, text
-    assert out == b""  # no token minted
+    assert out == ""  # no token minted
 
 
 # -- claims: types, and `sub` under the id rule -----------------------------------------------

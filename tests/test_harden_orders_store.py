@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from realtime.api import CTX
 from tests.conftest import Live, app_on
 from tests.harness import (
     Client,
@@ -232,7 +233,14 @@ async def test_a_stalled_store_answers_within_the_bound_sheds_the_excess_and_rec
         os.kill(store.proc.pid, signal.SIGSTOP)
         stalled_at = time.monotonic()
         try:
-            await asyncio.sleep(BOUND_S)  # the traffic's calls now wait on the store
+            # The traffic's calls now hold every place of the gate, waiting on the store.
+            gate = live.app[CTX].orders._store._gate
+
+            async def gate_full() -> bool:
+                return (gate.inflight, gate.waiting) == (GATE["store_max_inflight"],
+                                                         GATE["store_max_waiting"])
+
+            await until(gate_full, 5, every=0.01, what="the gate full of stalled calls")
             burst = [timed.call(senders[i % SENDERS].client, "send", {
                          "conversation_id": senders[i % SENDERS].cid, "client_msg_id": f"burst-{i}",
                          "body": f"断库时 {i}"}) for i in range(BURST)]

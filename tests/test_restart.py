@@ -4,10 +4,8 @@ a generated JWT secret is kept in the data dir."""
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import stat
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,6 +19,7 @@ from tests.harness import Client, Http, ServerProcess, uid
 from tests.server_procs import (
     alive,
     clean_env,
+    cli,
     embedded_store_pid,
     log_text,
     processes_using,
@@ -32,7 +31,6 @@ from tests.server_procs import (
 
 SECRET = "restart-test-secret-0123456789ab"
 assert len(SECRET) == 32
-CLI_TIMEOUT = 30.0
 
 
 def token(secret: str, role: str, sub: str | None = None) -> str:
@@ -102,18 +100,9 @@ async def stop_cleanly(server: ServerProcess, data_dir: Path) -> None:
 
 
 async def run_cli(*args: str, env: dict[str, str], cwd: Path) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "realtime", *args, env=env, cwd=cwd,
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), CLI_TIMEOUT)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 0, f"python -m realtime {' '.join(args)}: {err.decode()}"
-    return out.decode().strip()
+    code, out, err = await cli(*args, env=env, cwd=cwd)
+    assert code == 0, f"python -m realtime {' '.join(args)}: {err}"
+    return out.strip()
 
 
 async def test_restart_keeps_orders_and_events(servers: Servers, tmp_path: Path) -> None:

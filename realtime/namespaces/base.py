@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from realtime.auth import Principal
 from realtime.errors import WireError, ok, to_error
+from realtime.settings import Settings
 from realtime.sio import refusal
 from storage.gate import OWNER
 from tracking import deadline
@@ -139,8 +140,7 @@ class BaseNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
             principal = self.principals.get(sid)
             if principal is None:
                 raise WireError("unauthorized", "not connected")
-            store_owner(principal)
-            deadline.start(self.ctx.settings.mongo_timeout_ms / 1000)
+            begin_request(principal, self.ctx.settings)
             if spec is None:
                 raise WireError("invalid", f"unknown event {event[:64]!r}",
                                 {"events": sorted(self.events)})
@@ -164,9 +164,11 @@ class BaseNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         return reply
 
 
-def store_owner(principal: Principal) -> None:
-    """The store work of this request (its task) is the principal's share of
-    the node's store gate (storage/gate.py); the backend's is not limited."""
+def begin_request(principal: Principal, settings: Settings) -> None:
+    """What the rest of this request (its task) runs under: one deadline
+    for all of its waits (tracking/deadline.py), and the principal's share of
+    the node's store gate (storage/gate.py; the backend's is not limited)."""
+    deadline.start(settings.mongo_timeout_ms / 1000)
     OWNER.set(None if principal.role == "service" else f"{principal.role}:{principal.id}")
 
 
