@@ -172,12 +172,17 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
             self._publisher_task = asyncio.get_running_loop().create_task(self._publisher_loop())
 
     async def _publisher_loop(self) -> None:
-        while True:
+        # `_closed` ends the loop even when a cancellation was swallowed on
+        # the way (Python 3.11's wait_for can lose one that races a result,
+        # and redis-py waits with it): aclose sets it and wakes the loop.
+        while not self._closed:
             await self._outbox_ready.wait()
+            if self._closed:
+                return
             await asyncio.sleep(PUBLISH_GATHER_S)
             self._outbox_ready.clear()
             self._drain_rows()
-            while self._outbox:
+            while self._outbox and not self._closed:
                 batch = [self._outbox.popleft()
                          for _ in range(min(PUBLISH_BATCH, len(self._outbox)))]
                 try:
@@ -250,7 +255,7 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
     async def _redis_listen_with_retries(self) -> AsyncIterator[Any]:
         backoff = 0.1
         failed = False
-        while True:
+        while not self._closed:
             try:
                 self._redis_connect()
                 await self.pubsub.subscribe(self.channel, self.node_channel)
@@ -275,6 +280,9 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
                     await self.redis.aclose()
                 except Exception:  # already broken: nothing to close cleanly
                     pass
+        # Stopped, though the cancellation got lost on the way: end the
+        # listening task as cancelled (python-socketio logs any other end).
+        raise asyncio.CancelledError
 
     async def aclose(self) -> None:
         """Stop publishing and listening, and close both Redis clients.
@@ -283,6 +291,7 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         is garbage-collected later with its async generators mid-iteration,
         and asyncio logs their failed close as errors of whatever runs then."""
         self._closed = True
+        self._outbox_ready.set()  # a loop that lost its cancellation ends too
         for task in (self._publisher_task, getattr(self, "thread", None)):
             if task is not None:
                 task.cancel()
