@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from tracking.locations import MemoryRateLimiter
+from kernel.rate import MemoryRateLimiter
 
 
 class Limiter(Protocol):

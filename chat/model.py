@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from tracking.errors import Forbidden
-from tracking.lifecycle import Actor
+from kernel.actor import Actor
+from kernel.errors import Forbidden
 
 Conversation = dict[str, Any]
 Message = dict[str, Any]

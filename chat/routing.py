@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final, Protocol
 
 from chat.model import Conversation
-from tracking.clock import now_ms
+from kernel.clock import now_ms
 
 log = logging.getLogger(__name__)
 

@@ -23,11 +23,11 @@ from chat.model import (
     message_view,
 )
 from chat.routing import FRONT_OFFSET, Router
-from tracking.clock import now_ms
-from tracking.errors import Conflict, Forbidden, Invalid, NotFound, RateLimited
-from tracking.lifecycle import Actor
-from tracking.locks import KeyedLocks
-from tracking.orders import Event, Order, OrderService
+from kernel.actor import Actor
+from kernel.clock import now_ms
+from kernel.errors import Conflict, Forbidden, Invalid, NotFound, RateLimited
+from kernel.locks import KeyedLocks
+from orders.service import Event, Order, OrderService
 
 log = logging.getLogger(__name__)
 

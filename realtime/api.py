@@ -18,7 +18,9 @@ from aiohttp import web, web_response
 from pydantic import BaseModel, Field, StringConstraints, field_validator
 
 from chat.model import conversation_view, message_view
-from realtime import jsonwire
+from kernel.clock import now_ms
+from kernel.errors import DomainError, Forbidden
+from orders.lifecycle import STATES
 from realtime.auth import Principal
 from realtime.context import Context
 from realtime.errors import WireError, ok, to_error
@@ -27,11 +29,9 @@ from realtime.metrics import Metrics
 from realtime.namespaces.base import begin_request
 from realtime.namespaces.models import MAX_SAFE_INT, Id, Inbound, Ts
 from realtime.namespaces.orders import actor_of
+from realtime.transport import jsonwire
 from storage.gate import store_deadline
 from storage.trails import trail_for_order
-from tracking.clock import now_ms
-from tracking.errors import DomainError, Forbidden
-from tracking.lifecycle import STATES
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class EventIn(Inbound):
 
 # Free-form JSON we store must fit MongoDB (nesting, 64-bit ints, keys
 # without NUL) and JavaScript (safe integers, finite numbers). The body was
-# parsed by realtime/jsonwire.py, which already refuses NaN, infinities and
+# parsed by realtime/transport/jsonwire.py, which already refuses NaN, infinities and
 # NUL in keys; checked again here because this is what gets stored.
 MAX_DEPTH = 16
 
@@ -139,7 +139,7 @@ async def parse(request: web.Request, model: type[BaseModel]) -> Any:
         raise WireError("too_large", "request body too large") from None
     except UnicodeDecodeError:
         raise WireError("invalid", "body is not valid JSON") from None
-    except ValueError as exc:  # malformed, or refused by realtime/jsonwire.py (depth, numbers, keys)
+    except ValueError as exc:  # malformed, or refused by transport/jsonwire.py (depth, numbers, keys)
         raise WireError("invalid", f"body is not valid JSON: {jsonwire.why(exc)}") from None
     if not isinstance(raw, dict):
         raise WireError("invalid", "body must be a JSON object",

@@ -14,6 +14,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from chat.routing import Router
 from chat.service import ChatService
+from orders.service import Event, Order, OrderService
 from realtime.api import (
     CTX,
     api_middleware,
@@ -24,11 +25,9 @@ from realtime.api import (
     setup_routes,
 )
 from realtime.auth import TokenVerifier
-from realtime.cluster import ClusterManager
 from realtime.context import Context
 from realtime.engine import build_engine
 from realtime.errors import ok
-from realtime.hostile import Hostile, HostileLogFilter
 from realtime.interest import Interest
 from realtime.limits import LIMITS, Limits
 from realtime.metrics import Metrics
@@ -43,7 +42,9 @@ from realtime.namespaces.tracking import NAMESPACE as TRACKING_NS
 from realtime.namespaces.tracking import TrackingNamespace
 from realtime.pages import setup_pages
 from realtime.settings import Settings
-from realtime.sio import RealtimeServer
+from realtime.transport.cluster import ClusterManager
+from realtime.transport.hostile import Hostile, HostileLogFilter
+from realtime.transport.sio import RealtimeServer
 from storage.chat import MongoChatStore
 from storage.dispatch import MongoDispatchStore
 from storage.embedded import EmbeddedMongo
@@ -53,7 +54,6 @@ from storage.trails import KEEP_NO_TRAILS, TrailWriter, ensure_trail_indexes
 from tracking.dispatch import DispatchConfig, DispatchService
 from tracking.eta import EtaConfig
 from tracking.locations import FilterConfig
-from tracking.orders import Event, Order, OrderService
 from tracking.service import TrackingConfig, TrackingService
 
 log = logging.getLogger(__name__)

@@ -16,9 +16,9 @@ from typing import Any
 import jwt
 from pydantic import TypeAdapter, ValidationError
 
+from kernel.errors import Unauthorized
 from realtime.namespaces.models import Id
 from realtime.settings import Settings, read_key
-from tracking.errors import Unauthorized
 
 ROLES = frozenset({"customer", "technician", "agent", "admin", "service"})
 MAX_TOKEN_CHARS = 8192

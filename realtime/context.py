@@ -13,14 +13,14 @@ if TYPE_CHECKING:
     from pymongo import AsyncMongoClient
 
     from chat.service import ChatService
+    from orders.service import OrderService
     from realtime.engine import Engine
     from realtime.namespaces.ops import OpsNamespace
-    from realtime.sio import RealtimeServer
+    from realtime.transport.sio import RealtimeServer
     from storage.chat import MongoChatStore
     from storage.dispatch import MongoDispatchStore
     from storage.trails import TrailWriter
     from tracking.dispatch import DispatchService
-    from tracking.orders import OrderService
     from tracking.service import TrackingService
 
 

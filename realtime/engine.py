@@ -12,17 +12,17 @@ from redis import asyncio as aioredis
 
 from chat.limits import LocalRateLimiter, SendLimits
 from chat.routing import AgentDirectory, MemoryAgentDirectory, PumpLock, local_lock
-from realtime.bus import Bus
-from realtime.cluster import ClusterManager
-from realtime.fanout import LocalManager
+from kernel.rate import MemoryRateLimiter
 from realtime.presence import Presence
 from realtime.presence.memory import MemoryPresence
-from realtime.presence.redis import RedisPresence
 from realtime.settings import Settings
-from storage.fallback import FallbackDirectory, FallbackPositions
-from storage.rate_limits import shared_limiter
-from storage.redis_state import RedisAgentDirectory, RedisPositions, redis_lock
-from tracking.locations import MemoryRateLimiter
+from realtime.transport.bus import Bus
+from realtime.transport.cluster import ClusterManager
+from realtime.transport.fanout import LocalManager
+from storage.redis.fallback import FallbackDirectory, FallbackPositions
+from storage.redis.positions import RedisAgentDirectory, RedisPositions, redis_lock
+from storage.redis.presence import RedisPresence
+from storage.redis.rate_limits import shared_limiter
 from tracking.positions import MemoryPositions, PositionStore
 from tracking.service import RateLimiter
 
@@ -81,7 +81,7 @@ def build_engine(settings: Settings) -> Engine:
         name="redis", node_id=node_id, bus=bus, redis=redis,
         manager=ClusterManager(settings.redis_url, bus, channel=settings.redis_channel),
         # While Redis is away each node keeps serving its own clients from
-        # memory (storage/fallback.py).
+        # memory (storage/redis/fallback.py).
         positions=FallbackPositions(RedisPositions(redis, prefix)),
         # Rate limits stay per node: a technician's stream goes to the node
         # holding its socket (docs/tracking.md).

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from pymongo.errors import ConnectionFailure, PyMongoError
 from redis.exceptions import RedisError
 
-from tracking.errors import DomainError
+from kernel.errors import DomainError
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ go only where someone watches: each node announces which orders it has
 watchers for (and whether it has area watchers) on the shared channel, and a
 position is published to the channels of just those nodes; none, when no
 other node watches. (Positions for one node are gathered until the next
-publish and go as one message of rows: realtime/cluster.py.)
+publish and go as one message of rows: realtime/transport/cluster.py.)
 
 Announcements are at most once like all pub/sub, so each node repeats its
 whole interest every `ttl/3` seconds and forgets another node's interest

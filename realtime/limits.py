@@ -34,11 +34,11 @@ from collections.abc import Sequence
 from aiohttp import web
 from prometheus_client import Counter
 
+from kernel.rate import MemoryRateLimiter
 from realtime.auth import Principal
 from realtime.errors import WireError
 from realtime.metrics import Metrics
 from realtime.settings import Network, Settings
-from tracking.locations import MemoryRateLimiter
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 

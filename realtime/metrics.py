@@ -115,7 +115,7 @@ class Metrics:
 
         self.hostile = Counter(
             "realtime_hostile_input_total",
-            "Hostile or malformed input dropped or refused, by kind (realtime/hostile.py)",
+            "Hostile or malformed input dropped or refused, by kind (realtime/transport/hostile.py)",
             ["kind"], registry=r,
         )
 

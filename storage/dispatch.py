@@ -9,8 +9,8 @@ from pymongo import ASCENDING, IndexModel
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from kernel.errors import Conflict
 from storage.gate import GatedStore, StoreGate
-from tracking.errors import Conflict
 
 INDEXES = [
     IndexModel([("order_id", ASCENDING), ("created_ts", ASCENDING)]),

@@ -49,8 +49,8 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 
-from tracking import deadline as request_deadline
-from tracking.errors import Unavailable
+from kernel import deadline as request_deadline
+from kernel.errors import Unavailable
 
 log = logging.getLogger(__name__)
 

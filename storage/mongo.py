@@ -17,9 +17,9 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError
 
+from orders.lifecycle import TECHNICIAN_PHASE
+from orders.service import Event, Order, OrderExists, StaleWrite
 from storage.gate import GatedStore, StoreGate, transaction_interrupted
-from tracking.lifecycle import TECHNICIAN_PHASE
-from tracking.orders import Event, Order, OrderExists, StaleWrite
 
 Observe = Callable[[str, float], None]
 T = TypeVar("T")

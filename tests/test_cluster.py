@@ -229,7 +229,7 @@ async def test_positions_reach_watchers_on_other_nodes(cluster: Cluster) -> None
     assert pos["distance_m"] == pytest.approx(2000, abs=5)
 
     # A re-watch on yet another node gets the latest position in its reply (shared in Redis)
-    # once A has written it: within the write-behind window (storage/redis_state.py), or at
+    # once A has written it: within the write-behind window (storage/redis/positions.py), or at
     # once when A itself reads positions (its searches read their own writes: they flush).
     await cluster.api(a, "GET", f"/api/technicians/nearby?lat={p1['lat']}&lng={p1['lng']}")
     watcher_c = await cluster.client(c, "/tracking", "customer", cust_id)

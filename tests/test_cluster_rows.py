@@ -1,4 +1,4 @@
-"""Rows for other nodes (realtime/cluster.py): gathered per node until the
+"""Rows for other nodes (realtime/transport/cluster.py): gathered per node until the
 publisher drains them, then one message per node with every row in order,
 cut into slices of ROWS_PER_MESSAGE; against a real Redis."""
 
@@ -10,8 +10,8 @@ from typing import Any
 
 from redis import asyncio as aioredis
 
-from realtime.bus import PREFIX, Bus
-from realtime.cluster import ROWS_PER_MESSAGE, ClusterManager
+from realtime.transport.bus import PREFIX, Bus
+from realtime.transport.cluster import ROWS_PER_MESSAGE, ClusterManager
 from tests.harness import RedisServer, uid
 
 

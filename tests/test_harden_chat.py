@@ -21,7 +21,7 @@ from redis import asyncio as aioredis
 
 from realtime.settings import Settings
 from storage.chat import MongoChatStore
-from storage.rate_limits import shared_limiter
+from storage.redis.rate_limits import shared_limiter
 from tests.cluster_harness import RestartableRedis
 from tests.conftest import JWT_SECRET, Live, StartApp
 from tests.harness import Client, MongoServer, server_errors, uid, until

@@ -1,5 +1,5 @@
 """Strict, bounded JSON at every edge (issue 14, items 2, 5, 9 and the fast
-path of item 4): every inbound JSON goes through realtime/jsonwire.py, which
+path of item 4): every inbound JSON goes through realtime/transport/jsonwire.py, which
 refuses nesting deeper than MAX_DEPTH before parsing, NaN/Infinity and
 numbers that overflow to infinity, integers of more than MAX_INT_DIGITS
 digits, NUL in object keys and lone surrogates; every reply is strict JSON;
@@ -27,7 +27,7 @@ CALL_TIMEOUT = 3.0  # replies come in milliseconds; longer is a hung ack
 JSON_CT = {"Content-Type": "application/json"}
 DEEP = 30_000  # brackets: under the 64 KiB frame and body limit, far over any recursion limit
 # The documented limits (docs/protocol.md); test_limits_are_the_documented_ones ties them
-# to realtime/jsonwire.py, imported inside the tests that use it.
+# to realtime/transport/jsonwire.py, imported inside the tests that use it.
 MAX_DEPTH = 32
 MAX_INT_DIGITS = 32
 
@@ -105,16 +105,16 @@ async def cancelled_order(live: Live) -> dict[str, Any]:
     return order
 
 
-# -- realtime/jsonwire.py on its own -------------------------------------------------
+# -- realtime/transport/jsonwire.py on its own -------------------------------------------------
 
 def test_limits_are_the_documented_ones() -> None:
-    from realtime import jsonwire
+    from realtime.transport import jsonwire
 
     assert (jsonwire.MAX_DEPTH, jsonwire.MAX_INT_DIGITS) == (MAX_DEPTH, MAX_INT_DIGITS)
 
 
 def test_nesting_limit_is_exact_and_ignores_brackets_in_strings() -> None:
-    from realtime import jsonwire
+    from realtime.transport import jsonwire
 
     limit = MAX_DEPTH
     assert jsonwire.loads("[" * limit + "]" * limit) is not None
@@ -139,14 +139,14 @@ def test_nesting_limit_is_exact_and_ignores_brackets_in_strings() -> None:
     '"\\ud800"', '{"a":"x\\udfff"}', '{"\\udc00":1}',  # lone surrogates
 ])
 def test_refused_tokens(text: str) -> None:
-    from realtime import jsonwire
+    from realtime.transport import jsonwire
 
     with pytest.raises(ValueError):
         jsonwire.loads(text)
 
 
 def test_accepted_edges() -> None:
-    from realtime import jsonwire
+    from realtime.transport import jsonwire
 
     assert jsonwire.loads("1e308") == 1e308
     assert jsonwire.loads("9" * MAX_INT_DIGITS) == int("9" * MAX_INT_DIGITS)
@@ -155,7 +155,7 @@ def test_accepted_edges() -> None:
 
 
 def test_outbound_json_is_always_strict() -> None:
-    from realtime import jsonwire
+    from realtime.transport import jsonwire
 
     assert jsonwire.dumps({"a": 1.5, "b": [1, "x"]}) == '{"a":1.5,"b":[1,"x"]}'
     text = jsonwire.dumps({"a": float("inf"), "b": [float("nan"), -float("inf"), 2.0]})
@@ -421,10 +421,10 @@ async def test_malformed_packets_with_an_ack_id_get_invalid(
     # Counted, not logged per packet: at most the one rate-limited line.
     assert hostile.counts.get("malformed_packet", 0) >= before + 1
     per_packet = [r for r in caplog.records if r.name.startswith(("realtime", "engineio", "socketio"))
-                  and r.name != "realtime.hostile"
+                  and r.name != "realtime.transport.hostile"
                   and ("malformed" in r.getMessage() or "undecodable" in r.getMessage())]
     assert per_packet == [], [r.getMessage() for r in per_packet]
-    assert len([r for r in caplog.records if r.name == "realtime.hostile"]) <= 1
+    assert len([r for r in caplog.records if r.name == "realtime.transport.hostile"]) <= 1
 
 
 async def test_an_ack_id_too_long_to_be_one_is_never_echoed(

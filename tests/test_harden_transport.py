@@ -21,7 +21,7 @@ import aiohttp
 import pytest
 
 from realtime.api import CTX
-from realtime.wsdirect import MAX_INFLIGHT
+from realtime.transport.wsdirect import MAX_INFLIGHT
 from tests.conftest import Live, StartApp
 from tests.harness import until
 from tests.test_hardening import next_ack, raw_orders_socket

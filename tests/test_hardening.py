@@ -147,7 +147,7 @@ async def test_reserved_event_names_are_refused(live: Live, name: str) -> None:
 async def test_websocket_sessions_are_pinged_every_interval_and_dropped_when_silent(
         start_app: StartApp) -> None:
     """Pings of a websocket session come from a timer, not a task per socket
-    (realtime/sio.py): one every interval for as long as the client answers;
+    (realtime/transport/sio.py): one every interval for as long as the client answers;
     a client that stops answering is closed after interval + timeout."""
     # Whole seconds: python-engineio advertises the interval truncated to them.
     live = await start_app(ping_interval_s=1.0, ping_timeout_s=1.0)
@@ -179,10 +179,10 @@ async def test_websocket_sessions_are_pinged_every_interval_and_dropped_when_sil
 async def test_a_websocket_session_keeps_no_copy_of_its_handshake(start_app: StartApp) -> None:
     """Once open, a websocket session holds neither every request header
     under a WSGI key nor aiohttp's request, its headers or its request
-    handler: the connection is handed to the link (realtime/sio.py,
-    realtime/wsdirect.py). And it still works: a namespace connects, refuses
+    handler: the connection is handed to the link (realtime/transport/sio.py,
+    realtime/transport/wsdirect.py). And it still works: a namespace connects, refuses
     a token in the query string, and events are answered."""
-    from realtime.sio import ENVIRON_KEPT
+    from realtime.transport.sio import ENVIRON_KEPT
 
     live = await start_app()
     sio = live.app[CTX].sio
@@ -212,7 +212,7 @@ async def test_a_websocket_session_keeps_no_copy_of_its_handshake(start_app: Sta
 async def test_an_open_websocket_session_holds_no_task(start_app: StartApp) -> None:
     """Once its handshake is done, a session has no task at all: not aiohttp's
     two (connection, request handler), no Engine.IO writer task, no task
-    asleep until the next ping (realtime/sio.py, realtime/wsdirect.py)."""
+    asleep until the next ping (realtime/transport/sio.py, realtime/transport/wsdirect.py)."""
     live = await start_app()
     sockets = []
 
@@ -282,7 +282,7 @@ async def test_a_refused_polling_post_is_answered_when_no_get_takes_the_close(li
     """The same with no GET pending (a client that gave up): the POST is
     answered once the bounded wait for the client's next GET is over, and
     the session is gone."""
-    from realtime.sio import POLL_CLOSE_WAIT_S
+    from realtime.transport.sio import POLL_CLOSE_WAIT_S
 
     polling = Polling(live)
     await polling.open()

@@ -1,5 +1,5 @@
 """The one timer behind every websocket session's liveness check and next
-ping (realtime/wsdirect.py LinkClock): duties fire in time order, within a
+ping (realtime/transport/wsdirect.py LinkClock): duties fire in time order, within a
 slot of when they are due, a dropped session never fires, and the clock
 sleeps when nothing waits."""
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from realtime.wsdirect import CLOCK_SLOT_S, LinkClock
+from realtime.transport.wsdirect import CLOCK_SLOT_S, LinkClock
 
 
 class Duty:

@@ -1,7 +1,7 @@
 """Orders over the real wire (Socket.IO on /orders and the HTTP API) against the real store.
 
 The expectations below are written from PROTOCOL.md ("Orders" and "HTTP API"),
-not from tracking/lifecycle.py, so a drift between the two shows up here.
+not from orders/lifecycle.py, so a drift between the two shows up here.
 """
 
 from __future__ import annotations

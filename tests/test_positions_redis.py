@@ -1,4 +1,4 @@
-"""The shared latest positions (storage/redis_state.py) against a real Redis:
+"""The shared latest positions (storage/redis/positions.py) against a real Redis:
 latest wins across nodes, the polar band, at most one write per window,
 and a flush that writes at once and leaves nothing pending."""
 
@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator
 import pytest
 from redis import asyncio as aioredis
 
-from storage import redis_state
-from storage.redis_state import WRITE_BEHIND_S, RedisPositions
+from storage.redis import positions as redis_state
+from storage.redis.positions import WRITE_BEHIND_S, RedisPositions
 from tests.harness import RedisServer, uid
 from tracking.positions import Position
 

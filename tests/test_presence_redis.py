@@ -1,4 +1,4 @@
-"""Presence shared through Redis (realtime/presence/redis.py), against a real
+"""Presence shared through Redis (storage/redis/presence.py), against a real
 Redis: who is online across nodes, and a node's own users cost no round trip."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 from redis import asyncio as aioredis
 
-from realtime.presence.redis import RedisPresence
+from storage.redis.presence import RedisPresence
 from tests.harness import RedisServer, uid
 
 

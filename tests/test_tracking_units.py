@@ -11,9 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kernel.rate import MemoryRateLimiter, TokenBucket
 from tracking.eta import MAX_SPEED_MPS, MIN_SPEED_MPS, EtaConfig, EtaEstimator
 from tracking.geo import haversine_m
-from tracking.locations import MAX_FUTURE_MS, FilterConfig, MemoryRateLimiter, Point, TokenBucket, check_point
+from tracking.locations import MAX_FUTURE_MS, FilterConfig, Point, check_point
 
 NOW = 1_800_000_000_000
 LAT, LNG = 31.2304, 121.4737

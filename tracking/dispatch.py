@@ -22,13 +22,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-from tracking.clock import now_ms
-from tracking.errors import Conflict, Forbidden
+from kernel.actor import Actor
+from kernel.clock import now_ms
+from kernel.errors import Conflict, Forbidden
+from kernel.tasks import BackgroundTasks
+from orders.service import OrderService
 from tracking.geo import haversine_m
-from tracking.lifecycle import Actor
-from tracking.orders import OrderService
 from tracking.positions import Position, PositionStore
-from tracking.tasks import BackgroundTasks
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""GPS points: the filter every point passes, and the per-technician rate limit.
+"""GPS points: the filter every point passes (the per-technician rate limit
+is kernel/rate.py's token buckets).
 
 Filters follow Traccar's reference set where it applies to phones: invalid
 fixes, future timestamps, out-of-order points (an old point never moves the
@@ -8,7 +9,6 @@ marker back), impossible jumps, poor accuracy.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import Final
 
@@ -60,45 +60,3 @@ def check_point(p: Point, last: Point | None, cfg: FilterConfig, now_ms: int) ->
         if haversine_m(last.lat, last.lng, p.lat, p.lng) / dt > cfg.max_speed_mps:
             return "teleport"
     return None
-
-
-class TokenBucket:
-    """rate tokens per second up to burst; one per message."""
-
-    __slots__ = ("burst", "rate", "stamp", "tokens")
-
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate, self.burst = rate, burst
-        self.tokens, self.stamp = burst, time.monotonic()
-
-    def take(self, now: float | None = None) -> int:
-        """0 when a token was taken, else milliseconds until one is free."""
-        now = time.monotonic() if now is None else now
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return 0
-        return max(1, math.ceil((1.0 - self.tokens) / self.rate * 1000))
-
-
-class MemoryRateLimiter:
-    """Per-key token buckets in this process. Both engines use it: a
-    technician's stream goes to the one node holding its socket, so the
-    bucket lives there (docs/tracking.md)."""
-
-    def __init__(self, rate: float, burst: float, max_keys: int = 100_000) -> None:
-        self.rate, self.burst, self.max_keys = rate, burst, max_keys
-        self._buckets: dict[str, TokenBucket] = {}
-
-    def take(self, key: str) -> int:
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            if len(self._buckets) >= self.max_keys:
-                # Full buckets carry no state worth keeping: forget them first.
-                now = time.monotonic()
-                for k in [k for k, b in self._buckets.items()
-                          if b.tokens + (now - b.stamp) * b.rate >= b.burst]:
-                    del self._buckets[k]
-            bucket = self._buckets[key] = TokenBucket(self.rate, self.burst)
-        return bucket.take()

@@ -16,15 +16,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
-from tracking.clock import now_ms
-from tracking.errors import Conflict, Forbidden, RateLimited
+from kernel.actor import Actor
+from kernel.clock import now_ms
+from kernel.errors import Conflict, Forbidden, RateLimited
+from kernel.tasks import BackgroundTasks
+from orders.lifecycle import TECHNICIAN_PHASE
+from orders.service import Order, OrderService, may_know, not_found
 from tracking.eta import EtaConfig, EtaEstimator
 from tracking.geo import haversine_m
-from tracking.lifecycle import TECHNICIAN_PHASE, Actor
 from tracking.locations import INVALID_REASONS, FilterConfig, Point, check_point
-from tracking.orders import Order, OrderService, may_know, not_found
 from tracking.positions import Position, PositionStore
-from tracking.tasks import BackgroundTasks
 
 log = logging.getLogger(__name__)
 

@@ -9,6 +9,7 @@ wrong arity and unexpected exceptions, into ``{ok, data}`` /
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -17,13 +18,14 @@ from urllib.parse import parse_qs
 import socketio
 from pydantic import BaseModel
 
+from kernel import deadline
+from kernel.errors import DomainError
 from realtime.auth import Principal
 from realtime.errors import WireError, ok, to_error
 from realtime.settings import Settings
-from realtime.sio import refusal
+from realtime.transport.rooms import LocalRooms
+from realtime.transport.sio import refusal
 from storage.gate import OWNER
-from tracking import deadline
-from tracking.errors import DomainError
 
 if TYPE_CHECKING:
     from realtime.context import Context
@@ -73,6 +75,12 @@ class BaseNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         self.ctx = ctx
         self.principals: dict[str, Principal] = {}
 
+    @functools.cached_property
+    def local(self) -> LocalRooms:
+        """This node's side of this namespace's rooms (the server is known
+        once the namespace is registered)."""
+        return LocalRooms(self.server, self.namespace)
+
     # -- handshake -------------------------------------------------------
     async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
         try:
@@ -80,8 +88,7 @@ class BaseNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
             # Per node, per namespace: what one user's sockets may cost this
             # node's memory. The backend's workers share one service identity.
             cap = self.ctx.settings.max_sockets_per_user
-            mine = self.server.manager.rooms.get(self.namespace, {}).get(user_room(principal.id), ())
-            if len(mine) >= cap and principal.role != "service":
+            if self.local.count(user_room(principal.id)) >= cap and principal.role != "service":
                 raise refusal("too_many_connections",
                               f"at most {cap} connections per user to {self.namespace}; close one")
         except socketio.exceptions.ConnectionRefusedError as exc:
@@ -166,7 +173,7 @@ class BaseNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
 
 def begin_request(principal: Principal, settings: Settings) -> None:
     """What the rest of this request (its task) runs under: one deadline
-    for all of its waits (tracking/deadline.py), and the principal's share of
+    for all of its waits (kernel/deadline.py), and the principal's share of
     the node's store gate (storage/gate.py; the backend's is not limited)."""
     deadline.start(settings.mongo_timeout_ms / 1000)
     OWNER.set(None if principal.role == "service" else f"{principal.role}:{principal.id}")

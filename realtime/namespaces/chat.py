@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import Field, StringConstraints
 
 from chat.model import conversation_view, message_view
+from kernel.actor import Actor
+from kernel.errors import Forbidden, Invalid
 from realtime.auth import Principal
 from realtime.namespaces.base import BaseNamespace, handles, user_room
 from realtime.namespaces.models import Id, Inbound, Seq
 from realtime.namespaces.orders import actor_of
-from tracking.errors import Forbidden, Invalid
-from tracking.lifecycle import Actor
 
 if TYPE_CHECKING:
     from chat.service import ChatService

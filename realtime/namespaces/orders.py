@@ -7,11 +7,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
+from kernel.actor import Actor
+from orders.service import Event, Order
 from realtime.auth import Principal
 from realtime.namespaces.base import BaseNamespace, handles, user_room
 from realtime.namespaces.models import Id, Inbound, Seq, ShortText, Text
-from tracking.lifecycle import Actor
-from tracking.orders import Event, Order
 
 NAMESPACE = "/orders"
 Stars = Annotated[int, Field(ge=1, le=5)]
@@ -92,7 +92,7 @@ class OrdersNamespace(BaseNamespace):
     async def on_leave_user(self, data: dict[str, Any]) -> None:
         """Bus signal: drop this node's sockets of a user from a room."""
         user, room = str(data.get("user_id")), str(data.get("room"))
-        for sid, _ in list(self.server.manager.get_participants(self.namespace, user_room(user))):
+        for sid in self.local.sids(user_room(user)):
             await self.leave_room(sid, room)
 
     @handles("subscribe", SubscribeIn)

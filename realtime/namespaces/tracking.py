@@ -10,16 +10,15 @@ from typing import TYPE_CHECKING, Annotated, Any, cast
 
 from pydantic import Field, ValidationError, model_validator
 
+from kernel.errors import Forbidden
 from realtime.auth import Principal
 from realtime.errors import WireError, ok, validation_details
-from realtime.fanout import has_local_members, local_emit
 from realtime.interest import Interest
 from realtime.namespaces.base import BaseNamespace, error_reply, handles
 from realtime.namespaces.models import MAX_SAFE_INT, Id, Inbound, Ts
 from realtime.namespaces.orders import actor_of
 from realtime.presence import Presence
-from realtime.wsdirect import gather
-from tracking.errors import Forbidden
+from realtime.transport.wsdirect import gather
 from tracking.geo import CoordSys, from_wgs84, to_wgs84
 from tracking.locations import Point
 from tracking.positions import Position
@@ -193,8 +192,7 @@ class AreaWatch:
             ][:AREA_LIMIT]
             if items:
                 # This node's own watchers, from every node's positions (the bus).
-                local_emit(self.ns.server.manager, "positions", {"technicians": items},
-                           self.ns.namespace, sid)
+                self.ns.local.emit("positions", {"technicians": items}, sid)
 
 
 class TrackingNamespace(BaseNamespace):
@@ -274,7 +272,7 @@ class TrackingNamespace(BaseNamespace):
         return {**counts, "results": [r.as_dict() for r in results]}
 
     def fast_location(self, sid: str, body: dict[str, Any]) -> dict[str, Any] | str | None:
-        """`location` where its frame is parsed (realtime/wsdirect.py): a
+        """`location` where its frame is parsed (realtime/transport/wsdirect.py): a
         technician already streaming here. None hands the message to the
         regular handler (first point, bad payload, not a technician), which
         also words every error. An accepted point's reply comes back as its
@@ -350,11 +348,11 @@ class TrackingNamespace(BaseNamespace):
         self.area.changed(pos)
         if not payload:
             return
-        manager = self.server.manager
+        local = self.local
         for cs in COORD_SYSTEMS:
             room = watch_room(payload["order_id"], cs)
-            if has_local_members(manager, self.namespace, room):
-                local_emit(manager, "position", convert(payload, cs), self.namespace, room)
+            if local.has_members(room):
+                local.emit("position", convert(payload, cs), room)
 
     @handles("watch", WatchIn)
     async def watch(self, p: Principal, sid: str, body: WatchIn) -> dict[str, Any]:

@@ -14,10 +14,11 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol
 
-from tracking.clock import now_ms
-from tracking.errors import Conflict, Forbidden, NotFound, Unavailable
-from tracking.lifecycle import SYSTEM, Actor, check_transition
-from tracking.locks import KeyedLocks
+from kernel.actor import Actor
+from kernel.clock import now_ms
+from kernel.errors import Conflict, Forbidden, NotFound, Unavailable
+from kernel.locks import KeyedLocks
+from orders.lifecycle import SYSTEM, check_transition
 
 Order = dict[str, Any]
 Event = dict[str, Any]

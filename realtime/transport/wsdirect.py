@@ -424,7 +424,7 @@ class DirectLink:
 
     def report(self, kind: str) -> None:
         """Hostile input from this client: counted, logged at most once per
-        interval per kind (realtime/hostile.py)."""
+        interval per kind (realtime/transport/hostile.py)."""
         hostile = getattr(getattr(self.sock, "server", None), "hostile", None)
         if hostile is not None:
             hostile.report(kind)

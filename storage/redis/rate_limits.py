@@ -10,7 +10,7 @@ from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 
 from chat.limits import LocalRateLimiter
-from storage.fallback import _Degraded
+from storage.redis.fallback import _Degraded
 
 # Once Redis fails, this node's buckets answer alone for this long before
 # Redis is tried again: a Redis that hangs (rather than refuses) costs one

@@ -34,10 +34,10 @@ from engineio.async_drivers import aiohttp as eio_aiohttp
 from engineio.async_socket import AsyncSocket
 from socketio import packet
 
-from realtime import jsonwire
-from realtime.fanout import ack_packet, deliver, encode_ack
-from realtime.hostile import Hostile
-from realtime.wsdirect import (
+from realtime.transport import jsonwire
+from realtime.transport.fanout import ack_packet, deliver, encode_ack
+from realtime.transport.hostile import Hostile
+from realtime.transport.wsdirect import (
     CLIENT_EIO_TYPES,
     MAX_BUFFERED,
     DirectLink,
@@ -129,7 +129,7 @@ def quiet_engineio_logs() -> None:
 
 def _open_direct(sock: Any, link: DirectLink) -> None:
     """Serve a websocket-only Engine.IO session through its link
-    (realtime/wsdirect.py): inbound frames are handled as they are parsed,
+    (realtime/transport/wsdirect.py): inbound frames are handled as they are parsed,
     and what python-engineio sends (pings, replies of the slower handlers) is
     written as it is queued. Nothing waits for the session: its end runs
     from the link's `done`."""
@@ -248,7 +248,7 @@ class _EngineServer(engineio.AsyncServer):  # type: ignore[misc]
     """Engine.IO server whose sockets wait for their next ping on a timer
     rather than in a task of their own (a task, a coroutine and a sleep per
     connection: ~1.5 KB each): a websocket session's on the server's one
-    LinkClock (realtime/wsdirect.py), anything else (a handshake, long-polling)
+    LinkClock (realtime/transport/wsdirect.py), anything else (a handshake, long-polling)
     on a TimerHandle."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -321,7 +321,7 @@ class RealtimeServer(socketio.AsyncServer):  # type: ignore[misc]
         # eio sid -> the timer that closes the session if it joins no namespace
         self._join_deadlines: dict[str, asyncio.TimerHandle] = {}
         self._closing_unjoined: set[asyncio.Task[Any]] = set()
-        # Counted, rate-limited reports of junk from clients (realtime/hostile.py),
+        # Counted, rate-limited reports of junk from clients (realtime/transport/hostile.py),
         # shared with the engine.io layer and every websocket link.
         self.hostile = Hostile()
         self.eio.hostile = self.hostile
@@ -467,10 +467,10 @@ class RealtimeServer(socketio.AsyncServer):  # type: ignore[misc]
 
     async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
         """python-socketio's, with the packet read here: the header with a
-        bounded ack id, then the JSON through realtime/jsonwire.py (depth,
+        bounded ack id, then the JSON through realtime/transport/jsonwire.py (depth,
         numbers, keys), so that a packet whose JSON is refused is still
         answered `invalid` on its ack id. Every drop is counted, never logged
-        per packet (realtime/hostile.py)."""
+        per packet (realtime/transport/hostile.py)."""
         if not isinstance(data, str):
             # A binary frame: an attachment of a packet we refused, or noise.
             return

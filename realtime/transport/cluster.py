@@ -27,8 +27,8 @@ from typing import Any
 import socketio
 from redis import asyncio as aioredis
 
-from realtime.bus import PREFIX, Bus
-from realtime.fanout import local_emit
+from realtime.transport.bus import PREFIX, Bus
+from realtime.transport.fanout import local_emit
 
 log = logging.getLogger(__name__)
 

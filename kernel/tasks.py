@@ -25,7 +25,7 @@ class BackgroundTasks:
 
         # A context of its own: background work is the server's, not the
         # request's that started it (no request deadline, no user's share of
-        # the store gate: tracking/deadline.py, storage/gate.py).
+        # the store gate: kernel/deadline.py, storage/gate.py).
         task = asyncio.get_running_loop().create_task(run(), context=contextvars.Context())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -4,7 +4,7 @@ python-socketio's manager encodes a broadcast once but then starts one
 asyncio task per recipient, each awaiting a queue put (ANCHORS.md: a third
 of the CPU under load). Here the packet is encoded once, and the same
 websocket frame is written straight to every recipient's transport
-(realtime/wsdirect.py); a recipient whose send queue holds something (or a
+(realtime/transport/wsdirect.py); a recipient whose send queue holds something (or a
 long-polling one) gets the packet on that queue instead, so nothing
 overtakes what is queued. Rooms with no local member cost a dictionary
 look-up and nothing else (no encoding).
@@ -17,8 +17,8 @@ from typing import Any
 import socketio
 from engineio import packet as eio_packet
 
-from realtime import jsonwire
-from realtime.wsdirect import text_frame
+from realtime.transport import jsonwire
+from realtime.transport.wsdirect import text_frame
 
 # One encoder for every packet: compact, ASCII-only, never NaN or Infinity.
 _dumps = jsonwire.dumps

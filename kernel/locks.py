@@ -8,8 +8,8 @@ import contextlib
 import weakref
 from collections.abc import AsyncIterator
 
-from tracking import deadline
-from tracking.errors import Unavailable
+from kernel import deadline
+from kernel.errors import Unavailable
 
 
 class KeyedLocks:

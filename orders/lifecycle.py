@@ -6,10 +6,10 @@ read in one place.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Final, Literal
 
-from tracking.errors import Conflict, Forbidden
+from kernel.actor import Actor
+from kernel.errors import Conflict, Forbidden
 
 State = Literal[
     "created",
@@ -59,15 +59,6 @@ CUSTOMER_CANCELLABLE: Final = frozenset({"created", "assigned"})
 STAFF: Final = frozenset({"admin", "service"})
 # The server itself: dispatch assigns, the geofence marks arrival.
 SYSTEM: Final = "system"
-
-
-@dataclass(frozen=True, slots=True)
-class Actor:
-    id: str
-    role: str  # customer | technician | agent | admin | service | system
-
-    def as_dict(self) -> dict[str, str]:
-        return {"id": self.id, "role": self.role}
 
 
 WORK: Final = frozenset({"en_route", "arrived", "in_service", "completed"})

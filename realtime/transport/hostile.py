@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Callable
 
-log = logging.getLogger("realtime.hostile")
+log = logging.getLogger("realtime.transport.hostile")
 
 # One line per kind per minute: enough to notice an attack in the log and
 # find its counter, never enough to fill a disk.

@@ -1,0 +1,3 @@
+"""The shared kernel: what every domain package uses and nothing else owns.
+Who acts (Actor), the domain errors and their wire codes, the clock, keyed
+locks, background tasks, the request deadline. Imports nothing of ours."""
