@@ -19,8 +19,10 @@ from realtime.settings import Settings
 from realtime.transport.bus import Bus
 from realtime.transport.cluster import ClusterManager
 from realtime.transport.fanout import LocalManager
+from storage.redis.directory import RedisAgentDirectory
 from storage.redis.fallback import FallbackDirectory, FallbackPositions
-from storage.redis.positions import RedisAgentDirectory, RedisPositions, redis_lock
+from storage.redis.lock import redis_lock
+from storage.redis.positions import RedisPositions
 from storage.redis.presence import RedisPresence
 from storage.redis.rate_limits import shared_limiter
 from tracking.positions import MemoryPositions, PositionStore

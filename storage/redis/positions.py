@@ -1,19 +1,16 @@
-"""Redis implementations of the shared live state: latest positions (GEO +
-a record per technician, latest-wins atomically in Lua, written behind) and
-agents' statuses. Presence is in realtime/presence."""
+"""Latest positions in Redis, shared by every node: GEO + a record per
+technician, latest-wins atomically in Lua, written behind."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
 from typing import Any, Final
 
 from redis import asyncio as aioredis
-from redis.exceptions import LockError, RedisError
+from redis.exceptions import RedisError
 
 from tracking.geo import haversine_m
 from tracking.positions import Position
@@ -218,50 +215,3 @@ class RedisPositions:
                      if haversine_m(lat, lng, p.lat, p.lng) <= radius_m]
             found = sorted(found + polar, key=lambda p: haversine_m(lat, lng, p.lat, p.lng))[:limit]
         return found
-
-
-class RedisAgentDirectory:
-    """Agents' chosen status, shared by every node (a hash)."""
-
-    def __init__(self, redis: aioredis.Redis, prefix: str = "rt") -> None:
-        self._r = redis
-        self.KEY = f"{prefix}:agents:status"
-
-    async def set_status(self, agent_id: str, status: str) -> None:
-        await self._r.hset(self.KEY, agent_id, status)
-
-    async def status(self, agent_id: str) -> str | None:
-        raw = await self._r.hget(self.KEY, agent_id)
-        return _text(raw) if raw is not None else None
-
-    async def statuses(self) -> dict[str, str]:
-        raw = await self._r.hgetall(self.KEY)
-        return {_text(k): _text(v) for k, v in raw.items()}
-
-    async def forget(self, agent_id: str) -> None:
-        await self._r.hdel(self.KEY, agent_id)
-
-
-def redis_lock(redis: aioredis.Redis, name: str, timeout_s: float = 10.0) -> Any:
-    """A cluster-wide lock (expires by itself if its holder dies). While Redis
-    is away it degrades to a lock of this node alone: the store's atomic
-    claims still keep a conversation from going to two agents."""
-    local = asyncio.Lock()
-
-    @contextlib.asynccontextmanager
-    async def held() -> AsyncIterator[None]:
-        try:
-            lock = redis.lock(name, timeout=timeout_s, blocking_timeout=timeout_s)
-            acquired = await lock.acquire()
-        except (RedisError, OSError):
-            async with local:
-                yield
-            return
-        try:
-            yield
-        finally:
-            if acquired:
-                with contextlib.suppress(RedisError, OSError, LockError):
-                    await lock.release()
-
-    return held
