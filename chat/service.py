@@ -19,13 +19,12 @@ from chat.model import (
     can_read,
     check_write,
     conversation_view,
-    is_participant,
     message_view,
 )
 from chat.routing import FRONT_OFFSET, Router
 from kernel.actor import Actor
 from kernel.clock import now_ms
-from kernel.errors import Conflict, Forbidden, Invalid, NotFound, RateLimited
+from kernel.errors import Conflict, Forbidden, NotFound, RateLimited
 from kernel.locks import KeyedLocks
 from orders.service import Event, Order, OrderService
 
@@ -317,17 +316,9 @@ class ChatService:
         await self.router.pump()  # the previous agent may have room for a waiting customer
         return moved
 
-    def typing_allowed(self, actor: Actor, conv: Conversation) -> bool:
-        return actor.role in STAFF or is_participant(actor, conv)
 
 
 async def _admit(limiter: Limiter, key: str, message: str) -> None:
     wait_ms = await limiter.take(key)
     if wait_ms:
         raise RateLimited(message, wait_ms)
-
-
-def check_kind(kind: str, actor: Actor) -> None:
-    if kind == "system":
-        raise Invalid("system messages are written by the server",
-                      [{"field": "kind", "error": "system messages are written by the server"}])

@@ -41,10 +41,6 @@ class Unavailable(DomainError):
     code = "unavailable"
 
 
-class TooLarge(DomainError):
-    code = "too_large"
-
-
 class RateLimited(DomainError):
     code = "rate_limited"
 

@@ -29,6 +29,12 @@ class BackgroundTasks:
         task = asyncio.get_running_loop().create_task(run(), context=contextvars.Context())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        close = getattr(coro, "close", None)
+        if close is not None:
+            # Cancelled before it ever ran (a close right after a spawn): the
+            # work it wraps was never awaited; closing it says so quietly
+            # (a no-op for work that ran).
+            task.add_done_callback(lambda t: close() if t.cancelled() else None)
 
     async def close(self) -> None:
         for task in list(self._tasks):

@@ -29,6 +29,7 @@ from realtime.metrics import Metrics
 from realtime.namespaces.base import begin_request
 from realtime.namespaces.models import MAX_SAFE_INT, Id, Inbound, Ts
 from realtime.namespaces.orders import actor_of
+from realtime.services import Services
 from realtime.transport import jsonwire
 from storage.gate import store_deadline
 from storage.trails import trail_for_order
@@ -36,6 +37,7 @@ from storage.trails import trail_for_order
 log = logging.getLogger(__name__)
 
 CTX: web.AppKey[Context] = web.AppKey("ctx", Context)
+SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
 PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal", Principal)
 # Bound on free-form `data` objects the backend attaches to events.
 MAX_DATA_BYTES = 8 * 1024
@@ -236,13 +238,13 @@ async def create_order(request: web.Request) -> web.Response:
     p = principal(request)
     require_role(p, "service", "admin")
     body = await parse(request, CreateOrderIn)
-    order, created = await request.app[CTX].orders.create(actor_of(p), body.model_dump())
+    order, created = await request.app[SERVICES].orders.create(actor_of(p), body.model_dump())
     return json_response(ok({"order": order, "created": created}), 201 if created else 200)
 
 
 async def get_order(request: web.Request) -> web.Response:
     p = principal(request)
-    orders = request.app[CTX].orders
+    orders = request.app[SERVICES].orders
     order_id = request.match_info["order_id"]
     # Not theirs: 404, as for an order that does not exist.
     order = await orders.visible(actor_of(p), order_id)
@@ -253,7 +255,7 @@ async def get_order(request: web.Request) -> web.Response:
 async def assign_order(request: web.Request) -> web.Response:
     p = principal(request)
     body = await parse(request, AssignIn)
-    order, event = await request.app[CTX].orders.transition(
+    order, event = await request.app[SERVICES].orders.transition(
         actor_of(p), request.match_info["order_id"], "assigned",
         {"technician_id": body.technician_id})
     return json_response(ok({"order": order, "event": event}))
@@ -262,7 +264,7 @@ async def assign_order(request: web.Request) -> web.Response:
 async def post_event(request: web.Request) -> web.Response:
     p = principal(request)
     body = await parse(request, EventIn)
-    order, event = await request.app[CTX].orders.transition(
+    order, event = await request.app[SERVICES].orders.transition(
         actor_of(p), request.match_info["order_id"], body.state, body.data or {})
     return json_response(ok({"order": order, "event": event}))
 
@@ -275,12 +277,11 @@ async def get_trail(request: web.Request) -> web.Response:
     if not ctx.settings.trails:
         raise WireError("not_found", "this deployment keeps no trails (REALTIME_TRAILS=false)")
     order_id = request.match_info["order_id"]
-    order = await ctx.orders.get(order_id)
+    order = await ctx.services.orders.get(order_id)
     after_ts = int_query(request, "after_ts", 0, 0, 2**53)
     limit = int_query(request, "limit", TRAIL_PAGE, 1, TRAIL_PAGE)
-    assert ctx.mongo is not None
     with store_deadline(ctx.settings.mongo_timeout_ms / 1000):  # outside the gate, still bounded
-        points = await trail_for_order(ctx.mongo[ctx.settings.mongo_db], order_id, after_ts, limit)
+        points = await trail_for_order(ctx.services.store.db, order_id, after_ts, limit)
     return json_response(ok({"order_id": order_id, "technician_id": order.get("technician_id"),
                              "points": points, "has_more": len(points) == limit}))
 
@@ -326,11 +327,10 @@ async def get_transcript(request: web.Request) -> web.Response:
     require_role(p, "agent", "admin", "service")
     ctx = request.app[CTX]
     conv_id = request.match_info["conversation_id"]
-    conv = await ctx.chat.get(conv_id)
+    conv = await ctx.services.chat.get(conv_id)
     after = int_query(request, "after_seq", 0, 0, 2**53)
     limit = int_query(request, "limit", 100, 1, 1000)
-    assert ctx.chat_store is not None
-    msgs = await ctx.chat_store.messages_after(conv_id, after, limit)
+    msgs = await ctx.services.chat_store.messages_after(conv_id, after, limit)
     last = msgs[-1]["seq"] if msgs else after
     return json_response(ok({
         "conversation": conversation_view(conv),
@@ -344,8 +344,7 @@ async def post_feedback(request: web.Request) -> web.Response:
     p = principal(request)
     body = await parse(request, FeedbackIn)
     ctx = request.app[CTX]
-    assert ctx.chat_store is not None
-    doc = await ctx.chat_store.add_feedback({
+    doc = await ctx.services.chat_store.add_feedback({
         "id": uuid.uuid4().hex, "category": body.category, "body": body.body,
         "order_id": body.order_id, "user": {"id": p.id, "role": p.role, "name": p.name},
         "ts": now_ms(),
@@ -359,8 +358,7 @@ async def list_feedback(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     before = int_query(request, "before_ts", 2**53, 0, 2**53)
     limit = int_query(request, "limit", 50, 1, 200)
-    assert ctx.chat_store is not None
-    items = await ctx.chat_store.list_feedback(before, limit)
+    items = await ctx.services.chat_store.list_feedback(before, limit)
     return json_response(ok({"feedback": items, "has_more": len(items) == limit}))
 
 
@@ -375,7 +373,7 @@ async def start_dispatch(request: web.Request) -> web.Response:
     p = principal(request)
     require_role(p, "service", "admin")
     body = await parse(request, DispatchIn) if request.body_exists else DispatchIn()
-    doc = await request.app[CTX].dispatch.start(
+    doc = await request.app[SERVICES].dispatch.start(
         actor_of(p), request.match_info["order_id"], strategy=body.strategy,
         radius_m=body.radius_m, count=body.count, timeout_s=body.timeout_s)
     return json_response(ok({"dispatch": doc}), 202)
@@ -387,10 +385,9 @@ async def get_dispatches(request: web.Request) -> web.Response:
     require_role(p, "agent", "admin", "service")
     ctx = request.app[CTX]
     order_id = request.match_info["order_id"]
-    await ctx.orders.get(order_id)
-    assert ctx.dispatch_store is not None
+    await ctx.services.orders.get(order_id)
     return json_response(ok({"order_id": order_id,
-                             "dispatches": await ctx.dispatch_store.for_order(order_id)}))
+                             "dispatches": await ctx.services.dispatch_store.for_order(order_id)}))
 
 
 async def nearby(request: web.Request) -> web.Response:
@@ -405,7 +402,7 @@ async def nearby(request: web.Request) -> web.Response:
     if skill is not None and len(skill) > 64:
         raise WireError("invalid", "skill is at most 64 characters",
                         [{"field": "skill", "error": "too long"}])
-    found = await request.app[CTX].dispatch.nearby(lat, lng, radius, skill, limit)
+    found = await request.app[SERVICES].dispatch.nearby(lat, lng, radius, skill, limit)
     return json_response(ok({"technicians": found}))
 
 
@@ -417,9 +414,7 @@ async def readyz(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     checks: dict[str, str] = {}
     try:
-        if ctx.mongo is None:
-            raise RuntimeError("not started")
-        await asyncio.wait_for(ctx.mongo.admin.command("ping"), 2.0)
+        await asyncio.wait_for(ctx.services.store.client.admin.command("ping"), 2.0)
         checks["mongo"] = "ok"
     except Exception as exc:  # any failure means "not ready"; the reason is the type
         checks["mongo"] = f"down: {type(exc).__name__}"

@@ -5,8 +5,8 @@ of the server does not know which one runs."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from redis import asyncio as aioredis
 
@@ -58,12 +58,16 @@ class Engine:
             await self.redis.aclose()
 
 
-def build_engine(settings: Settings) -> Engine:
+def build_engine(settings: Settings, *,
+                 on_link_restored: Callable[[], Awaitable[None]] | None = None,
+                 on_bus_received: Callable[[str], None] | None = None) -> Engine:
+    """The memory engine (no REDIS_URL: one node) or the Redis engine. The
+    callbacks matter only with Redis: the cluster link came back after an
+    outage; a bus signal arrived from another node."""
     node_id = uuid.uuid4().hex[:12]
-    bus = Bus()
     if not settings.redis_url:
         return Engine(
-            name="memory", node_id=node_id, bus=bus, positions=MemoryPositions(),
+            name="memory", node_id=node_id, bus=Bus(), positions=MemoryPositions(),
             limiter=MemoryRateLimiter(settings.location_rate, settings.location_burst),
             tech_presence=MemoryPresence(), agent_presence=MemoryPresence(),
             directory=MemoryAgentDirectory(), pump_lock=local_lock(),
@@ -79,9 +83,10 @@ def build_engine(settings: Settings) -> Engine:
     # Every key starts with the channel name: deployments (or test runs)
     # sharing one Redis stay apart.
     prefix = settings.redis_channel
+    manager = ClusterManager(settings.redis_url, channel=settings.redis_channel,
+                             on_link_restored=on_link_restored, on_bus_received=on_bus_received)
     return Engine(
-        name="redis", node_id=node_id, bus=bus, redis=redis,
-        manager=ClusterManager(settings.redis_url, bus, channel=settings.redis_channel),
+        name="redis", node_id=node_id, bus=manager.bus, redis=redis, manager=manager,
         # While Redis is away each node keeps serving its own clients from
         # memory (storage/redis/fallback.py).
         positions=FallbackPositions(RedisPositions(redis, prefix)),
@@ -100,7 +105,3 @@ def build_engine(settings: Settings) -> Engine:
             shared_limiter(redis, f"{prefix}:rl:chat:conv:", settings.chat_conversation_rate,
                            settings.chat_conversation_burst)),
     )
-
-
-def describe(engine: Engine) -> dict[str, Any]:
-    return {"engine": engine.name, "node": engine.node_id}

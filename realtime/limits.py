@@ -13,7 +13,7 @@
 A refusal is `429 rate_limited` with `retry_after_ms` and `Retry-After`, and
 counts in `realtime_rate_limited_total{scope}` (ip, principal, handshake).
 
-The buckets are the GPS limiter's (tracking.locations.MemoryRateLimiter):
+The buckets are the GPS limiter's (kernel.rate.MemoryRateLimiter):
 per node, in memory. A Redis round trip per request would cost more than
 most requests; each node protects its own event loop, which is the point.
 Behind a load balancer spreading one client over N nodes the client gets up

@@ -3,9 +3,11 @@ several apps in one test process do not share counters."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 # Store round trips are ~1-5 ms when healthy; the tail buckets catch a store
@@ -31,6 +33,43 @@ class FastCounter:
         n, self.n = self.n, 0
         if n:
             self.child.inc(n)
+
+
+class ClusterStats(Protocol):
+    """What the Redis manager (realtime/transport/cluster.py) counts."""
+
+    link_ok: bool
+    publish_failures: int
+    publish_dropped: int
+
+    @property
+    def outbox_length(self) -> int: ...
+
+
+class _ClusterCollector:
+    """realtime_cluster_*: cross-node messages are at most once (pub/sub);
+    these say when some were lost, and why (docs/operations.md)."""
+
+    def __init__(self, link: ClusterStats) -> None:
+        self.link = link
+
+    def collect(self) -> Iterator[Metric]:
+        link = self.link
+        up = GaugeMetricFamily("realtime_cluster_link_up",
+                               "1 while this node's Redis link (pub/sub) works, else 0")
+        up.add_metric([], 1.0 if link.link_ok else 0.0)
+        yield up
+        lost = CounterMetricFamily(
+            "realtime_cluster_messages_lost",
+            "Cross-node messages lost: Redis refused the publish, or the outbox was full",
+            labels=["reason"])
+        lost.add_metric(["publish_failed"], link.publish_failures)
+        lost.add_metric(["outbox_full"], link.publish_dropped)
+        yield lost
+        outbox = GaugeMetricFamily("realtime_cluster_outbox",
+                                   "Cross-node messages queued here, not yet published")
+        outbox.add_metric([], link.outbox_length)
+        yield outbox
 
 
 class Metrics:
@@ -160,6 +199,23 @@ class Metrics:
 
     def trail_dropped(self, n: int) -> None:
         self.trail_points.labels("dropped").inc(n)
+
+    def point_counter(self) -> Callable[[str], None]:
+        """Counts GPS points by outcome (the labelled children cached: hot path)."""
+        children: dict[str, FastCounter] = {}
+
+        def count(outcome: str) -> None:
+            child = children.get(outcome)
+            if child is None:
+                child = children[outcome] = self.fast(self.points.labels(outcome))
+            child.inc()
+
+        return count
+
+    def watch_cluster(self, link: ClusterStats) -> None:
+        """Export the Redis link's state and what crossed nodes or was lost
+        (read when scraped: the counters live on the manager)."""
+        self.registry.register(_ClusterCollector(link))
 
     def fast(self, child: Any) -> FastCounter:
         """A scrape-time counter for this labelled child (hot paths only)."""

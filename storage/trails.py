@@ -47,14 +47,14 @@ async def ensure_trail_indexes(db: AsyncDatabase[dict[str, Any]], ttl_days: int)
                           "index": {"name": "ttl_at", "expireAfterSeconds": ttl}})
 
 
-class _KeepNoTrails:
+class KeepNoTrails:
     """The trail sink of a deployment that keeps no trails (REALTIME_TRAILS=false)."""
 
     def add(self, technician_id: str, order_id: str | None, points: list[Point]) -> None:
         pass
 
 
-KEEP_NO_TRAILS: Final = _KeepNoTrails()
+KEEP_NO_TRAILS: Final = KeepNoTrails()
 
 
 class TrailWriter:

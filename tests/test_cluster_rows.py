@@ -10,14 +10,14 @@ from typing import Any
 
 from redis import asyncio as aioredis
 
-from realtime.transport.bus import PREFIX, Bus
+from realtime.transport.bus import PREFIX
 from realtime.transport.cluster import ROWS_PER_MESSAGE, ClusterManager
 from tests.harness import RedisServer, uid
 
 
 async def test_rows_go_to_each_node_gathered_and_in_order(redis_server: RedisServer) -> None:
     channel = uid("rows")
-    manager = ClusterManager(redis_server.url, Bus(), channel=channel)
+    manager = ClusterManager(redis_server.url, channel=channel)
     listener = aioredis.Redis.from_url(redis_server.url)
     pubsub = listener.pubsub(ignore_subscribe_messages=True)
     await pubsub.subscribe(f"{channel}#node#b", f"{channel}#node#c")
@@ -50,7 +50,7 @@ async def test_a_stopped_manager_starts_no_publisher_again(redis_server: RedisSe
     """An emit that comes after the node stopped (a handler still finishing)
     must not start a publisher task: nothing would stop it, and it would wait
     for ever after the app is gone. What it queued is dropped and counted."""
-    manager = ClusterManager(redis_server.url, Bus(), channel=uid("stopped"))
+    manager = ClusterManager(redis_server.url, channel=uid("stopped"))
     manager.queue_row(["b"], "positions", [1, "t"])
     await manager.flush()
     assert manager._publisher_task is not None

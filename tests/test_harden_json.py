@@ -235,8 +235,7 @@ async def test_a_non_finite_number_stored_before_the_fix_reads_as_null(
     order = await cancelled_order(live)
     order_id = order["order_id"]
     ctx = live.app[CTX]
-    assert ctx.mongo is not None
-    events = ctx.mongo[live.settings.mongo_db]["order_events"]
+    events = ctx.services.store.db["order_events"]
     result = await events.update_one(
         {"order_id": order_id, "seq": 2},
         {"$set": {"data.amount": float("inf"), "data.rates": [float("nan"), -float("inf"), 1.5]}})

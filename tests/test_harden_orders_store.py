@@ -234,7 +234,7 @@ async def test_a_stalled_store_answers_within_the_bound_sheds_the_excess_and_rec
         stalled_at = time.monotonic()
         try:
             # The traffic's calls now hold every place of the gate, waiting on the store.
-            gate = live.app[CTX].orders._store._gate
+            gate = live.app[CTX].services.store.gate
 
             async def gate_full() -> bool:
                 return (gate.inflight, gate.waiting) == (GATE["store_max_inflight"],

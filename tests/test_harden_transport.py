@@ -387,7 +387,7 @@ async def test_one_user_holds_at_most_its_share_of_the_store_gate(start_app: Sta
     took the event loop from everyone: docs/reliability.md); another user's
     are served meanwhile."""
     live = await start_app(store_max_per_user=2)
-    gate = live.app[CTX].orders._store._gate
+    gate = live.app[CTX].services.store.gate
     ws = await raw_orders_socket(live, live.token("customer", "blaster"))
     other = await raw_orders_socket(live, live.token("customer"))
     for i in range(200):

@@ -22,6 +22,7 @@ import aiohttp
 import pytest
 
 from realtime.api import CTX
+from storage.trails import KeepNoTrails
 from tests.conftest import Live, StartApp
 from tests.harness import Client, Http, ServerProcess, uid
 from tests.wire import RawSocketIO, assert_error, assert_no_server_errors, claims, hmac_jwt
@@ -474,7 +475,7 @@ async def test_watches_in_flight_together_share_one_order_read(
     order is read from the store once for all of them (and afresh later)."""
     live = await start_app(**FAST)
     oid, cust, tech_id = await order_in(live, "en_route")
-    orders = live.app[CTX].tracking.orders
+    orders = live.app[CTX].services.tracking.orders
     store = orders._store
     real_get, real_read_shared = store.get, orders.read_shared
     reads: list[str] = []
@@ -1129,7 +1130,7 @@ async def test_fixes_read_together_skip_only_the_superseded_and_all_are_kept(
     every one of them except those a newer fix of the read is at least
     SUPERSEDED_MS newer than: a backlog of seconds goes out as its newest fix,
     fixes 40 ms apart all go out, in order."""
-    from realtime.namespaces.tracking import SUPERSEDED_MS
+    from realtime.feeds.tracking import SUPERSEDED_MS
     live = await start_app(**FAST)
     oid, cust, tech_id = await order_in(live, "assigned")
     customer = await tracker(live, "customer", cust)
@@ -1201,8 +1202,7 @@ async def test_a_deployment_that_keeps_no_trails(start_app: StartApp,
     assert status == 404 and body["error"]["code"] == "not_found", body
     assert "REALTIME_TRAILS" in body["error"]["message"], body
     ctx = live.app[CTX]
-    assert ctx.trails is None
-    assert ctx.mongo is not None
-    assert await ctx.mongo[ctx.settings.mongo_db]["trails"].count_documents(
+    assert isinstance(ctx.services.trails, KeepNoTrails)
+    assert await ctx.services.store.db["trails"].count_documents(
         {"technician_id": tech_id}) == 0
     assert_no_server_errors(caplog)

@@ -22,6 +22,7 @@ from kernel import deadline
 from kernel.errors import DomainError
 from realtime.auth import Principal
 from realtime.errors import WireError, ok, to_error
+from realtime.rooms import user_room
 from realtime.settings import Settings
 from realtime.transport.rooms import LocalRooms
 from realtime.transport.sio import refusal
@@ -51,10 +52,6 @@ def handles(name: str, model: type[BaseModel] | None = None) -> Callable[[Handle
         return func
 
     return register
-
-
-def user_room(user_id: str) -> str:
-    return f"user:{user_id}"
 
 
 class BaseNamespace(socketio.AsyncNamespace):  # type: ignore[misc]

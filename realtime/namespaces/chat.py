@@ -8,18 +8,19 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, StringConstraints
 
-from chat.model import conversation_view, message_view
-from kernel.actor import Actor
 from kernel.errors import Forbidden, Invalid
+from realtime import rooms
 from realtime.auth import Principal
-from realtime.namespaces.base import BaseNamespace, handles, user_room
+from realtime.namespaces.base import BaseNamespace, handles
 from realtime.namespaces.models import Id, Inbound, Seq
 from realtime.namespaces.orders import actor_of
+from realtime.rooms import staff_room
 
 if TYPE_CHECKING:
     from chat.service import ChatService
+    from realtime.context import Context
 
-NAMESPACE = "/chat"
+NAMESPACE = rooms.CHAT
 Body = Annotated[str, StringConstraints(min_length=1, max_length=4000)]
 ClientMsgId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 
@@ -85,66 +86,26 @@ class QueueIn(Inbound):
     limit: Annotated[int, Field(ge=1, le=100)] = 50
 
 
-def staff_room(conv_id: str) -> str:
-    return f"staff:{conv_id}"
-
-
 class ChatNamespace(BaseNamespace):
     roles = frozenset({"customer", "technician", "agent", "admin"})
 
-    @property
-    def chat(self) -> ChatService:
-        return self.ctx.chat
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(NAMESPACE, ctx)
+        self.chat: ChatService = ctx.services.chat
+        self.feed = ctx.feeds.chat
 
     async def connected(self, sid: str, p: Principal) -> None:
         if p.role == "agent":
             came_online = await self.ctx.engine.agent_presence.connect(p.id)
             status = await self.chat.router.agent_connected(p.id)
             if came_online:
-                await self.ctx.ops.announce("agent", p.id, True, status)
+                await self.ctx.feeds.ops.announce("agent", p.id, True, status)
 
     async def disconnected(self, sid: str, p: Principal) -> None:
-        if p.role == "agent" and self.ctx._chat is not None:
+        if p.role == "agent":
             if await self.ctx.engine.agent_presence.disconnect(p.id):
                 self.chat.router.agent_offline(p.id)
-                await self.ctx.ops.announce("agent", p.id, False)
-
-    # -- fan-out (called by the chat service) -----------------------------
-    def _audience(self, conv: dict[str, Any]) -> tuple[list[tuple[Actor, str]], list[str]]:
-        """(participants with their rooms, staff rooms) of a conversation."""
-        parts = [(Actor(conv["customer_id"], "customer"), user_room(conv["customer_id"]))]
-        if conv.get("technician_id"):
-            parts.append((Actor(conv["technician_id"], "technician"), user_room(conv["technician_id"])))
-        staff = [staff_room(conv["conversation_id"])]
-        if conv.get("assignee"):
-            staff.append(user_room(conv["assignee"]))
-        return parts, staff
-
-    async def delivered(self, conv: dict[str, Any], msg: dict[str, Any], origin: str | None) -> None:
-        """Each audience gets its own view (masked for the other party of an
-        order chat); the sending connection has the message in its ack."""
-        self.ctx.metrics.messages.labels(msg["kind"]).inc()
-        parts, staff = self._audience(conv)
-        await self.emit("message", message_view(msg, Actor("staff", "agent")), to=staff,
-                        skip_sid=origin)
-        for actor, room in parts:
-            await self.emit("message", message_view(msg, actor), to=room, skip_sid=origin)
-
-    async def conversation_changed(self, conv: dict[str, Any], also: tuple[str, ...] = ()) -> None:
-        """To the conversation's audience, and `also` these users (the agent a
-        conversation was just transferred away from)."""
-        parts, staff = self._audience(conv)
-        rooms = [room for _, room in parts] + staff + [user_room(u) for u in also if u]
-        await self.emit("conversation", conversation_view(conv), to=rooms)
-
-    async def queue_position(self, conv: dict[str, Any], position: int) -> None:
-        await self.emit("queue_position",
-                        {"conversation_id": conv["conversation_id"], "position": position},
-                        to=user_room(conv["customer_id"]))
-
-    async def _relay(self, conv: dict[str, Any], event: str, data: dict[str, Any], sid: str) -> None:
-        parts, staff = self._audience(conv)
-        await self.emit(event, data, to=[room for _, room in parts] + staff, skip_sid=sid)
+                await self.ctx.feeds.ops.announce("agent", p.id, False)
 
     # -- events ------------------------------------------------------------
     @handles("open", OpenIn)
@@ -191,21 +152,21 @@ class ChatNamespace(BaseNamespace):
     @handles("typing", TypingIn)
     async def typing(self, p: Principal, sid: str, body: TypingIn) -> dict[str, Any]:
         conv = await self.chat.readable(actor_of(p), body.conversation_id)
-        await self._relay(conv, "typing", {"conversation_id": body.conversation_id, "user_id": p.id,
+        await self.feed.relay(conv, "typing", {"conversation_id": body.conversation_id, "user_id": p.id,
                                            "typing": body.typing}, sid)
         return {}
 
     @handles("read", ReadIn)
     async def read(self, p: Principal, sid: str, body: ReadIn) -> dict[str, Any]:
         conv, seq = await self.chat.mark_read(actor_of(p), body.conversation_id, body.seq)
-        await self._relay(conv, "read", {"conversation_id": body.conversation_id, "user_id": p.id,
+        await self.feed.relay(conv, "read", {"conversation_id": body.conversation_id, "user_id": p.id,
                                          "seq": seq}, sid)
         return {"conversation_id": body.conversation_id, "seq": seq}
 
     @handles("close", ConvRef)
     async def close(self, p: Principal, sid: str, body: ConvRef) -> dict[str, Any]:
         conv = await self.chat.close(actor_of(p), body.conversation_id)
-        await self.conversation_changed(conv)
+        await self.feed.conversation_changed(conv)
         return {"conversation": await self.chat.view(actor_of(p), conv)}
 
     @handles("rate", RateIn)
@@ -218,13 +179,13 @@ class ChatNamespace(BaseNamespace):
         if p.role != "agent":
             raise Forbidden("only agents have a status")
         status, load = await self.chat.router.set_status(p.id, body.status)
-        await self.ctx.ops.announce("agent", p.id, True, status)
+        await self.ctx.feeds.ops.announce("agent", p.id, True, status)
         return {"status": status, "load": load, "cap": self.chat.router.cap}
 
     @handles("transfer", TransferIn)
     async def transfer(self, p: Principal, sid: str, body: TransferIn) -> dict[str, Any]:
         conv = await self.chat.transfer(actor_of(p), body.conversation_id, body.to_agent_id)
-        await self.conversation_changed(conv, also=(conv.get("transferred_from") or "",))
+        await self.feed.conversation_changed(conv, also=(conv.get("transferred_from") or "",))
         return {"conversation": await self.chat.view(actor_of(p), conv)}
 
     @handles("list", ListIn)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from realtime import rooms
 from realtime.auth import Principal
 from realtime.namespaces.base import BaseNamespace, handles
 from realtime.namespaces.models import Inbound
 
-NAMESPACE = "/ops"
-ROOM = "ops"
+if TYPE_CHECKING:
+    from realtime.context import Context
+
+NAMESPACE = rooms.OPS
 
 
 class Empty(Inbound):
@@ -17,18 +20,15 @@ class Empty(Inbound):
 
 
 class OpsNamespace(BaseNamespace):
+    """Presence changes are pushed by realtime/feeds/ops.py."""
+
     roles = frozenset({"agent", "admin"})
 
-    async def connected(self, sid: str, p: Principal) -> None:
-        await self.enter_room(sid, ROOM)
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(NAMESPACE, ctx)
 
-    async def announce(self, kind: str, user_id: str, online: bool,
-                       status: str | None = None) -> None:
-        """A presence change, to every ops viewer on every node."""
-        event: dict[str, Any] = {"kind": kind, "user_id": user_id, "online": online}
-        if status is not None:
-            event["status"] = status
-        await self.emit("presence", event, room=ROOM)
+    async def connected(self, sid: str, p: Principal) -> None:
+        await self.enter_room(sid, rooms.OPS_ROOM)
 
     @handles("snapshot", Empty)
     async def snapshot(self, p: Principal, sid: str, body: Empty) -> dict[str, Any]:

@@ -3,22 +3,23 @@ customer, technician and agent on an order."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field
 
 from kernel.actor import Actor
 from orders.service import Event, Order
+from realtime import rooms
 from realtime.auth import Principal
-from realtime.namespaces.base import BaseNamespace, handles, user_room
+from realtime.namespaces.base import BaseNamespace, handles
 from realtime.namespaces.models import Id, Inbound, Seq, ShortText, Text
+from realtime.rooms import order_room
 
-NAMESPACE = "/orders"
+if TYPE_CHECKING:
+    from realtime.context import Context
+
+NAMESPACE = rooms.ORDERS
 Stars = Annotated[int, Field(ge=1, le=5)]
-
-
-def order_room(order_id: str) -> str:
-    return f"order:{order_id}"
 
 
 def actor_of(p: Principal) -> Actor:
@@ -75,29 +76,14 @@ def changed(order: Order, event: Event) -> dict[str, Any]:
 class OrdersNamespace(BaseNamespace):
     roles = frozenset({"customer", "technician", "agent", "admin", "service"})
 
-    async def publish(self, order: Order, event: Event) -> None:
-        """Fan an order event out to the order's subscribers and, wherever they
-        are connected, to its customer and technician (once each)."""
-        rooms = [order_room(order["order_id"]), user_room(order["customer_id"])]
-        if order.get("technician_id"):
-            rooms.append(user_room(order["technician_id"]))
-        self.ctx.metrics.order_events.labels(event["type"]).inc()
-        await self.emit("order_event", event, to=rooms)
-        previous = event["data"].get("previous_technician_id") if event["type"] == "reassigned" else None
-        if previous:
-            # The order is no longer theirs: stop its stream to them, on every node.
-            await self.ctx.engine.bus.publish(
-                "leave_user", {"user_id": previous, "room": order_room(order["order_id"])})
-
-    async def on_leave_user(self, data: dict[str, Any]) -> None:
-        """Bus signal: drop this node's sockets of a user from a room."""
-        user, room = str(data.get("user_id")), str(data.get("room"))
-        for sid in self.local.sids(user_room(user)):
-            await self.leave_room(sid, room)
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(NAMESPACE, ctx)
+        self.orders = ctx.services.orders
+        self.dispatch = ctx.services.dispatch
 
     @handles("subscribe", SubscribeIn)
     async def subscribe(self, p: Principal, sid: str, body: SubscribeIn) -> dict[str, Any]:
-        orders = self.ctx.orders
+        orders = self.orders
         # Not theirs: `not_found`, as for an order that does not exist.
         order = await orders.visible(actor_of(p), body.order_id)
         # Join before reading: an event committed in between arrives both in
@@ -116,38 +102,32 @@ class OrdersNamespace(BaseNamespace):
 
     @handles("progress", ProgressIn)
     async def progress(self, p: Principal, sid: str, body: ProgressIn) -> dict[str, Any]:
-        return changed(*await self.ctx.orders.transition(actor_of(p), body.order_id, body.state))
+        return changed(*await self.orders.transition(actor_of(p), body.order_id, body.state))
 
     @handles("cancel", CancelIn)
     async def cancel(self, p: Principal, sid: str, body: CancelIn) -> dict[str, Any]:
         data = {"reason": body.reason} if body.reason else {}
-        return changed(*await self.ctx.orders.transition(actor_of(p), body.order_id, "cancelled", data))
+        return changed(*await self.orders.transition(actor_of(p), body.order_id, "cancelled", data))
 
     @handles("request_refund", RefundIn)
     async def request_refund(self, p: Principal, sid: str, body: RefundIn) -> dict[str, Any]:
-        return changed(*await self.ctx.orders.transition(
+        return changed(*await self.orders.transition(
             actor_of(p), body.order_id, "refund_requested", {"reason": body.reason}))
 
     @handles("resolve_refund", ResolveRefundIn)
     async def resolve_refund(self, p: Principal, sid: str, body: ResolveRefundIn) -> dict[str, Any]:
         target = "refunded" if body.approve else "refund_rejected"
         data = {"note": body.note} if body.note else {}
-        return changed(*await self.ctx.orders.transition(actor_of(p), body.order_id, target, data))
+        return changed(*await self.orders.transition(actor_of(p), body.order_id, target, data))
 
     @handles("rate", RateIn)
     async def rate(self, p: Principal, sid: str, body: RateIn) -> dict[str, Any]:
         rating = body.model_dump(exclude={"order_id"}, exclude_none=True)
-        return changed(*await self.ctx.orders.rate(actor_of(p), body.order_id, rating))
+        return changed(*await self.orders.rate(actor_of(p), body.order_id, rating))
 
-    # -- dispatch offers ---------------------------------------------------
-    async def send_offer(self, technician_id: str, offer: dict[str, Any]) -> None:
-        await self.emit("offer", offer, to=user_room(technician_id))
-
-    async def withdraw_offer(self, technician_id: str, data: dict[str, Any]) -> None:
-        await self.emit("offer_withdrawn", data, to=user_room(technician_id))
-
+    # -- dispatch offers (sent by realtime/feeds/orders.py) ----------------
     async def _answer(self, p: Principal, order_id: str, accept: bool) -> dict[str, Any]:
-        result = await self.ctx.dispatch.answer(actor_of(p), order_id, accept)
+        result = await self.dispatch.answer(actor_of(p), order_id, accept)
         # Wake the node driving the round, wherever it runs.
         await self.ctx.engine.bus.publish("dispatch_answer", {"dispatch_id": result["dispatch_id"]})
         return result

@@ -51,14 +51,13 @@ OUTBOX_MAX = 100_000  # bounded: under a long outage the oldest are dropped firs
 class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
     name = "realtime-redis"
 
-    def __init__(self, url: str, bus: Bus, channel: str = "realtime",
+    def __init__(self, url: str, channel: str = "realtime",
                  on_link_restored: Callable[[], Awaitable[None]] | None = None,
-                 on_publish_error: Callable[[], None] | None = None) -> None:
+                 on_publish_error: Callable[[], None] | None = None,
+                 on_bus_received: Callable[[str], None] | None = None) -> None:
         super().__init__(url, channel=channel)
-        self.bus = bus
-        bus.remote_nowait = self._queue_signal
-        bus.row_to_nodes = self.queue_row
-        bus.flush = self.flush
+        # The node-to-node signals ride this manager's channels.
+        self.bus = Bus(self, on_bus_received)
         self._on_restored = on_link_restored
         self._on_publish_error = on_publish_error or (lambda: None)
         self._pub: aioredis.Redis | None = None
@@ -81,7 +80,11 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         self._publisher_task: asyncio.Task[None] | None = None
         self._closed = False  # after aclose nothing starts a publisher again
 
-    def _queue_signal(self, name: str, data: dict[str, Any]) -> None:
+    @property
+    def outbox_length(self) -> int:
+        return len(self._outbox)
+
+    def queue_signal(self, name: str, data: dict[str, Any]) -> None:
         self._enqueue(self._signal(name, data))
 
     def _signal(self, name: str, data: dict[str, Any]) -> dict[str, Any]:

@@ -99,11 +99,6 @@ def deliver(sock: Any, text: str) -> None:
         sock.queue.put_nowait(eio_packet.Packet(eio_packet.MESSAGE, text))
 
 
-def has_local_members(manager: Any, namespace: str, room: str) -> bool:
-    rooms = manager.rooms.get(namespace)
-    return bool(rooms and rooms.get(room))
-
-
 class LocalManager(socketio.AsyncManager):  # type: ignore[misc]
     """The memory engine's manager, with the task-free local delivery."""
 

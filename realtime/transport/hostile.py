@@ -30,15 +30,13 @@ LOG_INTERVAL_S = 60.0
 class Hostile:
     __slots__ = ("_count", "_last_log", "_suppressed", "counts", "interval_s")
 
-    def __init__(self, interval_s: float = LOG_INTERVAL_S) -> None:
+    def __init__(self, interval_s: float = LOG_INTERVAL_S,
+                 count: Callable[[str], None] | None = None) -> None:
         self.interval_s = interval_s
         self.counts: dict[str, int] = {}
         self._last_log: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
-        self._count: Callable[[str], None] | None = None
-
-    def count_with(self, count: Callable[[str], None]) -> None:
-        """Also count each report in the app's metrics (set by create_app)."""
+        # Also counts each report in the app's metrics.
         self._count = count
 
     def report(self, kind: str, detail: str = "") -> None:

@@ -11,9 +11,9 @@
   its outbound queue writes at once and its pings wait on a timer.
 
 The engine.io driver, packet dispatch, socket queue and ping task are
-private API of python-socketio 5.x / python-engineio 4.x; pyproject pins
-both below their next major, and tests/test_hardening.py fails if any of
-these hooks stops working.
+private API of python-socketio 5.x / python-engineio 4.x; the lock files
+pin the versions, and tests/transport/test_contract.py fails, naming the
+hook, if an upgrade moves one (realtime/transport/README.md lists them).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from realtime.transport.wsdirect import (
     DirectLink,
     DirectWebSocketResponse,
     LinkClock,
+    ReadBatch,
 )
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,8 @@ class _PlainWebSocket(eio_aiohttp.WebSocket):  # type: ignore[misc]
                 timeout=server.ping_interval + server.ping_timeout,
                 max_msg_size=server.max_http_buffer_size,
                 max_unsent=getattr(server, "max_unsent_bytes", MAX_BUFFERED),
-                clock=getattr(server, "link_clock", None))
+                clock=getattr(server, "link_clock", None),
+                batch=getattr(server, "read_batch", None))
             await direct.prepare(request)
             compact_environ(environ)
             _open_direct(sock, direct.link)
@@ -143,7 +145,7 @@ def _open_direct(sock: Any, link: DirectLink) -> None:
             link.send(pkt.encode())
     sock.link = link
     link.pinger = _ping_now
-    handle = _handshake_pings.pop(sock, None)
+    handle = sock.server.handshake_pings.pop(sock, None)
     if handle is not None and not handle.cancelled():
         # The first ping was timed before the link existed: the link's timer takes it.
         handle.cancel()
@@ -168,27 +170,14 @@ class _DirectSocket(AsyncSocket):  # type: ignore[misc]
         return bool(await super().check_ping_timeout())
 
 
-# Sessions whose end (python-engineio's close, the disconnect handlers) is running.
-_ending: set[asyncio.Task[Any]] = set()
-
-
 def _direct_ended(sock: Any, link: DirectLink) -> None:
     sock.link = None
     link.end()
     task = asyncio.ensure_future(sock.close(wait=False, abort=True,
                                             reason=sock.server.reason.TRANSPORT_CLOSE))
-    _ending.add(task)
-    task.add_done_callback(_ending.discard)
-
-
-async def sessions_ended() -> None:
-    """Wait until the ends of the websocket sessions under way (their
-    disconnect handlers) are done: a graceful stop must not stop the
-    services those handlers use before they finish. (aiohttp waits for its
-    request handlers; a session's end is not one of them.)"""
-    await asyncio.sleep(0)  # a link that just ended starts its end's task
-    while _ending:
-        await asyncio.gather(*list(_ending), return_exceptions=True)
+    ending = sock.server.ending
+    ending.add(task)
+    task.add_done_callback(ending.discard)
 
 
 class _DirectQueue:
@@ -231,14 +220,9 @@ class _DirectQueue:
         pass
 
 
-# Pings timed during a handshake, before a websocket session's link exists
-# (and for long-polling sessions); each entry goes when it fires or moves.
-_handshake_pings: dict[Any, asyncio.TimerHandle] = {}
-
-
 def _ping_now(sock: Any) -> None:
     """python-engineio's ping, without a task asleep per socket in between."""
-    _handshake_pings.pop(sock, None)
+    sock.server.handshake_pings.pop(sock, None)
     if not sock.closing and not sock.closed:
         sock.last_ping = time.time()
         sock.queue.put_nowait(eio_packet.Packet(eio_packet.PING))
@@ -254,6 +238,23 @@ class _EngineServer(engineio.AsyncServer):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.link_clock = LinkClock()  # every websocket session's pings and liveness
+        self.read_batch = ReadBatch()  # the read being handled, of any session
+        # Pings timed during a handshake, before a websocket session's link
+        # exists (and for long-polling sessions); each entry goes when it
+        # fires or moves.
+        self.handshake_pings: dict[Any, asyncio.TimerHandle] = {}
+        # Sessions whose end (python-engineio's close, the disconnect
+        # handlers) is running.
+        self.ending: set[asyncio.Task[Any]] = set()
+
+    async def sessions_ended(self) -> None:
+        """Wait until the ends of the websocket sessions under way (their
+        disconnect handlers) are done: a graceful stop must not stop the
+        services those handlers use before they finish. (aiohttp waits for its
+        request handlers; a session's end is not one of them.)"""
+        await asyncio.sleep(0)  # a link that just ended starts its end's task
+        while self.ending:
+            await asyncio.gather(*list(self.ending), return_exceptions=True)
 
     def start_background_task(self, target: Any, *args: Any, **kwargs: Any) -> Any:
         if getattr(target, "__func__", None) is AsyncSocket._send_ping and not args and not kwargs:
@@ -263,7 +264,7 @@ class _EngineServer(engineio.AsyncServer):  # type: ignore[misc]
                 link.ping_after(self.ping_interval)
                 return None
             handle = asyncio.get_running_loop().call_later(self.ping_interval, _ping_now, sock)
-            _handshake_pings[sock] = handle
+            self.handshake_pings[sock] = handle
             return handle
         return super().start_background_task(target, *args, **kwargs)
 
@@ -314,7 +315,9 @@ JOIN_TIMEOUT_S = 10.0
 
 
 class RealtimeServer(socketio.AsyncServer):  # type: ignore[misc]
-    def __init__(self, *, join_timeout_s: float = JOIN_TIMEOUT_S, **kwargs: Any) -> None:
+    def __init__(self, *, join_timeout_s: float = JOIN_TIMEOUT_S,
+                 max_unsent_bytes: int = MAX_BUFFERED,
+                 count_hostile: Callable[[str], None] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         quiet_engineio_logs()
         self.join_timeout_s = join_timeout_s
@@ -323,13 +326,23 @@ class RealtimeServer(socketio.AsyncServer):  # type: ignore[misc]
         self._closing_unjoined: set[asyncio.Task[Any]] = set()
         # Counted, rate-limited reports of junk from clients (realtime/transport/hostile.py),
         # shared with the engine.io layer and every websocket link.
-        self.hostile = Hostile()
+        self.hostile = Hostile(count=count_hostile)
         self.eio.hostile = self.hostile
+        # What one websocket may hold unsent before it is cut (a slow reader).
+        self.eio.max_unsent_bytes = max_unsent_bytes
         self.eio._async = {**self.eio._async, "websocket": _PlainWebSocket}
         self.eio.fast_message = self.fast_message
         # namespace -> event -> synchronous handler (sid, payload) -> reply,
         # or None when this message needs the regular (async) handler.
         self.fast_handlers: dict[str, dict[str, FastHandler]] = {}
+        # Work gathered until the end of the socket read being handled (one
+        # step per key for a backlog read at once): wsdirect.ReadBatch.
+        self.gather = self.eio.read_batch.gather
+
+    def on_fast(self, namespace: str, event: str, handler: FastHandler) -> None:
+        """Serve `event` of `namespace` where its frame is parsed (no task):
+        the handler answers at once, or returns None for the regular path."""
+        self.fast_handlers.setdefault(namespace, {})[event] = handler
 
     def _engineio_server_class(self) -> type[engineio.AsyncServer]:
         return _EngineServer
@@ -448,7 +461,7 @@ class RealtimeServer(socketio.AsyncServer):  # type: ignore[misc]
                 await sock.close(wait=False)
             except Exception as exc:  # a broken socket must not stop the shutdown
                 log.info("closing a socket at shutdown failed: %s", type(exc).__name__)
-        await sessions_ended()  # those whose client left just before
+        await self.eio.sessions_ended()  # those whose client left just before
         for handle in self._join_deadlines.values():
             handle.cancel()
         self._join_deadlines.clear()

@@ -33,8 +33,9 @@ feeds is replaced by one that acts on each message where it is parsed:
   Engine.IO/Socket.IO state; nothing waits on it.
 
 The hooks are aiohttp's `WebSocketResponse._post_start`, the reader's queue
-class and the request handler's `transport`/`_manager`; pyproject pins
-aiohttp below 4 and the wire tests fail if they change.
+class and the request handler's `transport`/`_manager`, and more
+(realtime/transport/README.md lists them all); the lock files pin aiohttp,
+and tests/transport/test_contract.py fails, naming the hook, if one moves.
 """
 
 from __future__ import annotations
@@ -97,8 +98,9 @@ def text_frame(text: str) -> bytes:
 FastPath = Callable[[Any, str], bool]
 
 
-class _Chunk:
-    """What one socket read produced: corked links and gathered work."""
+class ReadBatch:
+    """What the socket read being handled produced: corked links and
+    gathered work. One per server (its links share it): reads do not nest."""
 
     __slots__ = ("active", "gathered", "links")
 
@@ -108,24 +110,19 @@ class _Chunk:
         # key -> (flush, the items gathered under it), in first-arrival order
         self.gathered: dict[Any, tuple[Callable[[list[Any]], None], list[Any]]] = {}
 
-
-_CHUNK = _Chunk()
-
-
-def gather(key: Any, item: T, flush: Callable[[list[T]], None]) -> None:
-    """Collect `item` under `key` until the end of the socket read being
-    handled, then call `flush` once with every item gathered under that key,
-    in arrival order; outside a read, flush([item]) now. A backlog read at
-    once is thus handled in one step per key (e.g. per technician)."""
-    chunk = _CHUNK
-    if not chunk.active:
-        flush([item])
-        return
-    entry = chunk.gathered.get(key)
-    if entry is None:
-        chunk.gathered[key] = (flush, [item])
-    else:
-        entry[1].append(item)
+    def gather(self, key: Any, item: T, flush: Callable[[list[T]], None]) -> None:
+        """Collect `item` under `key` until the end of the socket read being
+        handled, then call `flush` once with every item gathered under that key,
+        in arrival order; outside a read, flush([item]) now. A backlog read at
+        once is thus handled in one step per key (e.g. per technician)."""
+        if not self.active:
+            flush([item])
+            return
+        entry = self.gathered.get(key)
+        if entry is None:
+            self.gathered[key] = (flush, [item])
+        else:
+            entry[1].append(item)
 
 
 class _ChunkParser:
@@ -182,7 +179,7 @@ class _ChunkParser:
         if not self._all_masked(data):
             self.link.fail(WebSocketError(WSCloseCode.PROTOCOL_ERROR, "unmasked client frame"))
             return False, b""
-        chunk = _CHUNK
+        chunk = self.link.batch
         if chunk.active:  # not expected: reads do not nest
             return self.reader.feed_data(data)  # type: ignore[no-any-return]
         chunk.active = True
@@ -269,13 +266,15 @@ class LinkClock:
 class DirectLink:
     """One websocket session's transport, as the fan-out writes to it."""
 
-    __slots__ = ("_backlog", "_inflight", "_lingering", "_out", "_paused", "_slot", "clock",
+    __slots__ = ("_backlog", "_inflight", "_lingering", "_out", "_paused", "_slot", "batch", "clock",
                  "closed", "done", "fast", "last_rx", "loop", "max_unsent", "ping_at", "pinger", "sock",
                  "timeout", "transport")
 
     def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop, timeout: float,
-                 max_unsent: int = MAX_BUFFERED, clock: LinkClock | None = None) -> None:
+                 max_unsent: int = MAX_BUFFERED, clock: LinkClock | None = None,
+                 batch: ReadBatch | None = None) -> None:
         self.max_unsent = max_unsent
+        self.batch = batch if batch is not None else ReadBatch()
         self.transport: Any = transport
         self.loop = loop
         self.timeout = timeout
@@ -302,9 +301,10 @@ class DirectLink:
 
     # -- writing ---------------------------------------------------------
     def write(self, frame: bytes) -> None:
-        if _CHUNK.active:  # corked until the read being handled is done
+        batch = self.batch
+        if batch.active:  # corked until the read being handled is done
             if not self._out:
-                _CHUNK.links.append(self)
+                batch.links.append(self)
             self._out.append(frame)
             return
         self._write(frame)
@@ -571,11 +571,12 @@ class DirectWebSocketResponse(WebSocketResponse):
     link: DirectLink
 
     def __init__(self, *, timeout: float, max_msg_size: int, max_unsent: int = MAX_BUFFERED,
-                 clock: LinkClock | None = None) -> None:
+                 clock: LinkClock | None = None, batch: ReadBatch | None = None) -> None:
         super().__init__(max_msg_size=max_msg_size, compress=False, autoping=False)
         self._link_timeout = timeout
         self._max_unsent = max_unsent
         self._clock = clock
+        self._batch = batch
         self._detached = False
 
     def _post_start(self, request: BaseRequest, protocol: str | None, writer: Any) -> None:
@@ -583,7 +584,7 @@ class DirectWebSocketResponse(WebSocketResponse):
         self._writer = writer
         loop = request._loop
         self.link = DirectLink(request.protocol.transport, loop, self._link_timeout,
-                               self._max_unsent, self._clock)
+                               self._max_unsent, self._clock, self._batch)
         inbox = _Inbox(request.protocol, loop, self.link)
         self._reader = inbox
         self._parser = WebSocketReader(inbox, self._max_msg_size, compress=False, decode_text=True)
