@@ -16,6 +16,7 @@ from chat.model import (
     STAFF,
     Conversation,
     Message,
+    Sender,
     can_read,
     check_write,
     conversation_view,
@@ -26,13 +27,14 @@ from kernel.actor import Actor
 from kernel.clock import now_ms
 from kernel.errors import Conflict, Forbidden, NotFound, RateLimited
 from kernel.locks import KeyedLocks
-from orders.service import Event, Order, OrderService
+from orders.model import Event, Order
+from orders.service import OrderService
 
 log = logging.getLogger(__name__)
 
 MAX_JOIN: Final = 500  # messages a join returns; more pages via since_seq
 MAX_LIST: Final = 100
-SYSTEM_SENDER: Final = {"id": "system", "role": "system", "name": None}
+SYSTEM_SENDER: Final[Sender] = {"id": "system", "role": "system", "name": None}
 # Chinese labels for the order timeline card (the seed's terms).
 STATE_LABELS: Final = {
     "created": "已预约", "assigned": "已分配", "en_route": "在路上", "arrived": "已到达",
@@ -184,7 +186,7 @@ class ChatService:
         body = f"订单状态：{label}" if event["type"] != "rated" else "客户已评价"
         msg: Message = {
             "id": uuid.uuid4().hex, "conversation_id": conv["conversation_id"],
-            "client_msg_id": f"order-event:{event['seq']}", "sender": dict(SYSTEM_SENDER),
+            "client_msg_id": f"order-event:{event['seq']}", "sender": SYSTEM_SENDER.copy(),
             "kind": "system", "body": body, "ts": event["ts"],
             "order_event": {k: event[k] for k in ("seq", "type", "state", "ts", "actor")},
         }
@@ -252,7 +254,10 @@ class ChatService:
             rank = int(conv.get("queue_rank") or conv["created_ts"])
             # A requeued conversation ranks FRONT_OFFSET ahead of its requeue time.
             since = rank + FRONT_OFFSET if rank < 0 else rank
-            out.append({**conversation_view(conv), "position": position, "waiting_since_ts": since})
+            view = conversation_view(conv)
+            view["position"] = position
+            view["waiting_since_ts"] = since
+            out.append(view)
         return out
 
     async def agent_status(self, agent_id: str) -> tuple[str, int]:

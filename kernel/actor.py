@@ -4,6 +4,14 @@ itself (role ``system``: dispatch assigns, the geofence marks arrival)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypedDict
+
+
+class ActorRef(TypedDict):
+    """An actor on the wire and in stored events."""
+
+    id: str
+    role: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -11,5 +19,5 @@ class Actor:
     id: str
     role: str  # customer | technician | agent | admin | service | system
 
-    def as_dict(self) -> dict[str, str]:
+    def as_dict(self) -> ActorRef:
         return {"id": self.id, "role": self.role}

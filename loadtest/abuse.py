@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import json
 import os
 import signal
@@ -174,8 +175,15 @@ async def run_probe(url: str, token: str) -> None:
     print("ready", flush=True)
     done = asyncio.get_running_loop().create_future()
     loop = asyncio.get_running_loop()
-    loop.add_reader(sys.stdin.fileno(), lambda: done.done() or (
-        not sys.stdin.buffer.read1(1 << 16) and done.set_result(None)))
+    stdin = sys.stdin.buffer
+    assert isinstance(stdin, io.BufferedReader)  # typed BinaryIO, which has no read1
+
+    def stdin_readable() -> None:
+        """What the parent writes is discarded; its end of the pipe closing ends the probe."""
+        if not done.done() and not stdin.read1(1 << 16):
+            done.set_result(None)
+
+    loop.add_reader(sys.stdin.fileno(), stdin_readable)
     while not done.done():
         sent, t0 = time.time(), time.perf_counter()
         await c.call("subscribe", {"order_id": "nope"}, namespace="/orders", timeout=60)

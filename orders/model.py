@@ -7,10 +7,7 @@ from __future__ import annotations
 
 from typing import Any, NotRequired, Required, TypedDict
 
-
-class ActorRef(TypedDict):
-    id: str
-    role: str  # customer | technician | agent | admin | service | system
+from kernel.actor import ActorRef
 
 
 class Address(TypedDict):
@@ -33,15 +30,20 @@ class Rating(TypedDict, total=False):
     ts: int
 
 
+class Service(TypedDict):
+    code: str
+    name: str
+
+
 class Order(TypedDict):
     order_id: str
     state: str
     seq: int  # of the order's last event: 1, 2, 3, ... with no gaps
     customer_id: str
     technician_id: str | None
-    service: str | None
-    address: Address | None
-    window: Window | None
+    service: Service
+    address: Address
+    window: Window
     skills: list[str]
     created_ts: int
     updated_ts: int

@@ -19,9 +19,7 @@ from kernel.clock import now_ms
 from kernel.errors import Conflict, Forbidden, NotFound, Unavailable
 from kernel.locks import KeyedLocks
 from orders.lifecycle import SYSTEM, check_transition
-
-Order = dict[str, Any]
-Event = dict[str, Any]
+from orders.model import Event, Order
 
 # Optimistic retries before a hot order answers `unavailable`. Each retry
 # re-reads, so even heavy contention converges within a few rounds.
@@ -118,7 +116,11 @@ class OrderService:
         """
         ts = now_ms()
         order: Order = {
-            **{k: spec.get(k) for k in CREATE_FIELDS},
+            "customer_id": spec["customer_id"],
+            "service": spec["service"],
+            "address": spec["address"],
+            "window": spec["window"],
+            "skills": [],
             "order_id": spec["order_id"],
             "technician_id": None,
             "state": "created",

@@ -466,7 +466,7 @@ async def server_header(request: web.BaseRequest, response: web.StreamResponse) 
 def hide_server_version() -> None:
     """aiohttp's default `Server` (Python and aiohttp versions), which its
     answers to unparseable requests carry: they come before any route, so
-    before server_header. Process-wide; tests/test_harden_config.py pins it."""
+    before server_header. Process-wide; tests/realtime/test_harden_config.py pins it."""
     web_response.SERVER_SOFTWARE = SERVER_NAME  # type: ignore[attr-defined]
 
 

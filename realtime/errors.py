@@ -7,7 +7,7 @@ error replies.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal, Required, TypedDict
 
 from pydantic import ValidationError
 from pymongo.errors import ConnectionFailure, PyMongoError
@@ -34,6 +34,27 @@ HTTP_STATUS = {
 }
 
 
+class ErrorBody(TypedDict, total=False):
+    code: Required[str]  # invalid | unauthorized | forbidden | not_found | conflict | ...
+    message: Required[str]
+    details: Any
+    retry_after_ms: int  # rate_limited, and unavailable when shed: when to come back
+
+
+class OkReply(TypedDict):
+    """Every ack and HTTP body that succeeded: {"ok": true, "data": ...}."""
+
+    ok: Literal[True]
+    data: Any
+
+
+class ErrorReply(TypedDict):
+    """Every ack and HTTP body that failed: {"ok": false, "error": {...}}."""
+
+    ok: Literal[False]
+    error: ErrorBody
+
+
 class WireError(Exception):
     def __init__(self, code: str, message: str, details: Any = None) -> None:
         super().__init__(message)
@@ -41,12 +62,12 @@ class WireError(Exception):
         self.message = message
         self.details = details
 
-    def body(self) -> dict[str, Any]:
-        err: dict[str, Any] = {"code": self.code, "message": self.message}
+    def body(self) -> ErrorReply:
+        err: ErrorBody = {"code": self.code, "message": self.message}
         if self.details is not None:
             err["details"] = self.details
         if self.code == "rate_limited" and isinstance(self.details, dict):
-            err["retry_after_ms"] = self.details.get("retry_after_ms")
+            err["retry_after_ms"] = self.details["retry_after_ms"]
         elif self.code == "unavailable" and isinstance(self.details, dict) \
                 and "retry_after_ms" in self.details:
             # Shed by the store gate: when to come back, where rate_limited says it.
@@ -94,5 +115,5 @@ def to_error(exc: BaseException) -> WireError:
     return WireError("internal", "internal error")
 
 
-def ok(data: Any) -> dict[str, Any]:
+def ok(data: Any) -> OkReply:
     return {"ok": True, "data": data}

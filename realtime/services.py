@@ -19,7 +19,8 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from chat.routing import Router
 from chat.service import ChatService
-from orders.service import Event, Order, OrderService
+from orders.model import Event, Order
+from orders.service import OrderService
 from realtime.engine import Engine
 from realtime.feeds import Feeds
 from realtime.metrics import Metrics

@@ -15,7 +15,7 @@ that appends a message.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, cast
 
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, ReturnDocument
 from pymongo.asynchronous.client_session import AsyncClientSession
@@ -56,19 +56,19 @@ def _out(doc: dict[str, Any] | None) -> Conversation | None:
         return None
     doc = dict(doc)
     doc["conversation_id"] = doc.pop("_id")
-    return doc
+    return cast(Conversation, doc)
 
 
 def _conv(doc: dict[str, Any]) -> Conversation:
     doc = dict(doc)
     doc["conversation_id"] = doc.pop("_id")
-    return doc
+    return cast(Conversation, doc)
 
 
 def _msg(doc: dict[str, Any]) -> Message:
     doc = dict(doc)
     doc["id"] = doc.pop("_id")
-    return doc
+    return cast(Message, doc)
 
 
 class MongoChatStore(GatedStore):  # every public method goes through the store gate

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, ReturnDocument
 from pymongo.asynchronous.client_session import AsyncClientSession
@@ -18,7 +18,8 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError
 
 from orders.lifecycle import TECHNICIAN_PHASE
-from orders.service import Event, Order, OrderExists, StaleWrite
+from orders.model import Event, Order
+from orders.service import OrderExists, StaleWrite
 from storage.gate import GatedStore, StoreGate, transaction_interrupted
 
 Observe = Callable[[str, float], None]
@@ -95,9 +96,11 @@ async def ensure_indexes(db: AsyncDatabase[dict[str, Any]]) -> None:
 
 
 def _order_out(doc: dict[str, Any]) -> Order:
+    """A stored document as an Order (the store's boundary: what was written
+    by OrderService is read back as such)."""
     doc = dict(doc)
     doc["order_id"] = doc.pop("_id")
-    return doc
+    return cast(Order, doc)
 
 
 class MongoOrderStore(GatedStore):
@@ -186,6 +189,6 @@ class MongoOrderStore(GatedStore):
         cursor = self._events.find(
             {"order_id": order_id, "seq": {"$gt": since_seq}}, {"_id": 0}
         ).sort("seq", ASCENDING).limit(limit)
-        out = [doc async for doc in cursor]
+        out = [cast(Event, doc) async for doc in cursor]
         self._observe("order_events", time.perf_counter() - t0)
         return out

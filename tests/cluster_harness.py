@@ -41,11 +41,12 @@ class TimedClient(Client):
         super().__init__(base_url, namespace, token)
         self.times: dict[str, list[float]] = defaultdict(list)
 
-        @self.sio.on("*", namespace=namespace)
         async def _any(event: str, data: Any = None) -> None:
             self.times[event].append(time.perf_counter())
             self.received[event].append(data)
             self._queues[event].put_nowait(data)
+
+        self.sio.on("*", _any, namespace=namespace)
 
 
 class RestartableRedis:

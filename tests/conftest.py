@@ -122,7 +122,7 @@ async def app_on(mongo_url: str, **overrides: Any) -> AsyncIterator[Live]:
 
 
 # Every test that starts an app runs on both engines: memory (one node) and
-# Redis (the cluster engine, here one node; tests/test_cluster.py runs several).
+# Redis (the cluster engine, here one node; tests/cluster/ runs several).
 ENGINES = [e for e in os.environ.get("REALTIME_TEST_ENGINES", "memory,redis").split(",") if e]
 
 

@@ -17,7 +17,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 import socketio
@@ -114,7 +114,8 @@ async def until(pred: Callable[[], Awaitable[bool]], timeout: float, every: floa
 
 def _chain(task: asyncio.Task[Any]) -> str:
     """Where a task waits: its coroutine chain, outermost first."""
-    links, coro = [], task.get_coro()
+    links: list[str] = []
+    coro: Any = task.get_coro()
     while coro is not None:
         frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
         where = f" ({frame.f_code.co_filename}:{frame.f_lineno})" if frame else ""
@@ -162,12 +163,13 @@ class Client:
         self.received: dict[str, list[Any]] = defaultdict(list)
         self._queues: dict[str, asyncio.Queue[Any]] = defaultdict(asyncio.Queue)
 
-        @self.sio.on("*", namespace=namespace)
         async def _any(event: str, data: Any = None) -> None:
             self.received[event].append(data)
             self._queues[event].put_nowait(data)
 
-    async def connect(self, transports: list[str] | None = None, **kw: Any) -> Client:
+        self.sio.on("*", _any, namespace=namespace)
+
+    async def connect(self, transports: list[str] | None = None, **kw: Any) -> Self:
         auth = {"token": self.token} if self.token is not None else None
         await self.sio.connect(self.base_url, namespaces=[self.namespace], auth=auth,
                                transports=transports or ["websocket"], wait_timeout=10, **kw)

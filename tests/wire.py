@@ -111,7 +111,10 @@ def b64url(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
-def claims(sub: str = "user-1", role: str = "customer", ttl_s: int = 3600, **extra: Any) -> dict[str, Any]:
+def claims(sub: object = "user-1", role: object = "customer", ttl_s: int = 3600,
+           **extra: Any) -> dict[str, Any]:
+    """A token's claims. Any value may be malformed (a number for `sub`, a list
+    for `role`), and a claim given as None is left out."""
     now = int(time.time())
     out: dict[str, Any] = {"sub": sub, "role": role, "iat": now, "exp": now + ttl_s}
     out.update(extra)

@@ -26,6 +26,7 @@ from kernel.actor import Actor
 from kernel.clock import now_ms
 from kernel.errors import Conflict, Forbidden
 from kernel.tasks import BackgroundTasks
+from orders.model import Order
 from orders.service import OrderService
 from tracking.geo import haversine_m
 from tracking.positions import Position, PositionStore
@@ -179,12 +180,12 @@ class DispatchService:
         self._background.spawn(self._drive(doc, order, eligible[:count]))
         return doc
 
-    def _offer_payload(self, order: dict[str, Any], dispatch_id: str, expires: int) -> dict[str, Any]:
+    def _offer_payload(self, order: Order, dispatch_id: str, expires: int) -> dict[str, Any]:
         return {"order_id": order["order_id"], "dispatch_id": dispatch_id,
                 "service": order["service"], "address": order["address"],
                 "window": order["window"], "expires_ts": expires}
 
-    async def _drive(self, doc: dict[str, Any], order: dict[str, Any],
+    async def _drive(self, doc: dict[str, Any], order: Order,
                      offers: list[dict[str, Any]]) -> None:
         did = doc["dispatch_id"]
         wake = self._wakeups.setdefault(did, asyncio.Event())

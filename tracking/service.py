@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -21,7 +21,8 @@ from kernel.clock import now_ms
 from kernel.errors import Conflict, Forbidden, RateLimited
 from kernel.tasks import BackgroundTasks
 from orders.lifecycle import TECHNICIAN_PHASE
-from orders.service import Order, OrderService, may_know, not_found
+from orders.model import Order
+from orders.service import OrderService, may_know, not_found
 from tracking.eta import EtaConfig, EtaEstimator
 from tracking.geo import haversine_m
 from tracking.locations import INVALID_REASONS, FilterConfig, Point, check_point
@@ -190,7 +191,7 @@ class TrackingService:
         for st in self._techs.values():
             st.must_refresh = True
 
-    def on_order_event(self, order: Order, event: dict[str, Any]) -> None:
+    def on_order_event(self, order: Order, event: Mapping[str, Any]) -> None:
         """Keep the active-order cache exact for changes made on this node."""
         tech = order.get("technician_id")
         if tech and tech in self._techs:
@@ -354,6 +355,7 @@ class TrackingService:
                 f"the technician's position is shown only while the order is assigned, "
                 f"en route or arrived (it is {order['state']})", {"state": order["state"]})
         tech_id = order["technician_id"]
+        assert tech_id is not None  # checked above
         pos = await self.positions.get(tech_id)
         view: dict[str, Any] = {
             "order_id": order_id,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from chat.model import conversation_view, message_view
+from chat.model import Conversation, Message, conversation_view, message_view
 from kernel.actor import Actor
 from realtime import rooms
 from realtime.context import Edge
@@ -13,15 +13,15 @@ from realtime.context import Edge
 NS = rooms.CHAT
 
 
-def audience(conv: dict[str, Any]) -> tuple[list[tuple[Actor, str]], list[str]]:
+def audience(conv: Conversation) -> tuple[list[tuple[Actor, str]], list[str]]:
     """(participants with their rooms, staff rooms) of a conversation."""
     parts = [(Actor(conv["customer_id"], "customer"), rooms.user_room(conv["customer_id"]))]
-    if conv.get("technician_id"):
-        parts.append((Actor(conv["technician_id"], "technician"),
-                      rooms.user_room(conv["technician_id"])))
+    technician, assignee = conv.get("technician_id"), conv.get("assignee")
+    if technician:
+        parts.append((Actor(technician, "technician"), rooms.user_room(technician)))
     staff = [rooms.staff_room(conv["conversation_id"])]
-    if conv.get("assignee"):
-        staff.append(rooms.user_room(conv["assignee"]))
+    if assignee:
+        staff.append(rooms.user_room(assignee))
     return parts, staff
 
 
@@ -30,7 +30,7 @@ class ChatFeed:
         self.sio = edge.sio
         self.metrics = edge.metrics
 
-    async def delivered(self, conv: dict[str, Any], msg: dict[str, Any], origin: str | None) -> None:
+    async def delivered(self, conv: Conversation, msg: Message, origin: str | None) -> None:
         """Each audience gets its own view (masked for the other party of an
         order chat); the sending connection has the message in its ack."""
         self.metrics.messages.labels(msg["kind"]).inc()
@@ -41,19 +41,19 @@ class ChatFeed:
             await self.sio.emit("message", message_view(msg, actor), to=room, skip_sid=origin,
                                 namespace=NS)
 
-    async def conversation_changed(self, conv: dict[str, Any], also: tuple[str, ...] = ()) -> None:
+    async def conversation_changed(self, conv: Conversation, also: tuple[str, ...] = ()) -> None:
         """To the conversation's audience, and `also` these users (the agent a
         conversation was just transferred away from)."""
         parts, staff = audience(conv)
         to = [room for _, room in parts] + staff + [rooms.user_room(u) for u in also if u]
         await self.sio.emit("conversation", conversation_view(conv), to=to, namespace=NS)
 
-    async def queue_position(self, conv: dict[str, Any], position: int) -> None:
+    async def queue_position(self, conv: Conversation, position: int) -> None:
         await self.sio.emit("queue_position",
                             {"conversation_id": conv["conversation_id"], "position": position},
                             to=rooms.user_room(conv["customer_id"]), namespace=NS)
 
-    async def relay(self, conv: dict[str, Any], event: str, data: dict[str, Any], sid: str) -> None:
+    async def relay(self, conv: Conversation, event: str, data: dict[str, Any], sid: str) -> None:
         """Typing and read markers: to the others of the conversation."""
         parts, staff = audience(conv)
         await self.sio.emit(event, data, to=[room for _, room in parts] + staff, skip_sid=sid,

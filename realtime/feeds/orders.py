@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from orders.service import Event, Order
+from orders.model import Event, Order
 from realtime import rooms
 from realtime.context import Edge
 from realtime.transport.rooms import LocalRooms
@@ -25,7 +25,7 @@ class OrderFeed:
         """Fan an order event out to the order's subscribers and, wherever they
         are connected, to its customer and technician (once each)."""
         to = [rooms.order_room(order["order_id"]), rooms.user_room(order["customer_id"])]
-        if order.get("technician_id"):
+        if order["technician_id"]:
             to.append(rooms.user_room(order["technician_id"]))
         self.metrics.order_events.labels(event["type"]).inc()
         await self.sio.emit("order_event", event, to=to, namespace=NS)

@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from orders.model import Event, Order
 from realtime import rooms
 from realtime.context import Edge
 from realtime.interest import Interest
@@ -168,7 +169,7 @@ class TrackingFeed:
         self.watching.pop(sid, None)
         self.remove_area(sid)
 
-    async def order_changed(self, order: dict[str, Any], event: dict[str, Any]) -> None:
+    async def order_changed(self, order: Order, event: Event) -> None:
         """Privacy: once an order leaves the visible phases, its watchers are
         dropped (on every node) and must not see the technician again."""
         # Every node's cache of "which order is this technician on" (nothing
@@ -177,7 +178,7 @@ class TrackingFeed:
             "order": {k: order.get(k) for k in (
                 "order_id", "state", "customer_id", "technician_id", "address")},
             "event": {"type": event["type"], "data": {
-                "previous_technician_id": event.get("data", {}).get("previous_technician_id")}},
+                "previous_technician_id": event["data"].get("previous_technician_id")}},
         })
         if order["state"] not in VISIBLE:
             for cs in COORD_SYSTEMS:

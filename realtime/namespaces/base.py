@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from kernel import deadline
 from kernel.errors import DomainError
 from realtime.auth import Principal
-from realtime.errors import WireError, ok, to_error
+from realtime.errors import ErrorReply, OkReply, WireError, ok, to_error
 from realtime.rooms import user_room
 from realtime.settings import Settings
 from realtime.transport.rooms import LocalRooms
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
 Handler = Callable[[Any, Principal, str, Any], Awaitable[Any]]
+Reply = OkReply | ErrorReply
 
 
 class EventSpec:
@@ -140,6 +141,7 @@ class BaseNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         spec = self.events.get(event)
         label = event if spec is not None else "(unknown)"
         metrics.events_in.labels(self.namespace, label).inc()
+        reply: Reply
         try:
             principal = self.principals.get(sid)
             if principal is None:
@@ -176,7 +178,7 @@ def begin_request(principal: Principal, settings: Settings) -> None:
     OWNER.set(None if principal.role == "service" else f"{principal.role}:{principal.id}")
 
 
-def error_reply(exc: BaseException) -> tuple[dict[str, Any], str]:
+def error_reply(exc: BaseException) -> tuple[ErrorReply, str]:
     """The reply to a failed event and its code. Kept out of the handler's
     frame on purpose: a local there holding the error would make a reference
     cycle (error -> traceback -> frame -> error) of every error reply, which

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import Field
 
 from kernel.actor import Actor
-from orders.service import Event, Order
+from orders.model import Event, Order
 from realtime import rooms
 from realtime.auth import Principal
 from realtime.namespaces.base import BaseNamespace, handles

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Annotated, Any, cast
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import Field, ValidationError, model_validator
 
 from kernel.errors import Forbidden
 from realtime import rooms
 from realtime.auth import Principal
-from realtime.errors import WireError, ok, validation_details
+from realtime.errors import ErrorReply, OkReply, WireError, ok, validation_details
 from realtime.feeds.tracking import AREA_LIMIT, COORD_SYSTEMS, Box, area_item, convert
 from realtime.namespaces.base import BaseNamespace, error_reply, handles
 from realtime.namespaces.models import MAX_SAFE_INT, Id, Inbound, Ts
@@ -74,7 +74,7 @@ def _optional(body: dict[str, Any], key: str, hi: float) -> float | object | Non
 def fast_point(body: Any) -> Point | None:
     """PointIn.model_validate(body).to_point() for the shape every app sends,
     without building a model; None for anything else (then pydantic decides
-    and words the error). tests/test_tracking_units.py checks that the two agree."""
+    and words the error). tests/tracking/test_tracking_units.py checks that the two agree."""
     if type(body) is not dict or not body.keys() <= _POINT_KEYS:
         return None
     lat = _bounded(body.get("lat"), -90, 90)
@@ -91,7 +91,7 @@ def fast_point(body: Any) -> Point | None:
     if cs != "wgs84":
         if type(cs) is not str or cs not in COORD_SYSTEMS:
             return None
-        lat, lng = to_wgs84(lat, lng, cast(CoordSys, cs))
+        lat, lng = to_wgs84(lat, lng, cs)
     return Point(lat, lng, ts, accuracy, speed, heading)  # type: ignore[arg-type]
 
 
@@ -189,7 +189,7 @@ class TrackingNamespace(BaseNamespace):
             counts[r.status] += 1
         return {**counts, "results": [r.as_dict() for r in results]}
 
-    def fast_location(self, sid: str, body: dict[str, Any]) -> dict[str, Any] | str | None:
+    def fast_location(self, sid: str, body: dict[str, Any]) -> OkReply | ErrorReply | str | None:
         """`location` where its frame is parsed (realtime/transport/wsdirect.py): a
         technician already streaming here. None hands the message to the
         regular handler (first point, bad payload, not a technician), which
@@ -204,7 +204,7 @@ class TrackingNamespace(BaseNamespace):
                 point = PointIn.model_validate(body).to_point()
             except ValidationError:
                 return None
-        reply: dict[str, Any] | str
+        reply: OkReply | ErrorReply | str
         try:
             result = self.svc.ingest_now(p.id, p.name, point, p.skills)
             if result is None:

@@ -23,7 +23,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import engineio
@@ -285,7 +285,7 @@ class _EngineServer(engineio.AsyncServer):  # type: ignore[misc]
 
 
 # A reply dict, or the reply already as JSON text, or None (not handled here).
-FastHandler = Callable[[str, dict[str, Any]], "dict[str, Any] | str | None"]
+FastHandler = Callable[[str, dict[str, Any]], "Mapping[str, Any] | str | None"]
 
 
 def refusal(code: str, message: str) -> socketio.exceptions.ConnectionRefusedError:

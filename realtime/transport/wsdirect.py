@@ -47,12 +47,12 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 from aiohttp import WebSocketError, WSCloseCode, WSMsgType
 from aiohttp._websocket.reader import WebSocketDataQueue, WebSocketReader
 from aiohttp.web import BaseRequest, WebSocketResponse
-from aiohttp.web_ws import DEFAULT_CHUNK_SIZE
+from aiohttp.web_ws import DEFAULT_CHUNK_SIZE  # type: ignore[attr-defined]  # the one web_ws gives its queue
 from engineio import exceptions as eio_exceptions
 from engineio import packet as eio_packet
 
@@ -205,6 +205,16 @@ class _ChunkParser:
 CLOCK_SLOT_S: Final = 0.25
 
 
+class Timed(Protocol):
+    """What the clock needs of a session (a DirectLink): its loop, the slot it
+    waits in, and its duty."""
+
+    loop: asyncio.AbstractEventLoop
+    _slot: int
+
+    def _tick(self) -> None: ...
+
+
 class LinkClock:
     """One timer for every session of a server: each link's next duty (its
     liveness check, or the Engine.IO ping due next) sits in the slot of
@@ -212,11 +222,11 @@ class LinkClock:
     any. A TimerHandle per session cost ~0.5 KB (tracemalloc)."""
 
     def __init__(self) -> None:
-        self._slots: dict[int, set[DirectLink]] = {}
+        self._slots: dict[int, set[Timed]] = {}
         self._handle: asyncio.TimerHandle | None = None
         self._handle_slot = 0
 
-    def at(self, link: DirectLink, when: float) -> None:
+    def at(self, link: Timed, when: float) -> None:
         """`link._tick()` at `when` (time.monotonic()), or up to a slot later."""
         slot = math.ceil(when / CLOCK_SLOT_S)
         if link._slot == slot:
@@ -230,7 +240,7 @@ class LinkClock:
         if self._handle is None or slot < self._handle_slot:
             self._schedule(link.loop, slot)
 
-    def drop(self, link: DirectLink) -> None:
+    def drop(self, link: Timed) -> None:
         members = self._slots.get(link._slot)
         if members is not None:
             members.discard(link)
@@ -513,7 +523,7 @@ class DirectLink:
 _COMPILED_QUEUE: Final = WebSocketDataQueue.__module__.endswith("_c")
 
 
-class _Inbox(WebSocketDataQueue):  # type: ignore[misc,valid-type]
+class _Inbox(WebSocketDataQueue):
     """The parser's destination: hands each message to the link at once.
 
     With the compiled reader the base class's __init__ is skipped: it makes a

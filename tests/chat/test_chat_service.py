@@ -9,24 +9,25 @@ test). Order changes reach the chat as the app wires them
 from __future__ import annotations
 
 import asyncio
-import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any
 
 import pytest
 
 from chat.limits import LocalRateLimiter, SendLimits
 from chat.masking import PHONE_MASK, WECHAT_MASK
+from chat.model import Conversation, Message
 from chat.routing import MemoryAgentDirectory, Router, local_lock
 from chat.service import ChatService, order_conversation_id
 from kernel.actor import Actor
 from kernel.errors import Conflict, Forbidden, NotFound, RateLimited
-from orders.service import Event, Order, OrderService
+from orders.model import Event, Order
+from orders.service import OrderService
 from realtime.presence.memory import MemoryPresence
 from storage.chat import MongoChatStore
 from storage.gate import StoreGate
 from storage.mongo import MongoOrderStore, connect, ensure_indexes
+from tests.harness import MongoServer, uid, until
 
 TIMEOUT_MS = 2500
 BOUND_S = TIMEOUT_MS / 1000
@@ -35,38 +36,15 @@ ADMIN = Actor("adm-1", "admin")
 SLOW = 0.01  # tokens per second: nothing refills while a test runs
 
 
-# tests.harness is not imported: `mypy --check-untyped-defs` flags its line 122,
-# and these files type-check on their own. `uid` is harness.uid; the store is
-# tests/conftest.py's `mongo_server` fixture (a SecantusDB process).
-class StoreServer(Protocol):
-    @property
-    def url(self) -> str: ...
-
-
-def uid(prefix: str = "") -> str:
-    return f"{prefix}{uuid.uuid4().hex[:12]}"
-
-
-async def eventually(pred: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    """Poll `pred` until true (background work of the service under test)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if await pred():
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not reached within {timeout} s")
-        await asyncio.sleep(0.01)
-
-
 class Env:
     def __init__(self, chat_store: MongoChatStore, order_store: MongoOrderStore, *, cap: int,
                  grace_s: float, limits: SendLimits) -> None:
         self.store = chat_store
         self.presence = MemoryPresence()
         self.directory = MemoryAgentDirectory()
-        self.changed: list[dict[str, Any]] = []
+        self.changed: list[Conversation] = []
         self.positions: list[tuple[str, int]] = []
-        self.delivered: list[tuple[dict[str, Any], str | None]] = []
+        self.delivered: list[tuple[Message, str | None]] = []
         self.router = Router(chat_store, directory=self.directory, presence=self.presence,
                              conversation_changed=self._conversation_changed,
                              queue_position=self._queue_position, pump_lock=local_lock(),
@@ -75,13 +53,13 @@ class Env:
         self.chat = ChatService(chat_store, self.orders, self.router, self._delivered,
                                 limits=limits, busy_wait_s=BOUND_S)
 
-    async def _conversation_changed(self, conv: dict[str, Any]) -> None:
+    async def _conversation_changed(self, conv: Conversation) -> None:
         self.changed.append(conv)
 
-    async def _queue_position(self, conv: dict[str, Any], position: int) -> None:
+    async def _queue_position(self, conv: Conversation, position: int) -> None:
         self.positions.append((conv["conversation_id"], position))
 
-    async def _delivered(self, conv: dict[str, Any], msg: dict[str, Any], origin: str | None) -> None:
+    async def _delivered(self, conv: Conversation, msg: Message, origin: str | None) -> None:
         self.delivered.append((msg, origin))
 
     async def _order_changed(self, order: Order, event: Event) -> None:
@@ -100,7 +78,7 @@ class Env:
         assert await self.presence.disconnect(agent.id)
         self.router.agent_offline(agent.id)
 
-    async def support(self, customer: Actor | None = None) -> tuple[Actor, dict[str, Any], int | None]:
+    async def support(self, customer: Actor | None = None) -> tuple[Actor, Conversation, int | None]:
         customer = customer or Actor(uid("c-"), "customer")
         conv, position = await self.chat.open_support(customer, None, "空调不制冷")
         return customer, conv, position
@@ -114,7 +92,7 @@ class Env:
                                      {"technician_id": tech.id})
         return str(order["order_id"])
 
-    async def send(self, actor: Actor, cid: str, body: str, cmid: str | None = None) -> dict[str, Any]:
+    async def send(self, actor: Actor, cid: str, body: str, cmid: str | None = None) -> Message:
         return await self.chat.send(actor, None, cid, cmid or uid("m-"), body, "text")
 
     async def status(self, cid: str) -> tuple[str, str | None]:
@@ -126,7 +104,7 @@ Make = Callable[..., Awaitable[Env]]
 
 
 @pytest.fixture
-async def make(mongo_server: StoreServer) -> AsyncIterator[Make]:
+async def make(mongo_server: MongoServer) -> AsyncIterator[Make]:
     """Builds an Env on a database of this test's own; closes what it built."""
     client = connect(mongo_server.url, TIMEOUT_MS)
     name = uid("chat_")
@@ -235,7 +213,7 @@ async def test_after_the_grace_an_absent_agents_chats_go_back_to_the_front(make:
     async def requeued() -> bool:
         return (await env.status(taken["conversation_id"]))[0] == "queued"
 
-    await eventually(requeued, 3.0, "requeue after the grace")
+    await until(requeued, 3.0, every=0.01, what="requeue after the grace")
     queue = await env.chat.queue(ADMIN, 10)
     assert [c["conversation_id"] for c in queue] == [taken["conversation_id"],
                                                      waiting["conversation_id"]]
@@ -433,6 +411,7 @@ async def test_a_closed_conversation_takes_no_new_messages_but_answers_retries(e
     with pytest.raises(Conflict):  # only closed conversations are rated
         await env.chat.rate(customer, cid, 5, None)
     closed = await env.chat.close(customer, cid)
+    # chat/model.py types closed_by as str; chat/service.py stores the ActorRef.
     assert closed["status"] == "closed" and closed["closed_by"] == customer.as_dict()
     with pytest.raises(Conflict):
         await env.chat.close(customer, cid)
@@ -440,7 +419,8 @@ async def test_a_closed_conversation_takes_no_new_messages_but_answers_retries(e
         await env.send(customer, cid, "还有一个问题")
     assert await env.send(customer, cid, "谢谢", "m-last") == stored
     rated = await env.chat.rate(customer, cid, 5, "很好")
-    assert (rated["csat"]["stars"], rated["csat"]["comment"]) == (5, "很好")
+    csat = rated["csat"]
+    assert csat is not None and (csat["stars"], csat["comment"]) == (5, "很好")
     with pytest.raises(Conflict):
         await env.chat.rate(customer, cid, 1, None)
     # Closed, the customer may open a new one.

@@ -47,7 +47,7 @@ def test_actor_is_a_frozen_value_with_a_wire_form() -> None:
     assert a.as_dict() == {"id": "c-1", "role": "customer"}
     assert a == Actor("c-1", "customer") and hash(a) == hash(Actor("c-1", "customer"))
     with pytest.raises(dataclasses.FrozenInstanceError):
-        a.id = "c-2"  # type: ignore[misc]
+        a.id = "c-2"  # type: ignore[misc]  # assigning to a frozen field is what is checked
 
 
 def test_each_domain_error_carries_its_wire_code() -> None:

@@ -6,17 +6,18 @@ app fans out from is recorded."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import Any
 
 import pytest
 
 from kernel.actor import Actor
 from kernel.errors import Conflict, Forbidden, NotFound, Unavailable
-from orders.service import Event, Order, OrderService
+from orders.model import Event, Order
+from orders.service import OrderService
 from storage.gate import StoreGate
 from storage.mongo import MongoOrderStore, connect, ensure_indexes
+from tests.harness import MongoServer, uid
 
 TIMEOUT_MS = 2500  # the settings' default REALTIME_MONGO_TIMEOUT_MS
 BOUND_S = TIMEOUT_MS / 1000
@@ -24,18 +25,6 @@ BOUND_S = TIMEOUT_MS / 1000
 BACKEND = Actor("backend", "service")
 AGENT = Actor("a-1", "agent")
 DISPATCH = Actor("dispatch", "system")
-
-
-# tests.harness is not imported: `mypy --check-untyped-defs` flags its line 122,
-# and these files type-check on their own. `uid` is harness.uid; the store is
-# tests/conftest.py's `mongo_server` fixture (a SecantusDB process).
-class StoreServer(Protocol):
-    @property
-    def url(self) -> str: ...
-
-
-def uid(prefix: str = "") -> str:
-    return f"{prefix}{uuid.uuid4().hex[:12]}"
 
 
 class Changes:
@@ -87,7 +76,7 @@ class Env:
 
 
 @pytest.fixture
-async def store(mongo_server: StoreServer) -> AsyncIterator[MongoOrderStore]:
+async def store(mongo_server: MongoServer) -> AsyncIterator[MongoOrderStore]:
     client = connect(mongo_server.url, TIMEOUT_MS)
     name = uid("orders_")
     db = client[name]
@@ -275,7 +264,8 @@ async def test_rating_by_the_own_customer_once_after_completion(env: Env) -> Non
         await env.orders.rate(AGENT, oid, {"stars": 5})
     order, event = await env.orders.rate(env.customer, oid, {"stars": 4, "comment": None})
     assert event["type"] == "rated" and event["data"] == {"stars": 4} and event["seq"] == 7
-    assert order["rating"]["stars"] == 4 and "comment" not in order["rating"]
+    rating = order["rating"]
+    assert rating is not None and rating["stars"] == 4 and "comment" not in rating
     with pytest.raises(Conflict):
         await env.orders.rate(env.customer, oid, {"stars": 1})
 

@@ -8,21 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
 from kernel.actor import Actor
 from kernel.clock import now_ms
 from kernel.errors import Conflict, Forbidden
-from orders.service import Event, Order, OrderService
+from orders.model import Event, Order
+from orders.service import OrderService
 from realtime.presence.memory import MemoryPresence
 from storage.dispatch import MongoDispatchStore
 from storage.gate import StoreGate
 from storage.mongo import MongoOrderStore, connect, ensure_indexes
+from tests.harness import MongoServer, uid, until
 from tracking.dispatch import NO_OFFER, DispatchConfig, DispatchService
 from tracking.geo import haversine_m
 from tracking.positions import MemoryPositions, Position
@@ -35,29 +35,6 @@ BACKEND = Actor("backend", "service")
 AGENT = Actor("a-1", "agent")
 DISPATCH = {"id": "dispatch", "role": "system"}
 WAIT_S = 3.0
-
-
-# tests.harness is not imported: `mypy --check-untyped-defs` flags its line 122,
-# and these files type-check on their own. `uid` is harness.uid; the store is
-# tests/conftest.py's `mongo_server` fixture (a SecantusDB process).
-class StoreServer(Protocol):
-    @property
-    def url(self) -> str: ...
-
-
-def uid(prefix: str = "") -> str:
-    return f"{prefix}{uuid.uuid4().hex[:12]}"
-
-
-async def eventually(pred: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    """Poll `pred` until true (background work of the service under test)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if await pred():
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not reached within {timeout} s")
-        await asyncio.sleep(0.01)
 
 
 def at(north_m: float = 0.0, east_m: float = 0.0) -> tuple[float, float]:
@@ -139,14 +116,14 @@ class Env:
 
     async def until_round(self, dispatch_id: str, status: str) -> dict[str, Any]:
         async def reached() -> bool:
-            return (await self.round_(dispatch_id))["status"] == status
+            return bool((await self.round_(dispatch_id))["status"] == status)
 
-        await eventually(reached, WAIT_S, f"round {status}")
+        await until(reached, WAIT_S, every=0.01, what=f"round {status}")
         return await self.round_(dispatch_id)
 
 
 @pytest.fixture
-async def env(mongo_server: StoreServer) -> AsyncIterator[Env]:
+async def env(mongo_server: MongoServer) -> AsyncIterator[Env]:
     client = connect(mongo_server.url, TIMEOUT_MS)
     name = uid("dispatch_")
     db = client[name]
@@ -287,7 +264,7 @@ async def test_a_round_without_candidates_fails_and_notes_why_on_the_order(env: 
     doc = await svc.start(BACKEND, oid)
     final = await env.until_round(doc["dispatch_id"], "failed")
     assert isinstance(final["finished_ts"], int)
-    await eventually(lambda: _has_note(env, oid), WAIT_S, "dispatch_failed note")
+    await until(lambda: _has_note(env, oid), WAIT_S, every=0.01, what="dispatch_failed note")
     events = await env.orders.events_since(oid)
     assert [(e["seq"], e["type"], e["state"]) for e in events] == [
         (1, "state_changed", "created"), (2, "dispatch_failed", "created")]

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import pytest
 from pymongo.asynchronous.database import AsyncDatabase
@@ -22,10 +20,12 @@ from kernel.actor import Actor
 from kernel.clock import now_ms
 from kernel.errors import Forbidden, NotFound, RateLimited
 from kernel.rate import MemoryRateLimiter
-from orders.service import Event, Order, OrderService
+from orders.model import Event, Order
+from orders.service import OrderService
 from storage.gate import StoreGate
 from storage.mongo import MongoOrderStore, connect, ensure_indexes
 from storage.trails import TrailWriter, ensure_trail_indexes, trail_for_order
+from tests.harness import MongoServer, uid, until
 from tracking.geo import haversine_m
 from tracking.locations import Point
 from tracking.positions import MemoryPositions, Position
@@ -40,29 +40,6 @@ GEOFENCE = {"id": "geofence", "role": "system"}
 # The app's defaults (tracking_config(settings)): 25 km/h default pace, road factor 1.35.
 CFG = TrackingConfig()
 STEP_MS = 60_000  # between a test's fixes: no jump here is a teleport
-
-
-# tests.harness is not imported: `mypy --check-untyped-defs` flags its line 122,
-# and these files type-check on their own. `uid` is harness.uid; the store is
-# tests/conftest.py's `mongo_server` fixture (a SecantusDB process).
-class StoreServer(Protocol):
-    @property
-    def url(self) -> str: ...
-
-
-def uid(prefix: str = "") -> str:
-    return f"{prefix}{uuid.uuid4().hex[:12]}"
-
-
-async def eventually(pred: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    """Poll `pred` until true (background work of the service under test)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if await pred():
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not reached within {timeout} s")
-        await asyncio.sleep(0.01)
 
 
 def at(north_m: float) -> tuple[float, float]:
@@ -134,7 +111,7 @@ class Env:
 
 
 @pytest.fixture
-async def backing(mongo_server: StoreServer) -> AsyncIterator[Backing]:
+async def backing(mongo_server: MongoServer) -> AsyncIterator[Backing]:
     client = connect(mongo_server.url, TIMEOUT_MS)
     name = uid("tracking_")
     db = client[name]
@@ -169,7 +146,7 @@ async def until_state(env: Env, oid: str, state: str, timeout: float = 3.0) -> N
     async def reached() -> bool:
         return await env.state_of(oid) == state
 
-    await eventually(reached, timeout, f"order {oid} {state}")
+    await until(reached, timeout, every=0.01, what=f"order {oid} {state}")
 
 
 # -- ingest and its filters -------------------------------------------------------------------------

@@ -42,7 +42,7 @@ NOBODY: Any = type("NoBody", (), {"__repr__": lambda self: "NOBODY"})()
 
 def patch(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
     """A deep copy of ``base`` with the dotted ``path`` set to ``value`` (or removed: DROP)."""
-    out = json.loads(json.dumps(base))
+    out: dict[str, Any] = json.loads(json.dumps(base))
     *parents, leaf = path.split(".")
     node = out
     for p in parents:
@@ -102,7 +102,6 @@ BASE: dict[str, dict[str, Any]] = {
     "resolve_refund": {"order_id": UNKNOWN, "approve": True},
     "rate": {"order_id": UNKNOWN, "stars": 5},
 }
-REQUIRED = {ev: set(body) for ev, body in BASE.items()}
 # A valid payload for an order that does not exist. Leaving a room one is not in is a no-op.
 VALID_UNKNOWN = {ev: "not_found" for ev in BASE} | {"unsubscribe": "ok"}
 
@@ -251,9 +250,10 @@ async def test_frame_over_64kib_closes_only_that_connection(
     gone = asyncio.Event()
     acks: list[Any] = []
 
-    @victim.sio.on("disconnect", namespace=NS)
     async def _gone(reason: Any = None) -> None:
         gone.set()
+
+    victim.sio.on("disconnect", _gone, namespace=NS)
 
     await victim.connect(transports=[transport])
     await victim.ok("subscribe", {"order_id": matrix.order_id})

@@ -15,12 +15,13 @@ import os
 import re
 import shutil
 import time
+import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
+from playwright.async_api import Browser, BrowserContext, Page, ViewportSize, async_playwright, expect
 from yarl import URL
 
 import realtime.pages as pages
@@ -34,13 +35,15 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-component-update", "--disable-sync"]
 ARTIFACTS = ROOT / "test-artifacts"
 SHOTS = ROOT / "docs" / "screenshots"
-VIEWPORT = {"width": 1000, "height": 700}
-PHONE = {"width": 390, "height": 780}
+VIEWPORT: ViewportSize = {"width": 1000, "height": 700}
+PHONE: ViewportSize = {"width": 390, "height": 780}
 WAIT_MS = 10_000
 ADDR = (31.2304, 121.4737)  # live.create_order()'s address (People's Square, WGS-84)
 M_PER_DEG = haversine_m(0, 0, 1, 0)
 # The technician here sends points faster than the default rate limit allows.
 FAST = {"location_rate": 1000.0, "location_burst": 1000.0}
+# The script and console errors of each page open_page opened, as they come.
+PAGE_ERRORS: weakref.WeakKeyDictionary[Page, list[str]] = weakref.WeakKeyDictionary()
 
 expect.set_options(timeout=WAIT_MS)
 
@@ -78,14 +81,14 @@ async def contexts(browser: Browser) -> AsyncIterator[list[BrowserContext]]:
 
 
 async def open_page(browser: Browser, contexts: list[BrowserContext], url: str,
-                    viewport: dict[str, int] = VIEWPORT) -> Page:
-    ctx = await browser.new_context(viewport=viewport, locale="zh-CN")  # type: ignore[arg-type]
+                    viewport: ViewportSize = VIEWPORT) -> Page:
+    ctx = await browser.new_context(viewport=viewport, locale="zh-CN")
     contexts.append(ctx)
     page = await ctx.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-    page.errors = errors  # type: ignore[attr-defined]
+    PAGE_ERRORS[page] = errors
     await page.goto(url)
     return page
 
@@ -105,7 +108,7 @@ async def shot(page: Page, name: str) -> None:
 def no_page_errors(page: Page) -> None:
     """No script error and no console error, except the browser's own reports of
     the connection attempts that failed while a test had the network off."""
-    errors = [e for e in page.errors if "ERR_INTERNET_DISCONNECTED" not in e]  # type: ignore[attr-defined]
+    errors = [e for e in PAGE_ERRORS[page] if "ERR_INTERNET_DISCONNECTED" not in e]
     assert not errors, errors
 
 
@@ -493,5 +496,5 @@ async def test_dev_sign_in_form_and_unreachable_tiles(start_app: StartApp, brows
     assert "token" not in page.url
     await expect(page.locator("#map")).to_have_attribute("data-tiles", "unreachable")
     assert await page.locator(".leaflet-tile-pane canvas").count() > 0  # the plain grid
-    errors = [e for e in page.errors if "ERR_CONNECTION_REFUSED" not in e]
+    errors = [e for e in PAGE_ERRORS[page] if "ERR_CONNECTION_REFUSED" not in e]
     assert not errors, errors

@@ -189,7 +189,7 @@ def test_every_inbound_float_field_refuses_non_finite_values() -> None:
         for name, field in model.model_fields.items():
             if "float" not in str(field.annotation):
                 continue
-            ann = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+            ann: Any = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
             adapter: TypeAdapter[Any] = TypeAdapter(ann)
             for bad in (float("inf"), -float("inf"), float("nan")):
                 with pytest.raises(ValidationError):

@@ -12,7 +12,8 @@ from realtime.transport.wsdirect import CLOCK_SLOT_S, LinkClock
 
 
 class Duty:
-    """What the clock needs of a session: its loop, its slot and _tick()."""
+    """What the clock needs of a session (wsdirect.Timed): its loop, its slot
+    and _tick()."""
 
     def __init__(self, name: str, fired: list[tuple[str, float]],
                  clock: LinkClock | None = None, then: float = 0.0) -> None:
@@ -26,7 +27,7 @@ class Duty:
         self.fired.append((self.name, time.monotonic()))
         self.done.set()
         if self.clock is not None and self.then:
-            self.clock.at(self, time.monotonic() + self.then)  # type: ignore[arg-type]
+            self.clock.at(self, time.monotonic() + self.then)
 
 
 async def test_duties_fire_in_order_within_a_slot_and_dropped_ones_never() -> None:
@@ -34,17 +35,17 @@ async def test_duties_fire_in_order_within_a_slot_and_dropped_ones_never() -> No
     fired: list[tuple[str, float]] = []
     start = time.monotonic()
     late, early, gone = Duty("late", fired), Duty("early", fired), Duty("gone", fired)
-    clock.at(late, start + 0.6)  # type: ignore[arg-type]
-    clock.at(early, start + 0.1)  # type: ignore[arg-type]
-    clock.at(gone, start + 0.3)  # type: ignore[arg-type]
-    clock.drop(gone)  # type: ignore[arg-type]
+    clock.at(late, start + 0.6)
+    clock.at(early, start + 0.1)
+    clock.at(gone, start + 0.3)
+    clock.drop(gone)
     async with asyncio.timeout(5):
         await late.done.wait()
     assert [n for n, _ in fired] == ["early", "late"]
     for (_, at), due in zip(fired, (0.1, 0.6), strict=True):
         assert due <= at - start <= due + CLOCK_SLOT_S + 0.2, (at - start, due)
     sentinel = Duty("sentinel", fired)  # due well after "gone" was
-    clock.at(sentinel, time.monotonic() + 0.3)  # type: ignore[arg-type]
+    clock.at(sentinel, time.monotonic() + 0.3)
     async with asyncio.timeout(5):
         await sentinel.done.wait()
     assert [n for n, _ in fired] == ["early", "late", "sentinel"]  # "gone" never fired
@@ -56,8 +57,8 @@ async def test_a_duty_moved_earlier_fires_at_the_new_time() -> None:
     fired: list[tuple[str, float]] = []
     start = time.monotonic()
     d = Duty("d", fired)
-    clock.at(d, start + 30)  # type: ignore[arg-type]
-    clock.at(d, start + 0.1)  # type: ignore[arg-type]
+    clock.at(d, start + 30)
+    clock.at(d, start + 0.1)
     async with asyncio.timeout(5):
         await d.done.wait()
     assert fired[0][1] - start < 1.0
@@ -72,9 +73,9 @@ async def test_a_tick_that_sets_its_next_duty_later_does_not_hold_up_the_others(
     start = time.monotonic()
     first = Duty("first", fired, clock, then=60)
     others = [Duty(f"d{i}", fired, clock, then=60) for i in range(3)]
-    clock.at(first, start + 0.1)  # type: ignore[arg-type]
+    clock.at(first, start + 0.1)
     for i, d in enumerate(others):
-        clock.at(d, start + 0.4 + 0.3 * i)  # type: ignore[arg-type]
+        clock.at(d, start + 0.4 + 0.3 * i)
     async with asyncio.timeout(5):
         await others[-1].done.wait()
     assert [n for n, _ in fired] == ["first", "d0", "d1", "d2"]

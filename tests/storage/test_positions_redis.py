@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from redis import asyncio as aioredis
@@ -24,8 +25,8 @@ async def redis(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
     await r.aclose()
 
 
-def fix(tid: str, ts: int, lat: float = 31.23, lng: float = 121.47, **kw: object) -> Position:
-    return Position(tid, lat, lng, ts, **kw)  # type: ignore[arg-type]
+def fix(tid: str, ts: int, lat: float = 31.23, lng: float = 121.47, **kw: Any) -> Position:
+    return Position(tid, lat, lng, ts, **kw)
 
 
 async def evalsha_calls(r: aioredis.Redis) -> int:

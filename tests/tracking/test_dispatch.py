@@ -348,9 +348,9 @@ async def test_broadcast_first_accept_wins_and_the_round_explains_everyone(
         busy.id: ("skipped", "busy"),
         offline.id: ("skipped", "offline"),
     }
-    for tid, (status, reason) in expect.items():
+    for tid, (outcome, reason) in expect.items():
         assert tid in cands, (tid, round_)
-        assert cands[tid]["status"] == status, (tid, cands[tid])
+        assert cands[tid]["status"] == outcome, (tid, cands[tid])
         if reason is not None:
             assert cands[tid]["reason"] == reason, (tid, cands[tid])
     assert len(cands) == len(expect), round_
@@ -390,11 +390,12 @@ async def test_racing_accepts_exactly_one_wins(live: Live, caplog: pytest.LogCap
     oid = order["order_id"]
     techs = [await technician(live, 100 * (i + 1)) for i in range(4)]
     did = (await started(live, oid, {"strategy": "broadcast", "count": 4}))["dispatch_id"]
+    accepting: list[Client] = []
     for t in techs:
         assert t.orders is not None
         assert (await t.orders.next("offer"))["dispatch_id"] == did
-    replies = await asyncio.gather(*(t.orders.call("accept", {"order_id": oid})  # type: ignore[union-attr]
-                                     for t in techs))
+        accepting.append(t.orders)
+    replies = await asyncio.gather(*(c.call("accept", {"order_id": oid}) for c in accepting))
     winners = [t for t, r in zip(techs, replies, strict=True) if r["ok"]]
     assert len(winners) == 1, replies
     for t, r in zip(techs, replies, strict=True):
@@ -721,9 +722,10 @@ async def test_ops_refuses_customers_and_technicians(live: Live, role: str) -> N
     client = Client(live.url, "/ops", live.token(role))
     seen: list[Any] = []
 
-    @client.sio.on("connect_error", namespace="/ops")
     async def _refused(data: Any = None) -> None:
         seen.append(data)
+
+    client.sio.on("connect_error", _refused, namespace="/ops")
 
     try:
         with pytest.raises(socketio.exceptions.ConnectionError):
@@ -732,5 +734,5 @@ async def test_ops_refuses_customers_and_technicians(live: Live, role: str) -> N
     finally:
         await client.close()
     assert len(seen) == 1, seen
-    data = seen[0].get("data") if isinstance(seen[0], dict) and "data" in seen[0] else seen[0]
+    data = seen[0]["data"] if isinstance(seen[0], dict) and "data" in seen[0] else seen[0]
     assert data["code"] == "forbidden" and data["message"], seen

@@ -203,6 +203,7 @@ class Cast:
         """Ask for `target` over `channel`. Returns (code, data, problem) where code is 'ok' or
         the error code and problem is non-empty when the HTTP status does not match the code."""
         if channel == "socket":
+            payload: dict[str, Any]
             if target in WORK:
                 event, payload = "progress", {"order_id": order_id, "state": target}
             elif target == "cancelled":
@@ -377,7 +378,7 @@ async def test_rate_only_own_customer_after_completed_once(live: Live) -> None:
     for who in ("other_customer", "other_technician"):
         await clients[who].error("rate", {"order_id": order_id, "stars": 5}, "not_found")
     # Stars and the three dimensions are 1..5 integers; the payload is validated.
-    bad = [
+    bad: list[tuple[dict[str, Any], str]] = [
         ({"stars": 0}, "stars"), ({"stars": 6}, "stars"), ({"stars": "5"}, "stars"),
         ({"stars": 4.5}, "stars"), ({}, "stars"),
         ({"stars": 3, "quality": 0}, "quality"), ({"stars": 3, "attitude": 6}, "attitude"),

@@ -254,8 +254,8 @@ async def test_server_header_names_no_version_on_any_response(live: Live) -> Non
                         ("/socket.io/?EIO=4&transport=polling", None),
                         ("/socket.io/?EIO=3&transport=polling", None),
                         ("/socket.io/?EIO=4&transport=polling&sid=nope", None)]:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        async with live.http.session.get(live.url + path, headers=headers) as resp:
+        auth = {"Authorization": f"Bearer {token}"} if token else {}
+        async with live.http.session.get(live.url + path, headers=auth) as resp:
             await resp.read()
             seen[path + (" (signed in)" if token else "")] = (resp.status, resp.headers.getall("Server", []))
     assert {status for status, _ in seen.values()} >= {200, 400, 401, 404}, seen

@@ -24,7 +24,7 @@ from realtime.api import CTX
 from realtime.transport.wsdirect import MAX_INFLIGHT
 from tests.conftest import Live, StartApp
 from tests.harness import until
-from tests.test_hardening import next_ack, raw_orders_socket
+from tests.transport.test_hardening import next_ack, raw_orders_socket
 
 NOPE = '42/orders,{}["subscribe",{{"order_id":"nope"}}]'
 

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from tracking.geo import (
     EARTH_RADIUS_M,
+    CoordSys,
     bd09_to_gcj02,
     from_wgs84,
     gcj02_to_bd09,
@@ -26,7 +27,7 @@ from tracking.geo import (
     wgs84_to_gcj02,
 )
 
-SYSTEMS = ("wgs84", "gcj02", "bd09")
+SYSTEMS: tuple[CoordSys, ...] = ("wgs84", "gcj02", "bd09")
 ROUND_TRIP_M = 1.0
 # One degree of arc on the sphere the module uses.
 DEGREE_M = 2 * math.pi * EARTH_RADIUS_M / 360
@@ -139,8 +140,8 @@ def _assert_identity(lat: float, lng: float) -> None:
     assert wgs84_to_gcj02(lat, lng) == (lat, lng)
     assert gcj02_to_wgs84(lat, lng) == (lat, lng)
     for cs in SYSTEMS:
-        assert to_wgs84(lat, lng, cs) == (lat, lng), cs  # type: ignore[arg-type]
-        assert from_wgs84(lat, lng, cs) == (lat, lng), cs  # type: ignore[arg-type]
+        assert to_wgs84(lat, lng, cs) == (lat, lng), cs
+        assert from_wgs84(lat, lng, cs) == (lat, lng), cs
 
 
 @PROPS
@@ -202,9 +203,9 @@ def test_shanghai_gcj02_offset_is_hundreds_of_metres() -> None:
 @pytest.mark.parametrize(("name", "lat", "lng"), CITIES)
 def test_cities_round_trip_to_the_centimetre(name: str, lat: float, lng: float) -> None:
     for cs in ("gcj02", "bd09"):
-        there = from_wgs84(lat, lng, cs)  # type: ignore[arg-type]
+        there = from_wgs84(lat, lng, cs)
         assert haversine_m(lat, lng, *there) > 100.0, (name, cs)
-        assert haversine_m(lat, lng, *to_wgs84(*there, cs)) < 0.01, (name, cs)  # type: ignore[arg-type]
+        assert haversine_m(lat, lng, *to_wgs84(*there, cs)) < 0.01, (name, cs)
 
 
 # -- haversine -----------------------------------------------------------------------------------

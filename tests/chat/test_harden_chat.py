@@ -346,9 +346,11 @@ def test_settings_defaults_bounds_and_environment(monkeypatch: pytest.MonkeyPatc
     s = Settings(jwt_secret=JWT_SECRET)
     assert (s.chat_send_rate, s.chat_send_burst, s.chat_conversation_rate, s.chat_conversation_burst) \
         == (2.0, 20.0, 10.0, 50.0)
-    for field, bad in (("chat_send_rate", 0), ("chat_send_rate", -1), ("chat_send_burst", 0.5),
-                       ("chat_conversation_rate", 0), ("chat_conversation_burst", 0),
-                       ("chat_send_rate", 1e9), ("chat_conversation_burst", 1e9)):
+    out_of_bounds: tuple[tuple[str, Any], ...] = (
+        ("chat_send_rate", 0), ("chat_send_rate", -1), ("chat_send_burst", 0.5),
+        ("chat_conversation_rate", 0), ("chat_conversation_burst", 0),
+        ("chat_send_rate", 1e9), ("chat_conversation_burst", 1e9))
+    for field, bad in out_of_bounds:
         with pytest.raises(ValidationError):
             Settings(jwt_secret=JWT_SECRET, **{field: bad})
     monkeypatch.setenv("REALTIME_CHAT_SEND_RATE", "0.5")

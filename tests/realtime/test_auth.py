@@ -95,9 +95,10 @@ async def sio_refusal(live: Live, token: Any, url_suffix: str = "") -> dict[str,
     client = Client(live.url + url_suffix, NS, None)
     seen: list[Any] = []
 
-    @client.sio.on("connect_error", namespace=NS)
     async def _refused(data: Any = None) -> None:
         seen.append(data)
+
+    client.sio.on("connect_error", _refused, namespace=NS)
 
     with pytest.raises(socketio.exceptions.ConnectionError, match="failed to connect: /orders"):
         await client.sio.connect(client.base_url, namespaces=[NS], auth={"token": token},
@@ -215,7 +216,7 @@ async def test_server_configured_for_hs512_refuses_hs256(start_app: StartApp) ->
 
 # -- audience and issuer --------------------------------------------------------------
 
-AUD_ISS_CASES = {
+AUD_ISS_CASES: dict[str, tuple[dict[str, Any], bool]] = {
     "no_aud_no_iss": ({}, False),
     "no_aud": ({"iss": "biz"}, False),
     "no_iss": ({"aud": "apps"}, False),
