@@ -25,12 +25,10 @@ from orders.model import Event, Order
 from orders.service import OrderService
 from realtime.presence.memory import MemoryPresence
 from storage.chat import MongoChatStore
-from storage.gate import StoreGate
-from storage.mongo import MongoOrderStore, connect, ensure_indexes
+from storage.mongo import MongoOrderStore
 from tests.harness import MongoServer, uid, until
+from tests.stores import BOUND_S, own_database
 
-TIMEOUT_MS = 2500
-BOUND_S = TIMEOUT_MS / 1000
 BACKEND = Actor("backend", "service")
 ADMIN = Actor("adm-1", "admin")
 SLOW = 0.01  # tokens per second: nothing refills while a test runs
@@ -106,32 +104,27 @@ Make = Callable[..., Awaitable[Env]]
 @pytest.fixture
 async def make(mongo_server: MongoServer) -> AsyncIterator[Make]:
     """Builds an Env on a database of this test's own; closes what it built."""
-    client = connect(mongo_server.url, TIMEOUT_MS)
-    name = uid("chat_")
-    db = client[name]
-    gate = StoreGate(db, timeout_s=BOUND_S, max_inflight=64, max_waiting=256, max_per_owner=32)
-    await ensure_indexes(db)
-    chat_store = MongoChatStore(client, db, gate=gate)
-    await chat_store.ensure_indexes()
-    order_store = MongoOrderStore(client, db, gate=gate)
-    built: list[Env] = []
+    async with own_database(mongo_server, "chat_") as own:
+        chat_store = MongoChatStore(own.client, own.db, gate=own.gate)
+        await chat_store.ensure_indexes()
+        order_store = MongoOrderStore(own.client, own.db, gate=own.gate)
+        built: list[Env] = []
 
-    async def build(cap: int = 5, grace_s: float = 60.0, user_rate: tuple[float, float] = (2.0, 20.0),
-                    conversation_rate: tuple[float, float] = (10.0, 50.0)) -> Env:
-        # The defaults are the settings' (agent cap, grace, chat send limits).
-        env = Env(chat_store, order_store, cap=cap, grace_s=grace_s,
-                  limits=SendLimits(LocalRateLimiter(*user_rate), LocalRateLimiter(*conversation_rate)))
-        built.append(env)
-        return env
+        async def build(cap: int = 5, grace_s: float = 60.0,
+                        user_rate: tuple[float, float] = (2.0, 20.0),
+                        conversation_rate: tuple[float, float] = (10.0, 50.0)) -> Env:
+            # The defaults are the settings' (agent cap, grace, chat send limits).
+            env = Env(chat_store, order_store, cap=cap, grace_s=grace_s,
+                      limits=SendLimits(LocalRateLimiter(*user_rate),
+                                        LocalRateLimiter(*conversation_rate)))
+            built.append(env)
+            return env
 
-    try:
-        yield build
-    finally:
-        for env in built:
-            await env.router.close()
-        await gate.close()
-        await client.drop_database(name)
-        await client.close()
+        try:
+            yield build
+        finally:
+            for env in built:
+                await env.router.close()
 
 
 @pytest.fixture

@@ -15,12 +15,9 @@ from kernel.actor import Actor
 from kernel.errors import Conflict, Forbidden, NotFound, Unavailable
 from orders.model import Event, Order
 from orders.service import OrderService
-from storage.gate import StoreGate
-from storage.mongo import MongoOrderStore, connect, ensure_indexes
+from storage.mongo import MongoOrderStore
 from tests.harness import MongoServer, uid
-
-TIMEOUT_MS = 2500  # the settings' default REALTIME_MONGO_TIMEOUT_MS
-BOUND_S = TIMEOUT_MS / 1000
+from tests.stores import BOUND_S, own_database
 
 BACKEND = Actor("backend", "service")
 AGENT = Actor("a-1", "agent")
@@ -77,17 +74,8 @@ class Env:
 
 @pytest.fixture
 async def store(mongo_server: MongoServer) -> AsyncIterator[MongoOrderStore]:
-    client = connect(mongo_server.url, TIMEOUT_MS)
-    name = uid("orders_")
-    db = client[name]
-    gate = StoreGate(db, timeout_s=BOUND_S, max_inflight=64, max_waiting=256, max_per_owner=32)
-    await ensure_indexes(db)
-    try:
-        yield MongoOrderStore(client, db, gate=gate)
-    finally:
-        await gate.close()
-        await client.drop_database(name)
-        await client.close()
+    async with own_database(mongo_server, "orders_") as own:
+        yield MongoOrderStore(own.client, own.db, gate=own.gate)
 
 
 @pytest.fixture

@@ -20,15 +20,13 @@ from orders.model import Event, Order
 from orders.service import OrderService
 from realtime.presence.memory import MemoryPresence
 from storage.dispatch import MongoDispatchStore
-from storage.gate import StoreGate
-from storage.mongo import MongoOrderStore, connect, ensure_indexes
+from storage.mongo import MongoOrderStore
 from tests.harness import MongoServer, uid, until
+from tests.stores import BOUND_S, own_database
 from tracking.dispatch import NO_OFFER, DispatchConfig, DispatchService
 from tracking.geo import haversine_m
 from tracking.positions import MemoryPositions, Position
 
-TIMEOUT_MS = 2500
-BOUND_S = TIMEOUT_MS / 1000
 ADDR = (31.2304, 121.4737)
 M_PER_DEG = haversine_m(0, 0, 1, 0)
 BACKEND = Actor("backend", "service")
@@ -124,22 +122,15 @@ class Env:
 
 @pytest.fixture
 async def env(mongo_server: MongoServer) -> AsyncIterator[Env]:
-    client = connect(mongo_server.url, TIMEOUT_MS)
-    name = uid("dispatch_")
-    db = client[name]
-    gate = StoreGate(db, timeout_s=BOUND_S, max_inflight=64, max_waiting=256, max_per_owner=32)
-    await ensure_indexes(db)
-    dispatch_store = MongoDispatchStore(db, gate)
-    await dispatch_store.ensure_indexes()
-    e = Env(MongoOrderStore(client, db, gate=gate), dispatch_store)
-    try:
-        yield e
-    finally:
-        for svc in e.services:
-            await svc.close()
-        await gate.close()
-        await client.drop_database(name)
-        await client.close()
+    async with own_database(mongo_server, "dispatch_") as own:
+        dispatch_store = MongoDispatchStore(own.db, own.gate)
+        await dispatch_store.ensure_indexes()
+        e = Env(MongoOrderStore(own.client, own.db, gate=own.gate), dispatch_store)
+        try:
+            yield e
+        finally:
+            for svc in e.services:
+                await svc.close()
 
 
 def by_tech(round_: dict[str, Any]) -> dict[str, tuple[str, str | None]]:

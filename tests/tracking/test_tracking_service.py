@@ -22,17 +22,15 @@ from kernel.errors import Forbidden, NotFound, RateLimited
 from kernel.rate import MemoryRateLimiter
 from orders.model import Event, Order
 from orders.service import OrderService
-from storage.gate import StoreGate
-from storage.mongo import MongoOrderStore, connect, ensure_indexes
+from storage.mongo import MongoOrderStore
 from storage.trails import TrailWriter, ensure_trail_indexes, trail_for_order
 from tests.harness import MongoServer, uid, until
+from tests.stores import BOUND_S, own_database
 from tracking.geo import haversine_m
 from tracking.locations import Point
 from tracking.positions import MemoryPositions, Position
 from tracking.service import PointResult, TrackingConfig, TrackingService
 
-TIMEOUT_MS = 2500
-BOUND_S = TIMEOUT_MS / 1000
 ADDR = (31.2304, 121.4737)  # the order address (WGS-84)
 M_PER_DEG = haversine_m(0, 0, 1, 0)
 BACKEND = Actor("backend", "service")
@@ -112,20 +110,13 @@ class Env:
 
 @pytest.fixture
 async def backing(mongo_server: MongoServer) -> AsyncIterator[Backing]:
-    client = connect(mongo_server.url, TIMEOUT_MS)
-    name = uid("tracking_")
-    db = client[name]
-    gate = StoreGate(db, timeout_s=BOUND_S, max_inflight=64, max_waiting=256, max_per_owner=32)
-    await ensure_indexes(db)
-    await ensure_trail_indexes(db, 30)
-    trails = TrailWriter(db)  # not started: the tests flush it when they look
-    try:
-        yield Backing(db, MongoOrderStore(client, db, gate=gate), trails)
-    finally:
-        await trails.close()
-        await gate.close()
-        await client.drop_database(name)
-        await client.close()
+    async with own_database(mongo_server, "tracking_") as own:
+        await ensure_trail_indexes(own.db, 30)
+        trails = TrailWriter(own.db)  # not started: the tests flush it when they look
+        try:
+            yield Backing(own.db, MongoOrderStore(own.client, own.db, gate=own.gate), trails)
+        finally:
+            await trails.close()
 
 
 def make_env(backing: Backing, limiter: MemoryRateLimiter | None = None) -> Env:
