@@ -104,6 +104,7 @@ class Router:
         self.cap = cap
         self.grace_s = grace_s
         self._graces: dict[str, asyncio.Task[None]] = {}
+        self._closed = False
         self._positions: dict[str, int] = {}
         self.queue_length = 0  # as of the last pump (capped at POSITION_PUSH_LIMIT)
         self.available_agents = 0  # as of the last pump
@@ -123,7 +124,7 @@ class Router:
     def agent_offline(self, agent_id: str) -> None:
         """The agent has no connection on any node (their last one closed, or
         their node died): start the grace period on this node."""
-        if agent_id not in self._graces:
+        if agent_id not in self._graces and not self._closed:
             self._graces[agent_id] = asyncio.get_running_loop().create_task(
                 self._expire(agent_id), context=contextvars.Context())  # not the caller's deadline
 
@@ -203,6 +204,7 @@ class Router:
             self._positions = {k: v for k, v in self._positions.items() if k in live}
 
     async def close(self) -> None:
+        self._closed = True  # a disconnect after this starts no grace nobody would end
         for task in self._graces.values():
             task.cancel()
         for task in list(self._graces.values()):

@@ -39,7 +39,7 @@ from realtime.rooms import CHAT as CHAT_NS
 from realtime.rooms import OPS as OPS_NS
 from realtime.rooms import ORDERS as ORDERS_NS
 from realtime.rooms import TRACKING as TRACKING_NS
-from realtime.services import Services, build_services
+from realtime.services import Services, build_services, stop_embedded
 from realtime.settings import Settings
 from realtime.transport.cluster import ClusterManager
 from realtime.transport.hostile import Hostile, HostileLogFilter
@@ -138,6 +138,7 @@ def create_app(settings: Settings) -> web.Application:
             await feeds.stop()
             await services.stop()
             await engine.close()
+            await stop_embedded(services.store)
 
     app.cleanup_ctx.append(run)
 

@@ -66,7 +66,8 @@ class WireError(Exception):
         err: ErrorBody = {"code": self.code, "message": self.message}
         if self.details is not None:
             err["details"] = self.details
-        if self.code == "rate_limited" and isinstance(self.details, dict):
+        if self.code == "rate_limited" and isinstance(self.details, dict) \
+                and isinstance(self.details.get("retry_after_ms"), int):
             err["retry_after_ms"] = self.details["retry_after_ms"]
         elif self.code == "unavailable" and isinstance(self.details, dict) \
                 and "retry_after_ms" in self.details:

@@ -38,9 +38,12 @@ class FastCounter:
 class ClusterStats(Protocol):
     """What the Redis manager (realtime/transport/cluster.py) counts."""
 
-    link_ok: bool
     publish_failures: int
     publish_dropped: int
+    stopped_dropped: int
+
+    @property
+    def link_ok(self) -> bool: ...
 
     @property
     def outbox_length(self) -> int: ...
@@ -61,10 +64,12 @@ class _ClusterCollector:
         yield up
         lost = CounterMetricFamily(
             "realtime_cluster_messages_lost",
-            "Cross-node messages lost: Redis refused the publish, or the outbox was full",
+            "Cross-node messages lost: Redis refused the publish, the outbox was full, "
+            "or they were emitted as the node stopped",
             labels=["reason"])
         lost.add_metric(["publish_failed"], link.publish_failures)
         lost.add_metric(["outbox_full"], link.publish_dropped)
+        lost.add_metric(["stopped"], link.stopped_dropped)
         yield lost
         outbox = GaugeMetricFamily("realtime_cluster_outbox",
                                    "Cross-node messages queued here, not yet published")

@@ -56,6 +56,11 @@ class Store:
     trail_ttl_days: int
 
 
+async def stop_embedded(store: Store) -> None:
+    if store.embedded is not None:
+        await store.embedded.stop()
+
+
 def open_store(settings: Settings, metrics: Metrics) -> Store:
     embedded = None
     url = settings.mongo_url
@@ -109,8 +114,8 @@ class Services:
             await self.trails.close()
         await self.store.gate.close()
         await self.store.client.close()
-        if self.store.embedded is not None:
-            await self.store.embedded.stop()
+        # The embedded store itself stops last, after the engine
+        # (stop_embedded, in the app's run).
 
 
 def build_services(settings: Settings, engine: Engine, metrics: Metrics, feeds: Feeds) -> Services:

@@ -62,9 +62,13 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         self._on_publish_error = on_publish_error or (lambda: None)
         self._pub: aioredis.Redis | None = None
         self._last_log = 0.0
-        self.link_ok = True
+        # The link works while both halves do: the listener (other nodes'
+        # messages reach us) and the publisher (ours reach them).
+        self.listen_ok = True
+        self.publish_ok = True
         self.publish_failures = 0
-        self.publish_dropped = 0
+        self.publish_dropped = 0  # the outbox was full: the oldest went
+        self.stopped_dropped = 0  # emitted after the node stopped
         self._publish_failed = False
         self._outbox: deque[tuple[str, str]] = deque()
         self._queued = 0  # messages ever queued / ever sent or given up
@@ -79,6 +83,10 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         self._rows: dict[tuple[str, str], list[Any]] = {}
         self._publisher_task: asyncio.Task[None] | None = None
         self._closed = False  # after aclose nothing starts a publisher again
+
+    @property
+    def link_ok(self) -> bool:
+        return self.listen_ok and self.publish_ok
 
     @property
     def outbox_length(self) -> int:
@@ -198,12 +206,13 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
                     self._done(len(batch))
                     self.publish_failures += len(batch)
                     self._publish_failed = True
-                    self.link_ok = False
+                    self.publish_ok = False
                     self._on_publish_error()
                     self._warn("publish", exc)
                     await asyncio.sleep(0.05)
                     continue
                 self._drain_rows()  # what gathered during the round trip
+                self.publish_ok = True
                 if self._publish_failed:
                     # Our emits were lost while publishing failed: other
                     # nodes' clients must replay too.
@@ -215,7 +224,7 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         dropped = len(self._outbox) + len(self._rows)  # the rows: one message each
         self._outbox.clear()
         self._rows.clear()
-        self.publish_dropped += dropped
+        self.stopped_dropped += dropped
         self._done(self._queued - self._finished)
 
     def _done(self, n: int) -> None:
@@ -264,7 +273,7 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
                 await self.pubsub.subscribe(self.channel, self.node_channel)
                 if failed:
                     failed = False
-                    self.link_ok = True
+                    self.listen_ok = True
                     log.info("Redis link restored; asking local clients to resync")
                     if self._on_restored is not None:
                         await self._on_restored()
@@ -275,7 +284,7 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
                 raise
             except Exception as exc:
                 failed = True
-                self.link_ok = False
+                self.listen_ok = False
                 self._warn("subscribe", exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, LISTEN_BACKOFF_MAX_S)

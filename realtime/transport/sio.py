@@ -81,8 +81,7 @@ class _PlainWebSocket(eio_aiohttp.WebSocket):  # type: ignore[misc]
                 timeout=server.ping_interval + server.ping_timeout,
                 max_msg_size=server.max_http_buffer_size,
                 max_unsent=getattr(server, "max_unsent_bytes", MAX_BUFFERED),
-                clock=getattr(server, "link_clock", None),
-                batch=getattr(server, "read_batch", None))
+                clock=server.link_clock, batch=server.read_batch)
             await direct.prepare(request)
             compact_environ(environ)
             _open_direct(sock, direct.link)

@@ -281,10 +281,12 @@ class DirectLink:
                  "timeout", "transport")
 
     def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop, timeout: float,
-                 max_unsent: int = MAX_BUFFERED, clock: LinkClock | None = None,
-                 batch: ReadBatch | None = None) -> None:
+                 batch: ReadBatch, max_unsent: int = MAX_BUFFERED,
+                 clock: LinkClock | None = None) -> None:
         self.max_unsent = max_unsent
-        self.batch = batch if batch is not None else ReadBatch()
+        # The server's: a link corks its writes while any of the server's
+        # reads is being handled (reads do not nest).
+        self.batch = batch
         self.transport: Any = transport
         self.loop = loop
         self.timeout = timeout
@@ -580,8 +582,8 @@ class DirectWebSocketResponse(WebSocketResponse):
 
     link: DirectLink
 
-    def __init__(self, *, timeout: float, max_msg_size: int, max_unsent: int = MAX_BUFFERED,
-                 clock: LinkClock | None = None, batch: ReadBatch | None = None) -> None:
+    def __init__(self, *, timeout: float, max_msg_size: int, batch: ReadBatch,
+                 max_unsent: int = MAX_BUFFERED, clock: LinkClock | None = None) -> None:
         super().__init__(max_msg_size=max_msg_size, compress=False, autoping=False)
         self._link_timeout = timeout
         self._max_unsent = max_unsent
@@ -594,7 +596,7 @@ class DirectWebSocketResponse(WebSocketResponse):
         self._writer = writer
         loop = request._loop
         self.link = DirectLink(request.protocol.transport, loop, self._link_timeout,
-                               self._max_unsent, self._clock, self._batch)
+                               self._batch, self._max_unsent, self._clock)
         inbox = _Inbox(request.protocol, loop, self.link)
         self._reader = inbox
         self._parser = WebSocketReader(inbox, self._max_msg_size, compress=False, decode_text=True)

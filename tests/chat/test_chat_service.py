@@ -419,3 +419,14 @@ async def test_a_closed_conversation_takes_no_new_messages_but_answers_retries(e
     # Closed, the customer may open a new one.
     _, fresh, _ = await env.support(customer)
     assert fresh["conversation_id"] != cid
+
+
+async def test_an_agent_leaving_after_the_router_closed_starts_no_grace(make: Make) -> None:
+    """A disconnect handled as the node stops (after the router closed) must
+    not start a grace timer that nothing would end."""
+    env = await make(grace_s=60.0)
+    env.router.agent_offline("agent-before")
+    assert "agent-before" in env.router._graces
+    await env.router.close()
+    env.router.agent_offline("agent-after")
+    assert env.router._graces == {}

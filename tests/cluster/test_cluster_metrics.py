@@ -12,8 +12,9 @@ import pytest
 
 from realtime.metrics import Metrics
 from realtime.transport.cluster import ClusterManager
+from tests.cluster_harness import RestartableRedis
 from tests.conftest import Live, StartApp
-from tests.harness import free_port, uid
+from tests.harness import free_port, uid, until
 
 
 def samples(text: str) -> dict[str, float]:
@@ -59,6 +60,35 @@ async def test_lost_publishes_are_counted_and_the_link_reported_down() -> None:
         assert got["realtime_cluster_outbox"] == 0.0, got
     finally:
         await manager.aclose()
+
+
+async def test_the_link_reads_up_again_once_publishing_works_again() -> None:
+    """A publish that failed says the link is down; the next one that goes
+    through says it is up again (the listener never failed here: only the
+    publisher decides)."""
+    redis = RestartableRedis()
+    metrics = Metrics()
+    manager = ClusterManager(redis.url, channel=uid("back"))
+    metrics.watch_cluster(manager)
+    try:
+        redis.stop()
+        manager.queue_signal("probe", {"n": 1})
+        await manager.flush(timeout=5.0)
+        got = samples(metrics.render().decode())
+        assert got["realtime_cluster_link_up"] == 0.0, got
+        redis.start()
+
+        async def published() -> bool:
+            manager.queue_signal("probe", {"n": 2})
+            await manager.flush(timeout=2.0)
+            return samples(metrics.render().decode())["realtime_cluster_link_up"] == 1.0
+
+        await until(published, timeout=10, what="the link reads up again")
+        got = samples(metrics.render().decode())
+        assert got['realtime_cluster_messages_lost_total{reason="publish_failed"}'] >= 1.0, got
+    finally:
+        await manager.aclose()
+        redis.stop()
 
 
 @pytest.mark.parametrize("extra", [0, 5])

@@ -60,6 +60,6 @@ async def test_a_stopped_manager_starts_no_publisher_again(redis_server: RedisSe
     await manager._publish({"method": "emit", "event": "x"})
     await asyncio.wait_for(manager.flush(timeout=5.0), 1.0)  # nothing left to wait for
     assert manager._publisher_task.done()
-    assert manager.publish_dropped == 2
+    assert manager.stopped_dropped == 2 and manager.publish_dropped == 0
     left = [t for t in asyncio.all_tasks() if "_publisher_loop" in repr(t.get_coro())]
     assert not left, left
