@@ -21,13 +21,15 @@ import pytest
 from tests.harness import ROOT
 
 FRAMEWORKS = {"socketio", "engineio", "aiohttp"}
-OURS = {"realtime", "kernel", "orders", "tracking", "chat", "storage", "loadtest", "tests"}
+OURS = {"realtime", "kernel", "orders", "scheduling", "tracking", "chat", "storage", "loadtest",
+        "tests"}
 # What each package may import of ours (itself always).
 ALLOWED: dict[str, set[str]] = {
     "kernel": set(),
     "orders": {"kernel"},
     "tracking": {"kernel", "orders"},
     "chat": {"kernel", "orders"},
+    "scheduling": {"kernel", "orders", "tracking"},
     "storage": {"kernel", "orders", "tracking", "chat"},
 }
 

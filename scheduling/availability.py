@@ -1,0 +1,126 @@
+"""When a technician can take a job: working hours, minus what is booked or
+held, minus the drive from the job before and to the job after
+(docs/scheduling.md).
+
+The drive is the ETA model's (docs/tracking.md): straight-line distance
+times the road factor, at the default pace. The first job of a working
+interval is reached from the home base (when the calendar has one): working
+hours are hours on duty, and the drive to the first home is part of them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import date
+
+from scheduling.calendar import Calendar, Interval
+from tracking.eta import EtaConfig
+from tracking.geo import haversine_m
+
+
+@dataclass(frozen=True, slots=True)
+class Busy:
+    """Time a technician is taken at a place: a booked order or a live hold."""
+
+    start_ms: int
+    end_ms: int
+    lat: float
+    lng: float
+    ref: str  # the order or hold
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    lat: float
+    lng: float
+    duration_ms: int
+    granularity_ms: int
+    not_before_ms: int  # nothing starts earlier (now: no slot in the past)
+
+
+def drive_ms(a: tuple[float, float], b: tuple[float, float], cfg: EtaConfig) -> int:
+    """The drive between two places, rounded up to the minute (a
+    technician's day is planned in minutes, not seconds)."""
+    seconds = haversine_m(a[0], a[1], b[0], b[1]) * cfg.road_factor / cfg.default_speed_mps
+    return math.ceil(seconds / 60) * 60_000
+
+
+class Day:
+    """One technician's booked and held time, in start order, for queries."""
+
+    def __init__(self, busy: Iterable[Busy]) -> None:
+        self.items = sorted(busy, key=lambda b: b.start_ms)
+        self._starts = [b.start_ms for b in self.items]
+
+    def before(self, t: int) -> Busy | None:
+        """The item that ends last among those starting before `t`."""
+        i = bisect.bisect_left(self._starts, t)
+        best = None
+        for b in self.items[:i]:
+            if best is None or b.end_ms > best.end_ms:
+                best = b
+        return best
+
+    def at_or_after(self, t: int) -> Busy | None:
+        i = bisect.bisect_left(self._starts, t)
+        return self.items[i] if i < len(self.items) else None
+
+
+def fits(job: Interval, at: tuple[float, float], day: Day, shift: Interval,
+         home: tuple[float, float] | None, cfg: EtaConfig) -> str | None:
+    """Why the job cannot be done then (None: it can)."""
+    start, end = job
+    if start < shift[0] or end > shift[1]:
+        return "outside_hours"
+    prev = day.before(end)
+    if prev is not None and prev.end_ms > start:
+        return f"taken:{prev.ref}"
+    if prev is not None and prev.end_ms > shift[0]:
+        if prev.end_ms + drive_ms((prev.lat, prev.lng), at, cfg) > start:
+            return f"travel_from:{prev.ref}"
+    elif home is not None and shift[0] + drive_ms(home, at, cfg) > start:
+        return "travel_from:home"
+    nxt = day.at_or_after(end)
+    if nxt is not None and nxt.start_ms < shift[1]:
+        if end + drive_ms(at, (nxt.lat, nxt.lng), cfg) > nxt.start_ms:
+            return f"travel_to:{nxt.ref}"
+    return None
+
+
+def free_starts(cal: Calendar, working: Sequence[Interval], day: Day, req: Request,
+                cfg: EtaConfig) -> list[int]:
+    """The start times on the grid (multiples of the granularity since the
+    epoch, so every technician's grid lines up) at which this technician can
+    do the job."""
+    at = (req.lat, req.lng)
+    out: list[int] = []
+    step = req.granularity_ms
+    for shift in working:
+        first = max(shift[0], req.not_before_ms)
+        t = -(-first // step) * step  # the grid, rounded up
+        while t + req.duration_ms <= shift[1]:
+            if fits((t, t + req.duration_ms), at, day, shift, cal.home, cfg) is None:
+                out.append(t)
+            t += step
+    return out
+
+
+def availability(calendars: Iterable[Calendar], busy: dict[str, list[Busy]], req: Request,
+                 skill: str | None, from_day: date, days: int,
+                 cfg: EtaConfig) -> dict[int, list[str]]:
+    """start time -> the technicians who can take the job then (sorted ids),
+    over the technicians with the skill whose area holds the place, for
+    `days` days from `from_day` (each in the technician's own timezone)."""
+    out: dict[int, list[str]] = {}
+    for cal in calendars:
+        if not cal.serves(req.lat, req.lng, skill):
+            continue
+        day = Day(busy.get(cal.technician_id, ()))
+        for t in free_starts(cal, cal.working(from_day, days), day, req, cfg):
+            out.setdefault(t, []).append(cal.technician_id)
+    for ids in out.values():
+        ids.sort()
+    return dict(sorted(out.items()))
