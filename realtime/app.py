@@ -23,6 +23,7 @@ from realtime.api import (
     setup_routes,
 )
 from realtime.auth import TokenVerifier
+from realtime.calendar_api import setup_calendar_routes
 from realtime.context import Context, Edge
 from realtime.engine import build_engine
 from realtime.errors import ok
@@ -115,6 +116,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(metrics_listener)
     sio.attach(app)
     setup_routes(app)
+    setup_calendar_routes(app)
     setup_pages(app, settings)
     app.router.add_get("/", index)
 

@@ -25,6 +25,7 @@ from realtime.engine import Engine
 from realtime.feeds import Feeds
 from realtime.metrics import Metrics
 from realtime.settings import Settings
+from storage.calendars import MongoCalendarStore
 from storage.chat import MongoChatStore
 from storage.dispatch import MongoDispatchStore
 from storage.embedded import EmbeddedMongo
@@ -91,6 +92,7 @@ class Services:
     router: Router
     dispatch: DispatchService
     dispatch_store: MongoDispatchStore
+    calendars: MongoCalendarStore
 
     async def start(self) -> None:
         """Wait for the store (indexes made), then start the background work."""
@@ -173,7 +175,8 @@ def build_services(settings: Settings, engine: Engine, metrics: Metrics, feeds: 
     engine.bus.on("dispatch_answer", dispatch_answered)
     return Services(store=store, orders=orders, order_store=order_store, tracking=tracking,
                     trails=trails, chat=chat, chat_store=chat_store, router=router,
-                    dispatch=dispatch, dispatch_store=dispatch_store)
+                    dispatch=dispatch, dispatch_store=dispatch_store,
+                    calendars=MongoCalendarStore(db, store.gate))
 
 
 def tracking_config(settings: Settings) -> TrackingConfig:

@@ -14,7 +14,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
-from typing import Final, Literal
+from typing import Any, Final, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from kernel.errors import Invalid
@@ -243,3 +243,61 @@ def _segments_cross(a: tuple[float, float], b: tuple[float, float],
         return True
     return ((d1 == 0 and _on_segment(c, d, a)) or (d2 == 0 and _on_segment(c, d, b))
             or (d3 == 0 and _on_segment(a, b, c)) or (d4 == 0 and _on_segment(a, b, d)))
+
+
+# -- as stored and sent: plain JSON ------------------------------------------------------
+
+def _hhmm(t: time) -> str:
+    return f"{t.hour:02d}:{t.minute:02d}"
+
+
+def _shift_dict(s: Shift) -> dict[str, str]:
+    return {"start": _hhmm(s.start), "end": _hhmm(s.end)}
+
+
+def _shift_of(d: dict[str, Any]) -> Shift:
+    return Shift(time.fromisoformat(d["start"]), time.fromisoformat(d["end"]))
+
+
+def calendar_dict(cal: Calendar) -> dict[str, Any]:
+    """The calendar as JSON (docs/protocol.md, Calendars): what is stored and
+    what `GET /api/technicians/{id}/calendar` answers."""
+    area: dict[str, Any] | None = None
+    if isinstance(cal.area, Circle):
+        area = {"circle": {"lat": cal.area.lat, "lng": cal.area.lng, "radius_m": cal.area.radius_m}}
+    elif isinstance(cal.area, Polygon):
+        area = {"polygon": [list(c) for c in cal.area.corners]}
+    return {
+        "technician_id": cal.technician_id,
+        "timezone": cal.timezone,
+        "weekly": [{"weekday": r.weekday, **_shift_dict(r.shift)} for r in cal.weekly],
+        "exceptions": [{"date": e.day.isoformat(), "kind": e.kind,
+                        **(_shift_dict(e.shift) if e.shift is not None else {})}
+                       for e in cal.exceptions],
+        "home": {"lat": cal.home[0], "lng": cal.home[1]} if cal.home is not None else None,
+        "skills": sorted(cal.skills),
+        "area": area,
+    }
+
+
+def calendar_of(d: dict[str, Any]) -> Calendar:
+    """The inverse of calendar_dict (for what the store gives back)."""
+    area: Area | None = None
+    raw_area = d.get("area")
+    if raw_area and "circle" in raw_area:
+        c = raw_area["circle"]
+        area = Circle(float(c["lat"]), float(c["lng"]), float(c["radius_m"]))
+    elif raw_area and "polygon" in raw_area:
+        area = Polygon(tuple((float(a), float(b)) for a, b in raw_area["polygon"]))
+    home = d.get("home")
+    return Calendar(
+        technician_id=d["technician_id"],
+        timezone=d.get("timezone", DEFAULT_TZ),
+        weekly=tuple(WeeklyRule(int(r["weekday"]), _shift_of(r)) for r in d.get("weekly", [])),
+        exceptions=tuple(DatedException(date.fromisoformat(e["date"]), e["kind"],
+                                        _shift_of(e) if "start" in e else None)
+                         for e in d.get("exceptions", [])),
+        home=(float(home["lat"]), float(home["lng"])) if home else None,
+        skills=frozenset(d.get("skills", [])),
+        area=area,
+    )

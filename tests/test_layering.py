@@ -30,7 +30,7 @@ ALLOWED: dict[str, set[str]] = {
     "tracking": {"kernel", "orders"},
     "chat": {"kernel", "orders"},
     "scheduling": {"kernel", "orders", "tracking"},
-    "storage": {"kernel", "orders", "tracking", "chat"},
+    "storage": {"kernel", "orders", "scheduling", "tracking", "chat"},
 }
 
 

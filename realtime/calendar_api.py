@@ -1,0 +1,169 @@
+"""Technicians' calendars over HTTP (docs/protocol.md, Calendars; the model:
+docs/scheduling.md). The business backend sets them; staff and the
+technician read them.
+
+    PUT /api/technicians/{id}/calendar   service, admin
+    GET /api/technicians/{id}/calendar   service, admin, agent, the technician
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import date, time
+from typing import Annotated, Any, Literal
+
+from aiohttp import web
+from pydantic import Field, StringConstraints, field_validator
+
+from kernel.clock import now_ms
+from kernel.errors import Forbidden, Invalid, NotFound
+from realtime.api import SERVICES, json_response, parse, principal, require_role
+from realtime.errors import ok
+from realtime.namespaces.models import Id, Inbound
+from scheduling.calendar import (
+    DEFAULT_TZ,
+    Calendar,
+    Circle,
+    DatedException,
+    Polygon,
+    Shift,
+    WeeklyRule,
+    calendar_dict,
+    check_calendar,
+)
+
+HHMM = Annotated[str, StringConstraints(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")]
+Lat = Annotated[float, Field(ge=-90, le=90, allow_inf_nan=False)]
+Lng = Annotated[float, Field(ge=-180, le=180, allow_inf_nan=False)]
+# A week's rules and a season's exceptions: far more than any real calendar.
+MAX_RULES = 50
+MAX_EXCEPTIONS = 400
+MAX_CORNERS = 200
+TECH = "{technician_id:[A-Za-z0-9_.:@-]{1,64}}"
+
+
+class ShiftIn(Inbound):
+    start: HHMM
+    end: HHMM  # "00:00": the end of the day
+
+
+class WeeklyIn(ShiftIn):
+    weekday: Annotated[int, Field(ge=0, le=6)]  # 0 Monday
+
+
+class ExceptionIn(Inbound):
+    date: Annotated[str, StringConstraints(pattern=r"^\d{4}-\d{2}-\d{2}$")]
+    kind: Literal["off", "extra"]
+    start: HHMM | None = None  # none (with `off`): the whole day
+    end: HHMM | None = None
+
+    @field_validator("date")
+    @classmethod
+    def _a_date(cls, v: str) -> str:
+        date.fromisoformat(v)  # ValueError: "not a date" with the field
+        return v
+
+
+class PointIn(Inbound):
+    lat: Lat
+    lng: Lng
+
+
+class CircleIn(Inbound):
+    lat: Lat
+    lng: Lng
+    radius_m: Annotated[float, Field(gt=0, le=200_000, allow_inf_nan=False)]
+
+
+class AreaIn(Inbound):
+    circle: CircleIn | None = None
+    # [[lat, lng], ...], not closed (the last corner joins the first)
+    polygon: Annotated[list[Annotated[list[float], Field(min_length=2, max_length=2)]],
+                       Field(min_length=3, max_length=MAX_CORNERS)] | None = None
+
+    @field_validator("polygon")
+    @classmethod
+    def _corners(cls, v: list[list[float]] | None) -> list[list[float]] | None:
+        for lat, lng in v or []:
+            if not (-90 <= lat <= 90 and -180 <= lng <= 180):
+                raise ValueError("a corner is [lat, lng] with lat in [-90, 90], lng in [-180, 180]")
+        return v
+
+
+class CalendarIn(Inbound):
+    timezone: Annotated[str, StringConstraints(min_length=1, max_length=64)] = DEFAULT_TZ
+    weekly: Annotated[list[WeeklyIn], Field(max_length=MAX_RULES)]
+    exceptions: Annotated[list[ExceptionIn], Field(max_length=MAX_EXCEPTIONS, default_factory=list)]
+    home: PointIn | None = None
+    skills: Annotated[list[Id], Field(max_length=50, default_factory=list)]
+    area: AreaIn | None = None
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_+\-]+(/[A-Za-z0-9_+\-]+)*", v):
+            raise ValueError("not a timezone name (e.g. Asia/Shanghai)")
+        return v
+
+
+def _shift(start: str, end: str) -> Shift:
+    return Shift(time.fromisoformat(start), time.fromisoformat(end))
+
+
+def to_calendar(technician_id: str, body: CalendarIn) -> Calendar:
+    exceptions = []
+    for e in body.exceptions:
+        if (e.start is None) != (e.end is None):
+            raise Invalid("an exception's hours need both start and end",
+                          [{"field": "exceptions", "error": "give both start and end, or neither"}])
+        shift = _shift(e.start, e.end) if e.start is not None and e.end is not None else None
+        exceptions.append(DatedException(date.fromisoformat(e.date), e.kind, shift))
+    area: Circle | Polygon | None = None
+    if body.area is not None:
+        if (body.area.circle is None) == (body.area.polygon is None):
+            raise Invalid("an area is a circle or a polygon",
+                          [{"field": "area", "error": "give exactly one of circle, polygon"}])
+        if body.area.circle is not None:
+            c = body.area.circle
+            area = Circle(c.lat, c.lng, c.radius_m)
+        elif body.area.polygon is not None:
+            area = Polygon(tuple((lat, lng) for lat, lng in body.area.polygon))
+    return Calendar(
+        technician_id=technician_id,
+        weekly=tuple(WeeklyRule(r.weekday, _shift(r.start, r.end)) for r in body.weekly),
+        exceptions=tuple(exceptions),
+        timezone=body.timezone,
+        home=(body.home.lat, body.home.lng) if body.home is not None else None,
+        skills=frozenset(body.skills),
+        area=area,
+    )
+
+
+async def put_calendar(request: web.Request) -> web.Response:
+    p = principal(request)
+    require_role(p, "service", "admin")
+    technician_id = request.match_info["technician_id"]
+    cal = to_calendar(technician_id, await parse(request, CalendarIn))
+    check_calendar(cal)
+    ts = now_ms()
+    await request.app[SERVICES].calendars.put(cal, ts)
+    return json_response(ok({"calendar": {**calendar_dict(cal), "updated_ts": ts}}))
+
+
+async def get_calendar(request: web.Request) -> web.Response:
+    p = principal(request)
+    technician_id = request.match_info["technician_id"]
+    if p.role not in ("service", "admin", "agent") and not (
+            p.role == "technician" and p.id == technician_id):
+        raise Forbidden("a calendar is read by staff and by its technician")
+    found = await request.app[SERVICES].calendars.get(technician_id)
+    if found is None:
+        raise NotFound(f"technician {technician_id!r} has no calendar")
+    cal, ts = found
+    out: dict[str, Any] = {**calendar_dict(cal), "updated_ts": ts}
+    return json_response(ok({"calendar": out}))
+
+
+def setup_calendar_routes(app: web.Application) -> None:
+    app.router.add_put(f"/api/technicians/{TECH}/calendar", put_calendar)
+    app.router.add_get(f"/api/technicians/{TECH}/calendar", get_calendar)
