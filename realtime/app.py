@@ -23,7 +23,6 @@ from realtime.api import (
     setup_routes,
 )
 from realtime.auth import TokenVerifier
-from realtime.calendar_api import setup_calendar_routes
 from realtime.context import Context, Edge
 from realtime.engine import build_engine
 from realtime.errors import ok
@@ -40,6 +39,7 @@ from realtime.rooms import CHAT as CHAT_NS
 from realtime.rooms import OPS as OPS_NS
 from realtime.rooms import ORDERS as ORDERS_NS
 from realtime.rooms import TRACKING as TRACKING_NS
+from realtime.scheduling_api import setup_scheduling_routes
 from realtime.services import Services, build_services, stop_embedded
 from realtime.settings import Settings
 from realtime.transport.cluster import ClusterManager
@@ -116,7 +116,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(metrics_listener)
     sio.attach(app)
     setup_routes(app)
-    setup_calendar_routes(app)
+    setup_scheduling_routes(app)
     setup_pages(app, settings)
     app.router.add_get("/", index)
 

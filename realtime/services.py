@@ -25,6 +25,7 @@ from realtime.engine import Engine
 from realtime.feeds import Feeds
 from realtime.metrics import Metrics
 from realtime.settings import Settings
+from scheduling.service import SchedulingService
 from storage.calendars import MongoCalendarStore
 from storage.chat import MongoChatStore
 from storage.dispatch import MongoDispatchStore
@@ -93,6 +94,7 @@ class Services:
     dispatch: DispatchService
     dispatch_store: MongoDispatchStore
     calendars: MongoCalendarStore
+    scheduling: SchedulingService
 
     async def start(self) -> None:
         """Wait for the store (indexes made), then start the background work."""
@@ -103,6 +105,7 @@ class Services:
         await ensure_trail_indexes(store.db, store.trail_ttl_days)
         await self.chat_store.ensure_indexes()
         await self.dispatch_store.ensure_indexes()
+        await self.calendars.ensure_indexes()
         if isinstance(self.trails, TrailWriter):
             self.trails.start()
 
@@ -173,10 +176,12 @@ def build_services(settings: Settings, engine: Engine, metrics: Metrics, feeds: 
         dispatch.wake(str(data.get("dispatch_id")))
 
     engine.bus.on("dispatch_answer", dispatch_answered)
+    calendars = MongoCalendarStore(db, store.gate)
     return Services(store=store, orders=orders, order_store=order_store, tracking=tracking,
                     trails=trails, chat=chat, chat_store=chat_store, router=router,
-                    dispatch=dispatch, dispatch_store=dispatch_store,
-                    calendars=MongoCalendarStore(db, store.gate))
+                    dispatch=dispatch, dispatch_store=dispatch_store, calendars=calendars,
+                    scheduling=SchedulingService(calendars, order_store,
+                                                 tracking_config(settings).eta))
 
 
 def tracking_config(settings: Settings) -> TrackingConfig:

@@ -22,6 +22,19 @@ class MongoCalendarStore(GatedStore):
         doc["updated_ts"] = ts
         await self._c.replace_one({"_id": doc["_id"]}, doc, upsert=True)
 
+    async def serving(self, skill: str | None, limit: int) -> list[Calendar]:
+        """The calendars of technicians with this skill (any, for None)."""
+        cursor = self._c.find({"skills": skill} if skill is not None else {}).limit(limit)
+        out = []
+        async for doc in cursor:
+            doc["technician_id"] = doc.pop("_id")
+            doc.pop("updated_ts", None)
+            out.append(calendar_of(doc))
+        return out
+
+    async def ensure_indexes(self) -> None:
+        await self._c.create_index("skills")
+
     async def get(self, technician_id: str) -> tuple[Calendar, int] | None:
         """The calendar and when it was last set."""
         doc = await self._c.find_one({"_id": technician_id})

@@ -1,4 +1,4 @@
-"""Technicians' calendars over HTTP (realtime/calendar_api.py): the backend
+"""Technicians' calendars over HTTP (realtime/scheduling_api.py): the backend
 sets one, staff and the technician read it back from the store, and
 nonsense is refused with the field."""
 

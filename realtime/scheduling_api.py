@@ -1,15 +1,16 @@
-"""Technicians' calendars over HTTP (docs/protocol.md, Calendars; the model:
-docs/scheduling.md). The business backend sets them; staff and the
-technician read them.
+"""Scheduling over HTTP (docs/protocol.md; the model: docs/scheduling.md).
+The business backend sets technicians' calendars; staff and the technician
+read them; anyone signed in asks when a job can be booked.
 
-    PUT /api/technicians/{id}/calendar   service, admin
-    GET /api/technicians/{id}/calendar   service, admin, agent, the technician
+    PUT  /api/technicians/{id}/calendar   service, admin
+    GET  /api/technicians/{id}/calendar   service, admin, agent, the technician
+    POST /api/availability                anyone signed in (ids for staff only)
 """
 
 from __future__ import annotations
 
 import re
-from datetime import date, time
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Annotated, Any, Literal
 
 from aiohttp import web
@@ -31,6 +32,7 @@ from scheduling.calendar import (
     calendar_dict,
     check_calendar,
 )
+from scheduling.service import MAX_DAYS, Query
 
 HHMM = Annotated[str, StringConstraints(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")]
 Lat = Annotated[float, Field(ge=-90, le=90, allow_inf_nan=False)]
@@ -164,6 +166,47 @@ async def get_calendar(request: web.Request) -> web.Response:
     return json_response(ok({"calendar": out}))
 
 
-def setup_calendar_routes(app: web.Application) -> None:
+class AvailabilityIn(Inbound):
+    lat: Lat
+    lng: Lng
+    skill: Id | None = None
+    from_date: Annotated[str, StringConstraints(pattern=r"^\d{4}-\d{2}-\d{2}$")]
+    days: Annotated[int, Field(ge=1, le=MAX_DAYS)] = 7
+    duration_min: Annotated[int, Field(ge=1, le=12 * 60)]
+    granularity_min: Annotated[int, Field(ge=5, le=240)] = 30
+
+    @field_validator("from_date")
+    @classmethod
+    def _a_date_not_past(cls, v: str) -> str:
+        day = date.fromisoformat(v)
+        # Yesterday in the furthest timezone ahead is still today somewhere.
+        if day < datetime.now(UTC).date() - timedelta(days=1):
+            raise ValueError("the window is in the past")
+        return v
+
+
+STAFF = frozenset({"service", "admin", "agent"})
+
+
+async def post_availability(request: web.Request) -> web.Response:
+    """Bookable start times: how many technicians can take the job at each;
+    staff also see who (customers never do)."""
+    p = principal(request)
+    body = await parse(request, AvailabilityIn)
+    found = await request.app[SERVICES].scheduling.availability(Query(
+        lat=body.lat, lng=body.lng, skill=body.skill, from_day=date.fromisoformat(body.from_date),
+        days=body.days, duration_min=body.duration_min, granularity_min=body.granularity_min))
+    slots: list[dict[str, Any]] = []
+    for start, techs in found.items():
+        slot: dict[str, Any] = {"start_ts": start, "end_ts": start + body.duration_min * 60_000,
+                                "count": len(techs)}
+        if p.role in STAFF:
+            slot["technicians"] = techs
+        slots.append(slot)
+    return json_response(ok({"slots": slots}))
+
+
+def setup_scheduling_routes(app: web.Application) -> None:
     app.router.add_put(f"/api/technicians/{TECH}/calendar", put_calendar)
     app.router.add_get(f"/api/technicians/{TECH}/calendar", get_calendar)
+    app.router.add_post("/api/availability", post_availability)
