@@ -364,9 +364,69 @@ async def run_orders(stack: Stack, orders: int, rate: float) -> dict[str, Any]:
             "push_ms": {"p50": round(pct(pushed, 50), 2), "p99": round(pct(pushed, 99), 2)}}
 
 
+async def run_availability(stack: Stack, techs: int, queries: int) -> dict[str, Any]:
+    """One district: `techs` technicians working 09:00-18:00 every day within
+    20 km of the centre, two booked orders each in the coming week; then
+    `queries` availability queries one after another (7 days, 60-minute
+    jobs, a 30-minute grid), timed at the client (docs/benchmarks.md)."""
+    import datetime as dt
+    import random
+
+    rnd = random.Random(7)
+    centre = (31.2304, 121.4737)
+
+    def near(km: float) -> tuple[float, float]:
+        return (centre[0] + rnd.uniform(-km, km) / 111.0,
+                centre[1] + rnd.uniform(-km, km) / 95.0)
+
+    tomorrow = dt.datetime.now(dt.UTC).date() + dt.timedelta(days=1)
+    tz = dt.timezone(dt.timedelta(hours=8))
+    headers = {"Authorization": f"Bearer {stack.token('service', 'backend')}"}
+    async with aiohttp.ClientSession(headers=headers) as s:
+        for i in range(techs):
+            home = near(10)
+            async with s.put(f"{stack.url}/api/technicians/t{i}/calendar", json={
+                    "weekly": [{"weekday": d, "start": "09:00", "end": "18:00"} for d in range(7)],
+                    "home": {"lat": home[0], "lng": home[1]}, "skills": ["plumbing"],
+                    "area": {"circle": {"lat": centre[0], "lng": centre[1], "radius_m": 20_000}}}) as r:
+                assert r.status == 200, await r.text()
+            for k in range(2):
+                day = tomorrow + dt.timedelta(days=rnd.randrange(7))
+                start = dt.datetime.combine(day, dt.time(rnd.randrange(9, 16)), tz)
+                where = near(10)
+                oid = f"avail-{i}-{k}"
+                async with s.post(f"{stack.url}/api/orders", json={
+                        "order_id": oid, "customer_id": f"c{i}",
+                        "service": {"code": "plumbing", "name": "水管维修"},
+                        "address": {"lat": where[0], "lng": where[1], "text": "x"},
+                        "window": {"start_ts": int(start.timestamp() * 1000),
+                                   "end_ts": int(start.timestamp() * 1000) + 3_600_000}}) as r:
+                    assert r.status == 201, await r.text()
+                async with s.post(f"{stack.url}/api/orders/{oid}/assign",
+                                  json={"technician_id": f"t{i}"}) as r:
+                    assert r.status == 200, await r.text()
+        lat_ms: list[float] = []
+        sizes: list[int] = []
+        for _ in range(queries):
+            where = near(8)
+            t0 = time.perf_counter()
+            async with s.post(f"{stack.url}/api/availability", json={
+                    "lat": where[0], "lng": where[1], "skill": "plumbing",
+                    "from_date": tomorrow.isoformat(), "days": 7, "duration_min": 60,
+                    "granularity_min": 30}) as r:
+                body = await r.json()
+            lat_ms.append((time.perf_counter() - t0) * 1000)
+            assert body["ok"], body
+            sizes.append(len(body["data"]["slots"]))
+    return {"scenario": "availability", "technicians": techs, "orders": 2 * techs,
+            "queries": queries, "slots_per_reply": statistics.median(sizes),
+            "p50_ms": round(pct(lat_ms, 50), 1), "p99_ms": round(pct(lat_ms, 99), 1),
+            "max_ms": round(max(lat_ms), 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m loadtest.quick")
-    ap.add_argument("scenario", choices=["tracking", "chat", "orders"])
+    ap.add_argument("scenario", choices=["tracking", "chat", "orders", "availability"])
     ap.add_argument("--techs", type=int, default=100)
     ap.add_argument("--pairs", type=int, default=20)
     ap.add_argument("--orders", type=int, default=50)
@@ -374,6 +434,7 @@ def main() -> None:
                     help="tracking: points/s per technician (default 5); chat: sends/s in total (50); "
                          "orders: events/s in total (50)")
     ap.add_argument("--duration", type=float, default=20.0)
+    ap.add_argument("--queries", type=int, default=200, help="availability: queries to time")
     args = ap.parse_args()
     stack = Stack()
     stack.start()
@@ -384,6 +445,8 @@ def main() -> None:
                 return await run_tracking(stack, args.techs, args.rate or 5.0, args.duration)
             if args.scenario == "orders":
                 return await run_orders(stack, args.orders, args.rate or 50.0)
+            if args.scenario == "availability":
+                return await run_availability(stack, args.techs, args.queries)
             return await run_chat(stack, args.pairs, args.rate or 50.0, args.duration)
 
         print(json.dumps(asyncio.run(go()), ensure_ascii=False))

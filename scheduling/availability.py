@@ -69,9 +69,28 @@ class Day:
         return self.items[i] if i < len(self.items) else None
 
 
+class Drives:
+    """The drive between the job's place and others, each computed once per
+    query (a week of starts asks for the same few places thousands of times)."""
+
+    __slots__ = ("_at", "_cfg", "_known")
+
+    def __init__(self, at: tuple[float, float], cfg: EtaConfig) -> None:
+        self._at, self._cfg = at, cfg
+        self._known: dict[tuple[float, float], int] = {}
+
+    def __call__(self, other: tuple[float, float]) -> int:
+        ms = self._known.get(other)
+        if ms is None:  # the distance is the same both ways
+            ms = self._known[other] = drive_ms(other, self._at, self._cfg)
+        return ms
+
+
 def fits(job: Interval, at: tuple[float, float], day: Day, shift: Interval,
-         home: tuple[float, float] | None, cfg: EtaConfig) -> str | None:
+         home: tuple[float, float] | None, cfg: EtaConfig,
+         drives: Drives | None = None) -> str | None:
     """Why the job cannot be done then (None: it can)."""
+    drive = drives if drives is not None else Drives(at, cfg)
     start, end = job
     if start < shift[0] or end > shift[1]:
         return "outside_hours"
@@ -79,13 +98,13 @@ def fits(job: Interval, at: tuple[float, float], day: Day, shift: Interval,
     if prev is not None and prev.end_ms > start:
         return f"taken:{prev.ref}"
     if prev is not None and prev.end_ms > shift[0]:
-        if prev.end_ms + drive_ms((prev.lat, prev.lng), at, cfg) > start:
+        if prev.end_ms + drive((prev.lat, prev.lng)) > start:
             return f"travel_from:{prev.ref}"
-    elif home is not None and shift[0] + drive_ms(home, at, cfg) > start:
+    elif home is not None and shift[0] + drive(home) > start:
         return "travel_from:home"
     nxt = day.at_or_after(end)
     if nxt is not None and nxt.start_ms < shift[1]:
-        if end + drive_ms(at, (nxt.lat, nxt.lng), cfg) > nxt.start_ms:
+        if end + drive((nxt.lat, nxt.lng)) > nxt.start_ms:
             return f"travel_to:{nxt.ref}"
     return None
 
@@ -96,13 +115,14 @@ def free_starts(cal: Calendar, working: Sequence[Interval], day: Day, req: Reque
     epoch, so every technician's grid lines up) at which this technician can
     do the job."""
     at = (req.lat, req.lng)
+    drives = Drives(at, cfg)
     out: list[int] = []
     step = req.granularity_ms
     for shift in working:
         first = max(shift[0], req.not_before_ms)
         t = -(-first // step) * step  # the grid, rounded up
         while t + req.duration_ms <= shift[1]:
-            if fits((t, t + req.duration_ms), at, day, shift, cal.home, cfg) is None:
+            if fits((t, t + req.duration_ms), at, day, shift, cal.home, cfg, drives) is None:
                 out.append(t)
             t += step
     return out
