@@ -36,6 +36,12 @@ class BackgroundTasks:
             # (a no-op for work that ran).
             task.add_done_callback(lambda t: close() if t.cancelled() else None)
 
+    async def settled(self) -> None:
+        """Wait until the work under way, and what it starts meanwhile, is
+        done (tests, and anyone who must see its effects)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()

@@ -379,3 +379,7 @@ class TrackingService:
 
     async def close(self) -> None:
         await self._background.close()
+
+    async def settled(self) -> None:
+        """The background work of the fixes so far (arrivals, refreshes) is done."""
+        await self._background.settled()

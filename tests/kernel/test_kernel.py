@@ -92,18 +92,20 @@ async def test_hold_keys_are_independent_and_waiters_go_in_turn() -> None:
     locks = KeyedLocks()
     order: list[str] = []
     gate = asyncio.Event()
+    holding = {name: asyncio.Event() for name in "abc"}
 
     async def worker(name: str, key: str) -> None:
         async with locks.hold(key, None, "busy"):
             order.append(f"{name}+")
+            holding[name].set()
             await gate.wait()
             order.append(f"{name}-")
 
     first = asyncio.create_task(worker("a", "k1"))
-    await asyncio.sleep(0)
+    await holding["a"].wait()
     second = asyncio.create_task(worker("b", "k1"))  # waits behind a (wait_s None: no bound)
     other = asyncio.create_task(worker("c", "k2"))  # another key: not blocked
-    await asyncio.sleep(0.01)
+    await holding["c"].wait()  # b started before c, and is still waiting
     assert order == ["a+", "c+"]
     gate.set()
     await asyncio.gather(first, second, other)
@@ -187,7 +189,7 @@ async def test_background_failure_is_logged_not_raised(caplog: pytest.LogCapture
     with caplog.at_level(logging.WARNING, logger="kernel.tasks"):
         tasks.spawn(fails())
         await done.wait()
-        await asyncio.sleep(0.01)
+        await tasks.settled()
     assert [r.getMessage() for r in caplog.records if r.name == "kernel.tasks"] == [
         "unit background task failed: ValueError"]
     await tasks.close()
@@ -245,7 +247,7 @@ async def test_background_work_runs_outside_the_request_deadline() -> None:
         tasks.spawn(work())
 
     await in_own_task(request)
-    await asyncio.sleep(0.01)
+    await tasks.settled()
     await tasks.close()
     assert seen == [None]
 

@@ -7,7 +7,6 @@ the app's bus delivers them (`on_order_event`). What it hands the edge
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -285,13 +284,13 @@ async def test_two_fixes_in_a_row_inside_the_radius_mark_arrival_once(env: Env) 
     await env.tracking.technician_connected(env.tech.id)
     assert await env.send(fix(1500, env.ts(0))) == ["accepted"]
     assert await env.send(fix(60, env.ts(1))) == ["accepted"]  # one fix inside: not yet
-    await asyncio.sleep(0.05)
+    await env.tracking.settled()
     assert await env.state_of(oid) == "en_route"
     last = fix(30, env.ts(2))
     assert await env.send(last) == ["accepted"]
     await until_state(env, oid, "arrived")
     assert await env.send(fix(10, env.ts(3)), fix(5, env.ts(4))) == ["accepted", "accepted"]
-    await asyncio.sleep(0.05)
+    await env.tracking.settled()
     events = await env.orders.events_since(oid)
     arrivals = [e for e in events if e["state"] == "arrived"]
     assert len(arrivals) == 1 and events[-1] == arrivals[0]
@@ -312,7 +311,7 @@ async def test_arrival_needs_consecutive_fixes_and_an_en_route_order(env: Env) -
     await env.tracking.technician_connected(env.tech.id)
     assert await env.send(fix(20, env.ts(0)), fix(10, env.ts(1)),
                           fix(5, env.ts(2))) == ["accepted"] * 3
-    await asyncio.sleep(0.1)
+    await env.tracking.settled()
     assert await env.state_of(oid) == "en_route"
     assert await env.state_of(assigned) == "assigned"
 
