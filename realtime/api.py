@@ -27,7 +27,7 @@ from realtime.errors import WireError, ok, to_error
 from realtime.limits import LIMITS, SOCKETIO_PATH, Limited, Limits, is_new_session, within
 from realtime.metrics import Metrics
 from realtime.namespaces.base import begin_request
-from realtime.namespaces.models import MAX_SAFE_INT, Id, Inbound, Ts
+from realtime.namespaces.models import MAX_SAFE_INT, Id, Inbound, Lat, Lng, Ts
 from realtime.namespaces.orders import actor_of
 from realtime.services import Services
 from realtime.transport import jsonwire
@@ -52,8 +52,8 @@ class ServiceIn(Inbound):
 
 
 class AddressIn(Inbound):
-    lat: Annotated[float, Field(ge=-90, le=90, allow_inf_nan=False)]
-    lng: Annotated[float, Field(ge=-180, le=180, allow_inf_nan=False)]
+    lat: Lat
+    lng: Lng
     text: Annotated[str, StringConstraints(min_length=1, max_length=500)]
 
 

@@ -10,33 +10,22 @@ read them; anyone signed in asks when a job can be booked.
 from __future__ import annotations
 
 import re
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from aiohttp import web
-from pydantic import Field, StringConstraints, field_validator
+from pydantic import Field, StringConstraints, field_validator, model_validator
 
 from kernel.clock import now_ms
-from kernel.errors import Forbidden, Invalid, NotFound
+from kernel.errors import Forbidden, NotFound
 from realtime.api import SERVICES, json_response, parse, principal, require_role
 from realtime.errors import ok
-from realtime.namespaces.models import Id, Inbound
-from scheduling.calendar import (
-    DEFAULT_TZ,
-    Calendar,
-    Circle,
-    DatedException,
-    Polygon,
-    Shift,
-    WeeklyRule,
-    calendar_dict,
-    check_calendar,
-)
+from realtime.namespaces.models import Id, Inbound, Lat, Lng
+from scheduling.calendar import DEFAULT_TZ, calendar_dict, calendar_of, check_calendar
 from scheduling.service import MAX_DAYS, Query
 
 HHMM = Annotated[str, StringConstraints(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")]
-Lat = Annotated[float, Field(ge=-90, le=90, allow_inf_nan=False)]
-Lng = Annotated[float, Field(ge=-180, le=180, allow_inf_nan=False)]
+IsoDate = Annotated[str, StringConstraints(pattern=r"^\d{4}-\d{2}-\d{2}$")]
 # A week's rules and a season's exceptions: far more than any real calendar.
 MAX_RULES = 50
 MAX_EXCEPTIONS = 400
@@ -54,7 +43,7 @@ class WeeklyIn(ShiftIn):
 
 
 class ExceptionIn(Inbound):
-    date: Annotated[str, StringConstraints(pattern=r"^\d{4}-\d{2}-\d{2}$")]
+    date: IsoDate
     kind: Literal["off", "extra"]
     start: HHMM | None = None  # none (with `off`): the whole day
     end: HHMM | None = None
@@ -64,6 +53,12 @@ class ExceptionIn(Inbound):
     def _a_date(cls, v: str) -> str:
         date.fromisoformat(v)  # ValueError: "not a date" with the field
         return v
+
+    @model_validator(mode="after")
+    def _both_hours_or_none(self) -> ExceptionIn:
+        if (self.start is None) != (self.end is None):
+            raise ValueError("give both start and end, or neither")
+        return self
 
 
 class PointIn(Inbound):
@@ -91,6 +86,12 @@ class AreaIn(Inbound):
                 raise ValueError("a corner is [lat, lng] with lat in [-90, 90], lng in [-180, 180]")
         return v
 
+    @model_validator(mode="after")
+    def _one_shape(self) -> AreaIn:
+        if (self.circle is None) == (self.polygon is None):
+            raise ValueError("give exactly one of circle, polygon")
+        return self
+
 
 class CalendarIn(Inbound):
     timezone: Annotated[str, StringConstraints(min_length=1, max_length=64)] = DEFAULT_TZ
@@ -108,44 +109,13 @@ class CalendarIn(Inbound):
         return v
 
 
-def _shift(start: str, end: str) -> Shift:
-    return Shift(time.fromisoformat(start), time.fromisoformat(end))
-
-
-def to_calendar(technician_id: str, body: CalendarIn) -> Calendar:
-    exceptions = []
-    for e in body.exceptions:
-        if (e.start is None) != (e.end is None):
-            raise Invalid("an exception's hours need both start and end",
-                          [{"field": "exceptions", "error": "give both start and end, or neither"}])
-        shift = _shift(e.start, e.end) if e.start is not None and e.end is not None else None
-        exceptions.append(DatedException(date.fromisoformat(e.date), e.kind, shift))
-    area: Circle | Polygon | None = None
-    if body.area is not None:
-        if (body.area.circle is None) == (body.area.polygon is None):
-            raise Invalid("an area is a circle or a polygon",
-                          [{"field": "area", "error": "give exactly one of circle, polygon"}])
-        if body.area.circle is not None:
-            c = body.area.circle
-            area = Circle(c.lat, c.lng, c.radius_m)
-        elif body.area.polygon is not None:
-            area = Polygon(tuple((lat, lng) for lat, lng in body.area.polygon))
-    return Calendar(
-        technician_id=technician_id,
-        weekly=tuple(WeeklyRule(r.weekday, _shift(r.start, r.end)) for r in body.weekly),
-        exceptions=tuple(exceptions),
-        timezone=body.timezone,
-        home=(body.home.lat, body.home.lng) if body.home is not None else None,
-        skills=frozenset(body.skills),
-        area=area,
-    )
-
-
 async def put_calendar(request: web.Request) -> web.Response:
     p = principal(request)
     require_role(p, "service", "admin")
     technician_id = request.match_info["technician_id"]
-    cal = to_calendar(technician_id, await parse(request, CalendarIn))
+    body = await parse(request, CalendarIn)
+    # The wire's shape is the stored one (scheduling/calendar.py calendar_dict).
+    cal = calendar_of({"technician_id": technician_id, **body.model_dump(exclude_none=True)})
     check_calendar(cal)
     ts = now_ms()
     await request.app[SERVICES].calendars.put(cal, ts)
@@ -170,7 +140,7 @@ class AvailabilityIn(Inbound):
     lat: Lat
     lng: Lng
     skill: Id | None = None
-    from_date: Annotated[str, StringConstraints(pattern=r"^\d{4}-\d{2}-\d{2}$")]
+    from_date: IsoDate
     days: Annotated[int, Field(ge=1, le=MAX_DAYS)] = 7
     duration_min: Annotated[int, Field(ge=1, le=12 * 60)]
     granularity_min: Annotated[int, Field(ge=5, le=240)] = 30

@@ -14,6 +14,9 @@ MAX_SAFE_INT = 2**53 - 1
 Seq = Annotated[int, Field(ge=0, le=MAX_SAFE_INT)]
 Ts = Annotated[int, Field(ge=0, le=MAX_SAFE_INT)]
 ShortText = Annotated[str, StringConstraints(max_length=500)]
+# WGS-84 degrees (or GCJ-02 / BD-09 where a coord_sys says so); finite.
+Lat = Annotated[float, Field(ge=-90, le=90, allow_inf_nan=False)]
+Lng = Annotated[float, Field(ge=-180, le=180, allow_inf_nan=False)]
 Text = Annotated[str, StringConstraints(min_length=1, max_length=2000)]
 
 

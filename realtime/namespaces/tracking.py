@@ -15,7 +15,7 @@ from realtime.auth import Principal
 from realtime.errors import ErrorReply, OkReply, WireError, ok, validation_details
 from realtime.feeds.tracking import AREA_LIMIT, COORD_SYSTEMS, Box, area_item, convert
 from realtime.namespaces.base import BaseNamespace, error_reply, handles
-from realtime.namespaces.models import MAX_SAFE_INT, Id, Inbound, Ts
+from realtime.namespaces.models import MAX_SAFE_INT, Id, Inbound, Lat, Lng, Ts
 from realtime.namespaces.orders import actor_of
 from realtime.presence import Presence
 from realtime.rooms import watch_room
@@ -32,8 +32,6 @@ log = logging.getLogger(__name__)
 NAMESPACE = rooms.TRACKING
 MAX_BATCH = 500
 
-Lat = Annotated[float, Field(ge=-90, le=90, allow_inf_nan=False)]
-Lng = Annotated[float, Field(ge=-180, le=180, allow_inf_nan=False)]
 
 
 class PointIn(Inbound):
