@@ -36,12 +36,7 @@ class Edge:
 
 
 @dataclass(frozen=True)
-class Context:
-    settings: Settings
-    metrics: Metrics
-    verifier: TokenVerifier
-    sio: RealtimeServer
-    engine: Engine
+class Context(Edge):
     services: Services
     feeds: Feeds
 

@@ -25,12 +25,7 @@ class MongoCalendarStore(GatedStore):
     async def serving(self, skill: str | None, limit: int) -> list[Calendar]:
         """The calendars of technicians with this skill (any, for None)."""
         cursor = self._c.find({"skills": skill} if skill is not None else {}).limit(limit)
-        out = []
-        async for doc in cursor:
-            doc["technician_id"] = doc.pop("_id")
-            doc.pop("updated_ts", None)
-            out.append(calendar_of(doc))
-        return out
+        return [_calendar(doc) async for doc in cursor]
 
     async def ensure_indexes(self) -> None:
         await self._c.create_index("skills")
@@ -40,5 +35,8 @@ class MongoCalendarStore(GatedStore):
         doc = await self._c.find_one({"_id": technician_id})
         if doc is None:
             return None
-        doc["technician_id"] = doc.pop("_id")
-        return calendar_of(doc), int(doc.get("updated_ts", 0))
+        return _calendar(doc), int(doc.get("updated_ts", 0))
+
+
+def _calendar(doc: dict[str, Any]) -> Calendar:
+    return calendar_of({**doc, "technician_id": doc["_id"]})
