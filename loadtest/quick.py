@@ -3,11 +3,16 @@
     python -m loadtest.quick tracking --techs 100 --rate 5 --duration 20
     python -m loadtest.quick chat --pairs 20 --rate 50 --duration 20
     python -m loadtest.quick orders --orders 50 --rate 50
+    python -m loadtest.quick availability --techs 200 --queries 200
+    python -m loadtest.quick hold-latency --techs 50 --subscribers 10 --rate 50 --duration 20
+    python -m loadtest.quick contention --techs 50 --customers 400 --rate 1000 --duration 3
 
 Each starts its own SecantusDB and `python -m realtime` (pinned to CPU 0 with
 taskset when available; the generator runs on CPU 1), drives it with
 `socketio.AsyncClient`s over real TCP, and prints medians and percentiles.
-The full side-by-side benchmark is `python -m loadtest` (docs/benchmarks.md).
+hold-latency and contention run two nodes sharing Redis and the store
+(loadtest/booking.py). The full side-by-side benchmark is `python -m loadtest`
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -51,6 +56,43 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def machine_busy_seconds() -> float:
+    """CPU time every process of the machine used so far (all cores)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    busy = sum(fields[:8]) - idle  # user nice system idle iowait irq softirq steal
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (its threads included)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pin(cpu: str) -> list[str]:
+    """`taskset -c cpu` where it helps (a machine with more than one CPU)."""
+    return ["taskset", "-c", cpu] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else []
+
+
+def server_env(port: int, mongo_port: int, data_dir: Path, limits: bool) -> dict[str, str]:
+    """The environment of one `python -m realtime` of a measurement."""
+    env = {**os.environ, "REALTIME_JWT_SECRET": SECRET, "REALTIME_PORT": str(port),
+           "REALTIME_HOST": "127.0.0.1", "REALTIME_DATA_DIR": str(data_dir),
+           "MONGO_URL": f"mongodb://127.0.0.1:{mongo_port}/?directConnection=true",
+           "REALTIME_LOG_LEVEL": os.environ.get("LOADTEST_SERVER_LOG_LEVEL", "WARNING")}
+    if not limits:
+        env.update({"REALTIME_LOCATION_RATE": "1000", "REALTIME_LOCATION_BURST": "1000",
+                    "REALTIME_CHAT_SEND_RATE": "1000", "REALTIME_CHAT_SEND_BURST": "1000",
+                    "REALTIME_CHAT_CONVERSATION_RATE": "1000",
+                    "REALTIME_CHAT_CONVERSATION_BURST": "1000",
+                    "REALTIME_HANDSHAKE_RATE": "0", "REALTIME_HTTP_IP_RATE": "0",
+                    "REALTIME_HTTP_USER_RATE": "0"})
+    return env
+
+
 class Stack:
     """A store and one server process, pinned apart from the generator."""
 
@@ -62,32 +104,19 @@ class Stack:
         self.mongo_port, self.port = free_port(), free_port()
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def _pin(self, cpu: str) -> list[str]:
-        return ["taskset", "-c", cpu] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else []
-
     def start(self) -> None:
         exe = str(Path(sys.executable).parent / "secantusd-py")
         self.procs.append(subprocess.Popen(
-            [*self._pin("1"), exe, "--host", "127.0.0.1", "--port", str(self.mongo_port),
+            [*pin("1"), exe, "--host", "127.0.0.1", "--port", str(self.mongo_port),
              "--storage-path", ":memory:", "--log-level", "WARNING"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        env = {**os.environ, "REALTIME_JWT_SECRET": SECRET, "REALTIME_PORT": str(self.port),
-               "REALTIME_HOST": "127.0.0.1", "REALTIME_DATA_DIR": str(self.tmp),
-               "MONGO_URL": f"mongodb://127.0.0.1:{self.mongo_port}/?directConnection=true",
-               "REALTIME_LOG_LEVEL": os.environ.get("LOADTEST_SERVER_LOG_LEVEL", "WARNING")}
-        if not self.limits:
-            env.update({"REALTIME_LOCATION_RATE": "1000", "REALTIME_LOCATION_BURST": "1000",
-                        "REALTIME_CHAT_SEND_RATE": "1000", "REALTIME_CHAT_SEND_BURST": "1000",
-                        "REALTIME_CHAT_CONVERSATION_RATE": "1000",
-                        "REALTIME_CHAT_CONVERSATION_BURST": "1000",
-                        "REALTIME_HANDSHAKE_RATE": "0", "REALTIME_HTTP_IP_RATE": "0",
-                        "REALTIME_HTTP_USER_RATE": "0"})
+        env = server_env(self.port, self.mongo_port, self.tmp, self.limits)
         env.pop("REDIS_URL", None)
         # LOADTEST_SERVER_LOG=path keeps the server's log (else it is discarded).
         log_path = os.environ.get("LOADTEST_SERVER_LOG")
         out = open(log_path, "ab") if log_path else subprocess.DEVNULL
         # LOADTEST_SERVER_SRC=<another checkout>: serve that code (before/after runs).
-        self.procs.append(subprocess.Popen([*self._pin("0"), sys.executable, "-m", "realtime"],
+        self.procs.append(subprocess.Popen([*pin("0"), sys.executable, "-m", "realtime"],
                                            env=env, stdout=out, stderr=out,
                                            cwd=os.environ.get("LOADTEST_SERVER_SRC")))
         self.settings = Settings(jwt_secret=SECRET)
@@ -390,11 +419,16 @@ async def run_availability(stack: Stack, techs: int, queries: int) -> dict[str, 
                     "home": {"lat": home[0], "lng": home[1]}, "skills": ["plumbing"],
                     "area": {"circle": {"lat": centre[0], "lng": centre[1], "radius_m": 20_000}}}) as r:
                 assert r.status == 200, await r.text()
-            for k in range(2):
+            booked, tries = 0, 0
+            while booked < 2:
+                # An assignment the schedule refuses (overlap, or no time to
+                # drive there: docs/scheduling.md) is drawn again elsewhere.
+                tries += 1
+                assert tries <= 50, f"no room for two orders of t{i}"
                 day = tomorrow + dt.timedelta(days=rnd.randrange(7))
                 start = dt.datetime.combine(day, dt.time(rnd.randrange(9, 16)), tz)
                 where = near(10)
-                oid = f"avail-{i}-{k}"
+                oid = f"avail-{i}-{tries}"
                 async with s.post(f"{stack.url}/api/orders", json={
                         "order_id": oid, "customer_id": f"c{i}",
                         "service": {"code": "plumbing", "name": "水管维修"},
@@ -404,9 +438,15 @@ async def run_availability(stack: Stack, techs: int, queries: int) -> dict[str, 
                     assert r.status == 201, await r.text()
                 async with s.post(f"{stack.url}/api/orders/{oid}/assign",
                                   json={"technician_id": f"t{i}"}) as r:
+                    if r.status == 409:
+                        continue
                     assert r.status == 200, await r.text()
+                booked += 1
         lat_ms: list[float] = []
         sizes: list[int] = []
+        pids = [p.pid for p in stack.procs]
+        cpu0 = machine_busy_seconds(), sum(cpu_seconds(p) for p in pids), time.process_time()
+        t_start = time.perf_counter()
         for _ in range(queries):
             where = near(8)
             t0 = time.perf_counter()
@@ -418,36 +458,130 @@ async def run_availability(stack: Stack, techs: int, queries: int) -> dict[str, 
             lat_ms.append((time.perf_counter() - t0) * 1000)
             assert body["ok"], body
             sizes.append(len(body["data"]["slots"]))
+    seconds = time.perf_counter() - t_start
+    machine = machine_busy_seconds() - cpu0[0]
+    ours = sum(cpu_seconds(p) for p in pids) - cpu0[1] + time.process_time() - cpu0[2]
+    split = await availability_split(stack, near(8), tomorrow)
+    slowest = sorted(range(len(lat_ms)), key=lambda k: -lat_ms[k])[:5]
     return {"scenario": "availability", "technicians": techs, "orders": 2 * techs,
             "queries": queries, "slots_per_reply": statistics.median(sizes),
-            "p50_ms": round(pct(lat_ms, 50), 1), "p99_ms": round(pct(lat_ms, 99), 1),
-            "max_ms": round(max(lat_ms), 1)}
+            "p50_ms": round(pct(lat_ms, 50), 1), "p90_ms": round(pct(lat_ms, 90), 1),
+            "p99_ms": round(pct(lat_ms, 99), 1), "max_ms": round(max(lat_ms), 1),
+            "over_50_ms": sum(1 for v in lat_ms if v > 50),
+            "slowest": [[k, round(lat_ms[k], 1)] for k in slowest], **split,
+            "others_cpu_pct_of_a_core": round(100 * (machine - ours) / seconds, 1)}
+
+
+async def availability_split(stack: Stack, where: tuple[float, float], day: Any,
+                             rounds: int = 30) -> dict[str, Any]:
+    """Where a query's time goes, in this process against the same store: the
+    service's computation alone (its caches warm, as on a node between
+    refreshes), and the store reads a cold cache makes (every calendar of
+    the skill, every schedule), each on its own (docs/benchmarks.md)."""
+    from pymongo import AsyncMongoClient
+
+    from realtime.services import tracking_config
+    from scheduling.service import Query, SchedulingService
+    from storage.calendars import MongoCalendarStore
+    from storage.schedules import MongoScheduleStore, ScheduleBook
+
+    eta = tracking_config(Settings(jwt_secret=SECRET)).eta
+    mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        f"mongodb://127.0.0.1:{stack.mongo_port}/?directConnection=true")
+    db = mongo[Settings(jwt_secret=SECRET).mongo_db]
+    calendars = MongoCalendarStore(db)
+    schedules = MongoScheduleStore(mongo, db, ScheduleBook(db, eta))
+
+    async def nothing(*args: Any) -> None:
+        return None
+
+    service = SchedulingService(calendars, schedules, eta, changed=nothing, hold_ended=nothing,
+                                order_notify=nothing, view_changed=nothing)
+    q = Query(where[0], where[1], "plumbing", day, 7, 60, 30)
+    compute, cal_reads, schedule_reads = [], [], []
+    try:
+        await service.availability(q)  # fills the caches
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            await service.availability(q)
+            compute.append((time.perf_counter() - t0) * 1000)
+            t0 = time.perf_counter()
+            cals = await calendars.serving("plumbing", 2000)
+            cal_reads.append((time.perf_counter() - t0) * 1000)
+            t0 = time.perf_counter()
+            await schedules.items_of([c.technician_id for c in cals])
+            schedule_reads.append((time.perf_counter() - t0) * 1000)
+    finally:
+        await mongo.close()
+    return {"in_process_ms": {
+        "compute_warm_p50": round(statistics.median(compute), 1),
+        "read_calendars_p50": round(statistics.median(cal_reads), 1),
+        "read_schedules_p50": round(statistics.median(schedule_reads), 1)}}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m loadtest.quick")
-    ap.add_argument("scenario", choices=["tracking", "chat", "orders", "availability"])
-    ap.add_argument("--techs", type=int, default=100)
+    ap.add_argument("scenario", choices=["tracking", "chat", "orders", "availability",
+                                         "hold-latency", "contention"])
+    ap.add_argument("--techs", type=int, default=None,
+                    help="technicians (default 100; hold-latency, contention: 50, the hot slots)")
     ap.add_argument("--pairs", type=int, default=20)
     ap.add_argument("--orders", type=int, default=50)
     ap.add_argument("--rate", type=float, default=None,
                     help="tracking: points/s per technician (default 5); chat: sends/s in total (50); "
-                         "orders: events/s in total (50)")
-    ap.add_argument("--duration", type=float, default=20.0)
+                         "orders: events/s in total (50); hold-latency: holds/s (50); "
+                         "contention: holds/s offered (1000)")
+    ap.add_argument("--duration", type=float, default=None,
+                    help="seconds of load (default 20; contention: 3)")
     ap.add_argument("--queries", type=int, default=200, help="availability: queries to time")
+    ap.add_argument("--subscribers", type=int, default=10,
+                    help="hold-latency: watchers of the district on node B")
+    ap.add_argument("--days", type=int, default=7, help="hold-latency: days the watchers see")
+    ap.add_argument("--no-baseline", action="store_true",
+                    help="hold-latency: skip the store-alone run of the same holds")
+    ap.add_argument("--customers", type=int, default=400,
+                    help="contention: distinct customers, half on each node")
+    ap.add_argument("--named", action="store_true",
+                    help="contention: each hold names a technician (else the server picks)")
+    ap.add_argument("--homes", action="store_true",
+                    help="contention: technicians have home bases (the best fit varies by place)")
+    ap.add_argument("--cold", action="store_true",
+                    help="contention: no availability query first (the nodes' caches start empty)")
+    ap.add_argument("--raw", type=Path, default=None,
+                    help="hold-latency, contention: write one JSON line per hold there")
     args = ap.parse_args()
+    techs = args.techs or (50 if args.scenario in ("hold-latency", "contention") else 100)
+    if args.scenario in ("hold-latency", "contention"):
+        from loadtest import booking
+
+        raw: list[dict[str, Any]] = []
+        if args.scenario == "hold-latency":
+            result = asyncio.run(booking.run(
+                "hold-latency", techs=techs, subscribers=args.subscribers, rate=args.rate or 50.0,
+                duration=args.duration or 20.0, days=args.days, baseline=not args.no_baseline,
+                raw=raw))
+        else:
+            result = asyncio.run(booking.run(
+                "contention", techs=techs, customers=args.customers, rate=args.rate or 1000.0,
+                duration=args.duration or 3.0, named=args.named, homes=args.homes, warm=not args.cold,
+                raw=raw))
+        if args.raw is not None:
+            args.raw.write_text("".join(json.dumps(r) + "\n" for r in raw))
+        print(json.dumps(result, ensure_ascii=False))
+        return
+    duration = args.duration or 20.0
     stack = Stack()
     stack.start()
     try:
         async def go() -> dict[str, Any]:
             await stack.ready()
             if args.scenario == "tracking":
-                return await run_tracking(stack, args.techs, args.rate or 5.0, args.duration)
+                return await run_tracking(stack, techs, args.rate or 5.0, duration)
             if args.scenario == "orders":
                 return await run_orders(stack, args.orders, args.rate or 50.0)
             if args.scenario == "availability":
-                return await run_availability(stack, args.techs, args.queries)
-            return await run_chat(stack, args.pairs, args.rate or 50.0, args.duration)
+                return await run_availability(stack, techs, args.queries)
+            return await run_chat(stack, args.pairs, args.rate or 50.0, duration)
 
         print(json.dumps(asyncio.run(go()), ensure_ascii=False))
     finally:

@@ -49,6 +49,7 @@ class Order(TypedDict):
     updated_ts: int
     rating: Rating | None
     completed_ts: NotRequired[int]
+    hold_id: NotRequired[str]  # booked from this hold (docs/scheduling.md)
 
 
 class Event(TypedDict):

@@ -30,6 +30,7 @@ from realtime.feeds import build_feeds
 from realtime.limits import LIMITS, Limits
 from realtime.metrics import Metrics
 from realtime.namespaces.base import NotServed
+from realtime.namespaces.booking import BookingNamespace
 from realtime.namespaces.chat import ChatNamespace
 from realtime.namespaces.ops import OpsNamespace
 from realtime.namespaces.orders import OrdersNamespace
@@ -101,7 +102,7 @@ def create_app(settings: Settings) -> web.Application:
     ctx = Context.of(edge, services, feeds)
     tracking_ns = TrackingNamespace(ctx)
     for ns in (OrdersNamespace(ctx), tracking_ns, ChatNamespace(ctx), OpsNamespace(ctx),
-               NotServed(ctx)):
+               BookingNamespace(ctx), NotServed(ctx)):
         sio.register_namespace(ns)
     sio.on_fast(TRACKING_NS, "location", tracking_ns.fast_location)
     if isinstance(engine.manager, ClusterManager):

@@ -13,7 +13,11 @@ Socket.IO with technician, customer and agent tokens — never around it:
   the service; then the next order, the route driven the other way;
 - a customer who opens a support chat and waits in the queue, an away agent
   to transfer to, feedback in the inbox;
-- it prints the URLs of the three pages, with tokens in the URL fragment.
+- calendars for every technician (``PUT /api/technicians/{id}/calendar``):
+  the simulated ones work all day, every day (the demo's own orders start
+  ten minutes from now, whenever now is), a few more are bookable in the
+  daytime only, all around the city centre, so /book shows real free times;
+- it prints the URLs of the four pages, with tokens in the URL fragment.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ import signal
 import socket
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import aiohttp
 import socketio
@@ -103,11 +109,36 @@ SERVICES = {
     "huaihai": ({"code": "housekeeping", "name": "日常保洁"}, ["cleaning"], "黄浦区淮海中路 300 号"),
     "bund": ({"code": "appliance_repair", "name": "家电维修"}, ["appliance"], "黄浦区中山东一路 13 号"),
 }
+# Bookable only: a calendar and no app (no GPS, no simulation); /book offers their
+# time, and a booking is assigned to them straight away.
+# (id, skills, home); they work 08:00-20:00 every day.
+BOOKABLE: list[tuple[str, list[str], tuple[float, float]]] = [
+    ("t-zhou", ["aircon", "appliance"], (31.2381, 121.4652)),
+    ("t-wu", ["plumbing"], (31.2212, 121.4883)),
+    ("t-zheng", ["cleaning"], (31.2290, 121.4561)),
+    ("t-feng", ["aircon", "plumbing"], (31.2151, 121.4752)),
+    ("t-he", ["cleaning", "appliance"], (31.2423, 121.4822)),
+]
+CITY_CENTRE = (31.2304, 121.4737)  # People's Square: the /book page's default place
+CITY_TZ = ZoneInfo("Asia/Shanghai")  # the calendars' timezone (their default)
+AREA_M = 15_000.0  # everyone serves this far around the centre
+ALL_DAY = [{"weekday": d, "start": "00:00", "end": "00:00"} for d in range(7)]
+DAYTIME = [{"weekday": d, "start": "08:00", "end": "20:00"} for d in range(7)]
 CUSTOMERS = ["王女士", "刘先生", "陈女士", "赵先生", "周女士", "吴先生", "郑女士", "孙先生"]
 
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def order_window(now: int) -> dict[str, int]:
+    """The demo's orders: from ten minutes on, for an hour, ended at midnight
+    (city time) when it comes first: a calendar's days are separate shifts,
+    and a job must lie inside one (docs/scheduling.md)."""
+    start = now + 10 * 60_000
+    local = datetime.fromtimestamp(start / 1000, CITY_TZ)
+    midnight = datetime(local.year, local.month, local.day, tzinfo=CITY_TZ) + timedelta(days=1)
+    return {"start_ts": start, "end_ts": min(start + 3_600_000, int(midnight.timestamp() * 1000))}
 
 
 def heading(a: tuple[float, float], b: tuple[float, float]) -> float:
@@ -251,17 +282,18 @@ class Demo:
                            customer: tuple[str, str]) -> str:
         service, skills, text = SERVICES[route_key]
         order_id = f"o-{self.run_id}-{next(self.order_no)}"
-        start = now_ms() + 10 * 60_000
         await self.api("POST", "/api/orders", {
             "order_id": order_id, "customer_id": customer[0], "service": service,
             "address": {"lat": address[0], "lng": address[1], "text": text},
-            "window": {"start_ts": start, "end_ts": start + 3_600_000}, "skills": skills})
+            "window": order_window(now_ms()), "skills": skills})
         tech.intended.add(order_id)
         return order_id
 
-    async def dispatch(self, tech: Tech, order_id: str) -> None:
+    async def dispatch(self, tech: Tech, order_id: str) -> bool:
         """Dispatch as the backend would; the intended technician accepts, the others
-        decline. If the round ends without them, assign directly."""
+        decline. If the round ends without them, assign directly. False (and the
+        order cancelled) when their day has no room for it: someone booked that
+        time on /book."""
         with contextlib.suppress(Exception):
             await self.api("POST", f"/api/orders/{order_id}/dispatch",
                            {"strategy": "sequential", "count": 4, "timeout_s": 12})
@@ -271,9 +303,18 @@ class Demo:
                 break
             rounds = (await self.api("GET", f"/api/orders/{order_id}/dispatch"))["dispatches"]
             if rounds and all(r["status"] != "running" for r in rounds):
-                await self.api("POST", f"/api/orders/{order_id}/assign", {"technician_id": tech.id})
+                try:
+                    await self.api("POST", f"/api/orders/{order_id}/assign", {"technician_id": tech.id})
+                except RuntimeError as exc:  # refused: their schedule is taken then
+                    log.warning("demo order %s not assigned to %s: %s", order_id, tech.id, exc)
                 break
             await asyncio.sleep(1.0)
+        order = (await self.api("GET", f"/api/orders/{order_id}"))["order"]
+        if order["state"] == "assigned" and order.get("technician_id") == tech.id:
+            return True
+        with contextlib.suppress(Exception):
+            await self.api("POST", f"/api/orders/{order_id}/events", {"state": "cancelled"})
+        return False
 
     async def serve_order(self, tech: Tech, order_id: str, route: list[tuple[float, float]]) -> None:
         """Drive there, arrive (the geofence decides), do the job."""
@@ -315,7 +356,9 @@ class Demo:
                 order_id = await self.create_order(tech, tech.route, route[-1], customer)
                 print(f"  new order {order_id} for {customer[1]}: {self.track_url(order_id, customer)}",
                       flush=True)
-            await self.dispatch(tech, order_id)
+            if not await self.dispatch(tech, order_id):
+                await self.idle(tech, REST_S)
+                continue
             await self.serve_order(tech, order_id, route)
             forward = not forward
             await self.idle(tech, REST_S)
@@ -324,6 +367,20 @@ class Demo:
     def new_customer(self) -> tuple[str, str]:
         name = next(self.customer_names)
         return f"c-{self.run_id}-{next(self.customer_no)}", name
+
+    async def set_calendars(self) -> None:
+        """Everyone's working hours, skills, home and area, as the backend sets them."""
+        area = {"circle": {"lat": CITY_CENTRE[0], "lng": CITY_CENTRE[1], "radius_m": AREA_M}}
+        hours: list[tuple[str, list[str], tuple[float, float], list[dict[str, Any]]]] = [
+            (t.id, t.skills, t.home, ALL_DAY) for t in self.techs]
+        hours += [(tid, skills, home, DAYTIME) for tid, skills, home in BOOKABLE]
+        for tid, skills, home, weekly in hours:
+            await self.api("PUT", f"/api/technicians/{tid}/calendar", {
+                "timezone": CITY_TZ.key, "weekly": weekly, "skills": skills,
+                "home": {"lat": home[0], "lng": home[1]}, "area": area})
+
+    def book_url(self, customer: tuple[str, str]) -> str:
+        return f"{self.public}/book#token={self.token('customer', customer[0], customer[1])}"
 
     def track_url(self, order_id: str, customer: tuple[str, str]) -> str:
         return f"{self.public}/track/{order_id}#token={self.token('customer', customer[0], customer[1])}"
@@ -373,6 +430,7 @@ class Demo:
     # -- the whole show ------------------------------------------------------------------------------
     async def start(self) -> None:
         self.http = aiohttp.ClientSession()
+        await self.set_calendars()  # before any order: assignments must fit them
         for tech in self.techs:
             await self.connect_tech(tech)
         # 孙师傅 signs off: the ops map shows him offline where he was last seen.
@@ -409,6 +467,8 @@ class Demo:
         print(f"""
 Realtime demo running (dev mode) at {self.public}
 
+  Booking (王女士 books a time; pay, and the order opens in tracking):
+    {self.book_url(first_customer)}
   Customer tracking (王女士, order {featured}):
     {self.track_url(featured, first_customer)}
   Agent console (客服 小美):

@@ -150,6 +150,14 @@ class Metrics:
             "realtime_send_latency_seconds", "Chat send: payload received to ack",
             buckets=STORE_BUCKETS, registry=r,
         )
+        self.holds = Counter(
+            "realtime_holds_total", "Bookings: holds made on this node, and how holds ended",
+            ["outcome"], registry=r,
+        )
+        self.availability_watchers = Gauge(
+            "realtime_availability_watchers", "Bookings: live availability views on this node",
+            registry=r,
+        )
         self.agents_available = Gauge(
             "realtime_agents_available", "Agents available on this node", registry=r
         )

@@ -1,12 +1,12 @@
-"""The web pages the server serves: customer tracking, the agent console and the
-ops map (web/*.html, web/static/), the browser libraries from npm
-(web/node_modules, installed by scripts/setup) and, in dev mode only, a
-sign-in endpoint that mints tokens.
+"""The web pages the server serves: booking, customer tracking, the agent
+console and the ops map (web/*.html, web/static/), the browser libraries from
+npm (web/node_modules, installed by scripts/setup) and, in dev mode only, a
+sign-in endpoint that mints tokens and a stand-in for the payment backend.
 
 Routes:
-- ``GET /track/{order_id}``, ``GET /console``, ``GET /ops``: the pages. The
-  token travels in the URL fragment (``#token=...``), which browsers never
-  send to a server, and lives in the tab's sessionStorage; never in a query.
+- ``GET /book``, ``GET /track/{order_id}``, ``GET /console``, ``GET /ops``: the
+  pages. The token travels in the URL fragment (``#token=...``), which browsers
+  never send to a server, and lives in the tab's sessionStorage; never in a query.
 - ``GET /static/...``: web/static/.
 - ``GET /static/vendor/{file}``: the few dist files the pages load from
   socket.io-client and leaflet; 503 with a hint to run scripts/setup when
@@ -14,10 +14,15 @@ Routes:
 - ``POST /api/dev/token {role, sub, name?, skills?}``: dev mode only
   (REALTIME_DEV=1), 404 otherwise. It takes no token (it is how a developer
   gets one), so it is answered before the API's bearer check.
+- ``POST /api/dev/pay {hold_id, service, address}``: dev mode only, 404
+  otherwise. The /book page's "pay": with the customer's own token, it plays
+  the backend after a payment and confirms the customer's hold as an order
+  (``SchedulingService.confirm``, as ``POST /api/holds/{id}/confirm`` does).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -27,7 +32,9 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from pydantic import Field, StringConstraints
 
-from realtime.api import Handler, json_response, parse
+from kernel.actor import Actor
+from kernel.errors import Forbidden
+from realtime.api import SERVICES, AddressIn, Handler, ServiceIn, json_response, parse, principal
 from realtime.auth import mint_token
 from realtime.errors import WireError, ok, to_error
 from realtime.namespaces.models import Id, Inbound
@@ -48,10 +55,14 @@ VENDOR: Final = {
     **{f"images/{name}": ("leaflet", f"dist/images/{name}") for name in (
         "layers.png", "layers-2x.png", "marker-icon.png", "marker-icon-2x.png", "marker-shadow.png")},
 }
-PAGES: Final = {"track": "track.html", "console": "console.html", "ops": "ops.html"}
+PAGES: Final = {"book": "book.html", "track": "track.html", "console": "console.html",
+                "ops": "ops.html"}
 CONFIG_PLACEHOLDER: Final = "<!--RT-CONFIG-->"
 DEV_TOKEN_PATH: Final = "/api/dev/token"
 DEV_TOKEN_TTL_S: Final = 12 * 3600
+DEV_PAY_PATH: Final = "/api/dev/pay"
+# Who confirms a dev payment: the demo's backend (realtime/demo.py signs in as it).
+DEV_BACKEND: Final = Actor("demo-backend", "service")
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("pages_settings", Settings)
 
@@ -61,6 +72,12 @@ class DevTokenIn(Inbound):
     sub: Id
     name: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
     skills: Annotated[list[Id], Field(max_length=20)] | None = None
+
+
+class DevPayIn(Inbound):
+    hold_id: Id
+    service: ServiceIn
+    address: AddressIn
 
 
 def tile_origin(tile_url: str | None) -> str | None:
@@ -167,9 +184,40 @@ async def dev_token_middleware(request: web.Request, handler: Handler) -> web.St
     return await handler(request)
 
 
+def paid_order_id(hold_id: str) -> str:
+    """The order a dev payment makes of a hold: one per hold, so paying twice
+    (a double tap, a retry after a lost reply) answers the same order."""
+    return "o-" + hashlib.sha256(hold_id.encode()).hexdigest()[:24]
+
+
+async def dev_pay(request: web.Request) -> web.Response:
+    """Dev mode only: what the business backend does once a customer has paid,
+    for the /book page without a payment provider. The caller is the hold's
+    customer (their own token, checked here); the confirmation is the
+    backend's (DEV_BACKEND). Behind the API middleware: bearer auth, rate
+    limits and JSON errors as for any /api/ route."""
+    if not request.app[SETTINGS].dev:
+        raise WireError("not_found", "the dev payment exists only in dev mode (REALTIME_DEV=1)")
+    p = principal(request)
+    if p.role != "customer":
+        raise Forbidden("a payment is made by the hold's customer")
+    body = await parse(request, DevPayIn)
+    scheduling = request.app[SERVICES].scheduling
+    # not_found for no such hold, forbidden for another customer's.
+    hold = await scheduling.get_hold(Actor(p.id, p.role), body.hold_id)
+    order, created = await scheduling.confirm(DEV_BACKEND, hold.hold_id, {
+        "order_id": paid_order_id(hold.hold_id), "customer_id": hold.customer_id,
+        "service": body.service.model_dump(), "address": body.address.model_dump()})
+    log.info("dev payment: hold %s of %s confirmed as order %s", hold.hold_id, p.id,
+             order["order_id"])
+    return json_response(ok({"order": order, "created": created}), 201 if created else 200)
+
+
 def setup_pages(app: web.Application, settings: Settings) -> None:
     app[SETTINGS] = settings
     app.middlewares.insert(0, dev_token_middleware)
+    app.router.add_post(DEV_PAY_PATH, dev_pay)
+    app.router.add_get("/book", page_handler("book"))
     app.router.add_get("/track/{order_id:[A-Za-z0-9_.:@-]{1,64}}", page_handler("track"))
     app.router.add_get("/console", page_handler("console"))
     app.router.add_get("/ops", page_handler("ops"))

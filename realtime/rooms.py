@@ -10,6 +10,7 @@ ORDERS: Final = "/orders"
 TRACKING: Final = "/tracking"
 CHAT: Final = "/chat"
 OPS: Final = "/ops"
+BOOKING: Final = "/booking"
 OPS_ROOM: Final = "ops"  # every agent's and admin's live view
 
 

@@ -5,12 +5,15 @@ read them; anyone signed in asks when a job can be booked.
     PUT  /api/technicians/{id}/calendar   service, admin
     GET  /api/technicians/{id}/calendar   service, admin, agent, the technician
     POST /api/availability                anyone signed in (ids for staff only)
+    POST /api/holds/{id}/confirm          service, admin (after payment)
+    POST /api/holds/{id}/release          service, admin
+    GET  /api/holds/{id}                  staff, the hold's customer
 """
 
 from __future__ import annotations
 
 import re
-from datetime import UTC, date, datetime, timedelta
+from datetime import date
 from typing import Annotated, Any, Literal
 
 from aiohttp import web
@@ -18,11 +21,22 @@ from pydantic import Field, StringConstraints, field_validator, model_validator
 
 from kernel.clock import now_ms
 from kernel.errors import Forbidden, NotFound
-from realtime.api import SERVICES, json_response, parse, principal, require_role
+from realtime.api import (
+    CTX,
+    SERVICES,
+    AddressIn,
+    ServiceIn,
+    WindowIn,
+    json_response,
+    parse,
+    principal,
+    require_role,
+)
 from realtime.errors import ok
+from realtime.namespaces.booking import STAFF, AvailabilityIn, hold_out, slots_out
 from realtime.namespaces.models import Id, Inbound, Lat, Lng
+from realtime.namespaces.orders import actor_of
 from scheduling.calendar import DEFAULT_TZ, calendar_dict, calendar_of, check_calendar
-from scheduling.service import MAX_DAYS, Query
 
 HHMM = Annotated[str, StringConstraints(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")]
 IsoDate = Annotated[str, StringConstraints(pattern=r"^\d{4}-\d{2}-\d{2}$")]
@@ -31,6 +45,7 @@ MAX_RULES = 50
 MAX_EXCEPTIONS = 400
 MAX_CORNERS = 200
 TECH = "{technician_id:[A-Za-z0-9_.:@-]{1,64}}"
+HOLD = "{hold_id:[A-Za-z0-9_.:@-]{1,64}}"
 
 
 class ShiftIn(Inbound):
@@ -119,6 +134,7 @@ async def put_calendar(request: web.Request) -> web.Response:
     check_calendar(cal)
     ts = now_ms()
     await request.app[SERVICES].calendars.put(cal, ts)
+    await request.app[CTX].feeds.booking.calendar_set(technician_id)
     return json_response(ok({"calendar": {**calendar_dict(cal), "updated_ts": ts}}))
 
 
@@ -136,47 +152,56 @@ async def get_calendar(request: web.Request) -> web.Response:
     return json_response(ok({"calendar": out}))
 
 
-class AvailabilityIn(Inbound):
-    lat: Lat
-    lng: Lng
-    skill: Id | None = None
-    from_date: IsoDate
-    days: Annotated[int, Field(ge=1, le=MAX_DAYS)] = 7
-    duration_min: Annotated[int, Field(ge=1, le=12 * 60)]
-    granularity_min: Annotated[int, Field(ge=5, le=240)] = 30
-
-    @field_validator("from_date")
-    @classmethod
-    def _a_date_not_past(cls, v: str) -> str:
-        day = date.fromisoformat(v)
-        # Yesterday in the furthest timezone ahead is still today somewhere.
-        if day < datetime.now(UTC).date() - timedelta(days=1):
-            raise ValueError("the window is in the past")
-        return v
-
-
-STAFF = frozenset({"service", "admin", "agent"})
-
-
 async def post_availability(request: web.Request) -> web.Response:
     """Bookable start times: how many technicians can take the job at each;
     staff also see who (customers never do)."""
     p = principal(request)
     body = await parse(request, AvailabilityIn)
-    found = await request.app[SERVICES].scheduling.availability(Query(
-        lat=body.lat, lng=body.lng, skill=body.skill, from_day=date.fromisoformat(body.from_date),
-        days=body.days, duration_min=body.duration_min, granularity_min=body.granularity_min))
-    slots: list[dict[str, Any]] = []
-    for start, techs in found.items():
-        slot: dict[str, Any] = {"start_ts": start, "end_ts": start + body.duration_min * 60_000,
-                                "count": len(techs)}
-        if p.role in STAFF:
-            slot["technicians"] = techs
-        slots.append(slot)
-    return json_response(ok({"slots": slots}))
+    if p.role != "service":
+        request.app[SERVICES].scheduling.admit("query", f"{p.role}:{p.id}")
+    found = await request.app[SERVICES].scheduling.availability(body.query())
+    return json_response(ok({"slots": slots_out(found, body.duration_min, p.role in STAFF)}))
+
+
+class ConfirmIn(Inbound):
+    order_id: Id
+    customer_id: Id
+    service: ServiceIn
+    address: AddressIn
+    window: WindowIn | None = None  # when given: the held time, echoed
+    skills: Annotated[list[Id], Field(max_length=20)] | None = None
+
+
+async def confirm_hold(request: web.Request) -> web.Response:
+    """The backend, after payment: the hold becomes its order, assigned to the
+    held technician for the held time. The same call again answers the same
+    order (200 instead of 201)."""
+    p = principal(request)
+    require_role(p, "service", "admin")
+    body = await parse(request, ConfirmIn)
+    order, created = await request.app[SERVICES].scheduling.confirm(
+        actor_of(p), request.match_info["hold_id"], body.model_dump())
+    return json_response(ok({"order": order, "created": created}), 201 if created else 200)
+
+
+async def release_hold(request: web.Request) -> web.Response:
+    """The backend lets a hold go (payment failed or abandoned)."""
+    p = principal(request)
+    require_role(p, "service", "admin")
+    hold = await request.app[SERVICES].scheduling.release(actor_of(p), request.match_info["hold_id"])
+    return json_response(ok({"hold": hold_out(hold)}))
+
+
+async def get_hold(request: web.Request) -> web.Response:
+    p = principal(request)
+    hold = await request.app[SERVICES].scheduling.get_hold(actor_of(p), request.match_info["hold_id"])
+    return json_response(ok({"hold": hold_out(hold)}))
 
 
 def setup_scheduling_routes(app: web.Application) -> None:
     app.router.add_put(f"/api/technicians/{TECH}/calendar", put_calendar)
     app.router.add_get(f"/api/technicians/{TECH}/calendar", get_calendar)
     app.router.add_post("/api/availability", post_availability)
+    app.router.add_post(f"/api/holds/{HOLD}/confirm", confirm_hold)
+    app.router.add_post(f"/api/holds/{HOLD}/release", release_hold)
+    app.router.add_get(f"/api/holds/{HOLD}", get_hold)

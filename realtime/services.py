@@ -23,15 +23,17 @@ from orders.model import Event, Order
 from orders.service import OrderService
 from realtime.engine import Engine
 from realtime.feeds import Feeds
+from realtime.feeds.booking import CALENDAR_CHANGED, SCHEDULE_CHANGED
 from realtime.metrics import Metrics
 from realtime.settings import Settings
-from scheduling.service import SchedulingService
+from scheduling.service import BookingConfig, SchedulingService
 from storage.calendars import MongoCalendarStore
 from storage.chat import MongoChatStore
 from storage.dispatch import MongoDispatchStore
 from storage.embedded import EmbeddedMongo
 from storage.gate import StoreGate
 from storage.mongo import MongoOrderStore, connect, ensure_indexes
+from storage.schedules import MongoScheduleStore, ScheduleBook, schedule_touched
 from storage.trails import KEEP_NO_TRAILS, KeepNoTrails, TrailWriter, ensure_trail_indexes
 from tracking.dispatch import DispatchConfig, DispatchService
 from tracking.eta import EtaConfig
@@ -94,6 +96,7 @@ class Services:
     dispatch: DispatchService
     dispatch_store: MongoDispatchStore
     calendars: MongoCalendarStore
+    schedules: MongoScheduleStore
     scheduling: SchedulingService
 
     async def start(self) -> None:
@@ -106,13 +109,16 @@ class Services:
         await self.chat_store.ensure_indexes()
         await self.dispatch_store.ensure_indexes()
         await self.calendars.ensure_indexes()
+        await self.schedules.ensure_indexes()
         if isinstance(self.trails, TrailWriter):
             self.trails.start()
+        self.scheduling.start()
 
     async def stop(self) -> None:
         """In the order that loses nothing: rounds and timers first, then the
         writers flush, then the store closes."""
         await self.dispatch.close()
+        await self.scheduling.close()
         await self.router.close()
         await self.tracking.close()
         if isinstance(self.trails, TrailWriter):
@@ -128,11 +134,19 @@ def build_services(settings: Settings, engine: Engine, metrics: Metrics, feeds: 
     bound_s = settings.mongo_timeout_ms / 1000
     db = store.db
     chat_store = MongoChatStore(store.client, db, metrics.observe_store, store.gate)
-    order_store = MongoOrderStore(store.client, db, metrics.observe_store, store.gate)
+    eta = tracking_config(settings).eta
+    book = ScheduleBook(db, eta)
+    # An assignment takes the technician's time in its own transaction (or
+    # is refused); a cancellation gives it back (storage/schedules.py).
+    order_store = MongoOrderStore(store.client, db, metrics.observe_store, store.gate,
+                                  on_commit=book.order_committed, turns=book.turns)
 
     async def order_changed(order: Order, event: Event) -> None:
         await feeds.orders.publish(order, event)
         await feeds.tracking.order_changed(order, event)
+        touched = schedule_touched(order, event)
+        if touched:
+            await feeds.booking.changed(touched)
         try:
             await chat.append_order_event(order, event)
         except Exception as exc:  # the order change stands; its chat card is best-effort
@@ -161,6 +175,14 @@ def build_services(settings: Settings, engine: Engine, metrics: Metrics, feeds: 
     metrics.agents_available.set_function(lambda: router.available_agents)
     chat = ChatService(chat_store, orders, router, feeds.chat.delivered,
                        limits=engine.chat_limits, busy_wait_s=bound_s)
+    calendars = MongoCalendarStore(db, store.gate)
+    schedules = MongoScheduleStore(store.client, db, book, store.gate)
+    scheduling = SchedulingService(
+        calendars, schedules, eta, changed=feeds.booking.changed,
+        hold_ended=feeds.booking.hold_ended, order_notify=order_changed,
+        view_changed=feeds.booking.view_changed,
+        config=BookingConfig(hold_ttl_s=settings.hold_ttl_s, max_holds=settings.max_holds))
+    metrics.availability_watchers.set_function(lambda: scheduling.watchers)
     dispatch_store = MongoDispatchStore(db, store.gate)
     dispatch = DispatchService(
         orders=orders, positions=engine.positions, presence=engine.tech_presence,
@@ -170,18 +192,27 @@ def build_services(settings: Settings, engine: Engine, metrics: Metrics, feeds: 
                               radius_m=settings.dispatch_radius_m,
                               count=settings.dispatch_count,
                               timeout_s=settings.dispatch_timeout_s,
-                              stale_after_s=settings.stale_position_s))
+                              stale_after_s=settings.stale_position_s),
+        schedule_check=scheduling.conflicts)
 
     async def dispatch_answered(data: dict[str, Any]) -> None:
         dispatch.wake(str(data.get("dispatch_id")))
 
     engine.bus.on("dispatch_answer", dispatch_answered)
-    calendars = MongoCalendarStore(db, store.gate)
+
+    async def schedules_changed(data: dict[str, Any]) -> None:
+        for tech in data.get("technicians") or []:
+            await scheduling.schedule_changed(str(tech))
+
+    async def calendar_changed(data: dict[str, Any]) -> None:
+        await scheduling.calendar_changed(str(data.get("technician_id")))
+
+    engine.bus.on(SCHEDULE_CHANGED, schedules_changed)
+    engine.bus.on(CALENDAR_CHANGED, calendar_changed)
     return Services(store=store, orders=orders, order_store=order_store, tracking=tracking,
                     trails=trails, chat=chat, chat_store=chat_store, router=router,
                     dispatch=dispatch, dispatch_store=dispatch_store, calendars=calendars,
-                    scheduling=SchedulingService(calendars, order_store,
-                                                 tracking_config(settings).eta))
+                    schedules=schedules, scheduling=scheduling)
 
 
 def tracking_config(settings: Settings) -> TrackingConfig:

@@ -126,6 +126,11 @@ class Settings(BaseSettings):
     dispatch_timeout_s: float = Field(default=20.0, gt=0, le=600)
     stale_position_s: float = Field(default=300.0, gt=0)
 
+    # Bookings (docs/scheduling.md): how long a hold keeps its slot while the
+    # customer pays, and how many live holds one customer may have.
+    hold_ttl_s: float = Field(default=300.0, gt=0, le=3600)
+    max_holds: int = Field(default=2, ge=1, le=20)
+
     # Pages (web/): the maps' tile layer, a URL template such as
     # https://tile.openstreetmap.org/{z}/{x}/{y}.png. Unset (or unreachable): the
     # maps draw on a plain background, so the pages work offline and in tests.

@@ -64,6 +64,11 @@ class Day:
                 best = b
         return best
 
+    def meets(self, span: tuple[int, int]) -> bool:
+        """Whether anything here overlaps [span)."""
+        i = bisect.bisect_left(self._starts, span[1])
+        return any(b.end_ms > span[0] for b in self.items[:i])
+
     def at_or_after(self, t: int) -> Busy | None:
         i = bisect.bisect_left(self._starts, t)
         return self.items[i] if i < len(self.items) else None
@@ -110,16 +115,27 @@ def fits(job: Interval, at: tuple[float, float], day: Day, shift: Interval,
 
 
 def free_starts(cal: Calendar, working: Sequence[Interval], day: Day, req: Request,
-                cfg: EtaConfig) -> list[int]:
+                cfg: EtaConfig, drives: Drives | None = None) -> list[int]:
     """The start times on the grid (multiples of the granularity since the
     epoch, so every technician's grid lines up) at which this technician can
     do the job."""
     at = (req.lat, req.lng)
-    drives = Drives(at, cfg)
+    drives = drives if drives is not None else Drives(at, cfg)
     out: list[int] = []
     step = req.granularity_ms
     for shift in working:
         first = max(shift[0], req.not_before_ms)
+        if not day.meets(shift):
+            # Nothing booked in this shift: every start on the grid from the
+            # drive from home on is free (what fits() says, without asking
+            # it for each one: most of a week is such shifts).
+            if cal.home is not None:
+                first = max(first, shift[0] + drives(cal.home))
+            t = -(-first // step) * step
+            last = shift[1] - req.duration_ms
+            if t <= last:
+                out.extend(range(t, last + 1, step))
+            continue
         t = -(-first // step) * step  # the grid, rounded up
         while t + req.duration_ms <= shift[1]:
             if fits((t, t + req.duration_ms), at, day, shift, cal.home, cfg, drives) is None:

@@ -10,6 +10,7 @@ milliseconds, the only time unit of the domain.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -113,7 +114,11 @@ class Calendar:
 
     def working(self, from_day: date, days: int) -> list[Interval]:
         """The working intervals of these days (in the calendar's timezone),
-        in time order."""
+        in time order. Remembered per calendar and days: every query, hold
+        and view change asks it of every technician around."""
+        return list(_working(self, from_day, days))
+
+    def _working(self, from_day: date, days: int) -> list[Interval]:
         tz = ZoneInfo(self.timezone)
         out: list[Interval] = []
         for n in range(days):
@@ -135,6 +140,13 @@ class Calendar:
             elif ex.kind == "off":
                 shifts = [] if ex.shift is None else list(_minus(shifts, ex.shift))
         return sorted(_merged(shifts), key=lambda s: _minutes(s.start))
+
+
+@functools.lru_cache(maxsize=16_384)
+def _working(cal: Calendar, from_day: date, days: int) -> tuple[Interval, ...]:
+    """Calendar.working, remembered: a Calendar is frozen (hashable, equal
+    by value), so a calendar set again is a new key and never a stale one."""
+    return tuple(cal._working(from_day, days))
 
 
 def _minus(shifts: Sequence[Shift], off: Shift) -> Iterator[Shift]:

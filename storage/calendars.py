@@ -27,6 +27,11 @@ class MongoCalendarStore(GatedStore):
         cursor = self._c.find({"skills": skill} if skill is not None else {}).limit(limit)
         return [_calendar(doc) async for doc in cursor]
 
+    async def of(self, technician_ids: list[str]) -> dict[str, Calendar]:
+        """These technicians' calendars (those who have one)."""
+        cursor = self._c.find({"_id": {"$in": technician_ids}})
+        return {doc["_id"]: _calendar(doc) async for doc in cursor}
+
     async def ensure_indexes(self) -> None:
         await self._c.create_index("skills")
 

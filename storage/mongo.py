@@ -8,6 +8,7 @@ exists exactly when the order's seq says it does. That needs a replica set
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
@@ -23,6 +24,10 @@ from orders.service import OrderExists, StaleWrite
 from storage.gate import GatedStore, StoreGate, transaction_interrupted
 
 Observe = Callable[[str, float], None]
+# An order's committed document and event, its time, and the transaction.
+OnCommit = Callable[[dict[str, Any], Event, int, AsyncClientSession], Awaitable[None]]
+# This node's turn on some keys (technician ids), held around a commit.
+Turns = Callable[[list[str]], contextlib.AbstractAsyncContextManager[None]]
 T = TypeVar("T")
 # Write conflicts between concurrent transactions are retried this many
 # times, all within the operation's deadline (storage/gate.py). A store that
@@ -95,7 +100,7 @@ async def ensure_indexes(db: AsyncDatabase[dict[str, Any]]) -> None:
         await db[coll].create_indexes(models)
 
 
-def _order_out(doc: dict[str, Any]) -> Order:
+def order_out(doc: dict[str, Any]) -> Order:
     """A stored document as an Order (the store's boundary: what was written
     by OrderService is read back as such)."""
     doc = dict(doc)
@@ -106,9 +111,17 @@ def _order_out(doc: dict[str, Any]) -> Order:
 class MongoOrderStore(GatedStore):
     def __init__(self, client: AsyncMongoClient[dict[str, Any]],
                  db: AsyncDatabase[dict[str, Any]], observe: Observe = _no_observe,
-                 gate: StoreGate | None = None) -> None:
+                 gate: StoreGate | None = None, on_commit: OnCommit | None = None,
+                 turns: Turns | None = None) -> None:
         self._gate = gate
         self._client = client
+        # Run inside each commit's transaction (storage/schedules.py keeps the
+        # technicians' schedules true to assignments and cancellations).
+        self._on_commit = on_commit
+        # Commits that assign a technician take turns on this node (a
+        # backend planning a day assigns many orders to one technician at
+        # once: racing, they would all rewrite one schedule and retry).
+        self._turns = turns
         self._orders = db["orders"]
         self._events = db["order_events"]
         self._observe = observe
@@ -117,7 +130,7 @@ class MongoOrderStore(GatedStore):
         t0 = time.perf_counter()
         doc = await self._orders.find_one({"_id": order_id})
         self._observe("order_get", time.perf_counter() - t0)
-        return _order_out(doc) if doc else None
+        return order_out(doc) if doc else None
 
     async def insert(self, order: Order, event: Event) -> None:
         doc = dict(order)
@@ -149,12 +162,19 @@ class MongoOrderStore(GatedStore):
             )
             if doc is None:
                 return None
+            if self._on_commit is not None:
+                await self._on_commit(doc, event, event["ts"], session)
             await self._events.insert_one(dict(event), session=session)
             return doc
 
+        keys = [str(k) for k in (changes.get("technician_id"),
+                                 event["data"].get("previous_technician_id")) if k]
+        turn = (self._turns(keys) if keys and self._turns is not None
+                else contextlib.nullcontext())
         t0 = time.perf_counter()
         try:
-            doc = await run_txn(self._client, txn)
+            async with turn:
+                doc = await run_txn(self._client, txn)
         except DuplicateKeyError:
             # Another node stored this seq first: the same as a stale read.
             raise StaleWrite(order_id) from None
@@ -162,7 +182,7 @@ class MongoOrderStore(GatedStore):
             self._observe("order_commit", time.perf_counter() - t0)
         if doc is None:
             raise StaleWrite(order_id)
-        return _order_out(doc)
+        return order_out(doc)
 
     async def active_for_technician(self, technician_id: str) -> Order | None:
         """The order a technician is working on now (the newest, should the
@@ -173,7 +193,7 @@ class MongoOrderStore(GatedStore):
             sort=[("updated_ts", DESCENDING)],
         )
         self._observe("order_active", time.perf_counter() - t0)
-        return _order_out(doc) if doc else None
+        return order_out(doc) if doc else None
 
     async def booked_between(self, technician_ids: list[str], from_ms: int,
                              until_ms: int) -> list[Order]:
@@ -187,14 +207,15 @@ class MongoOrderStore(GatedStore):
             "window.start_ts": {"$lt": until_ms},
             "window.end_ts": {"$gt": from_ms},
         })
-        return [_order_out(d) async for d in cursor]
+        return [order_out(d) async for d in cursor]
 
-    async def busy_among(self, technician_ids: list[str]) -> set[str]:
-        """Which of these technicians are on an order right now."""
+    async def busy_among(self, technician_ids: list[str],
+                         states: frozenset[str] = TECHNICIAN_PHASE) -> set[str]:
+        """Which of these technicians have an order in one of `states`."""
         if not technician_ids:
             return set()
         cursor = self._orders.find(
-            {"technician_id": {"$in": technician_ids}, "state": {"$in": list(TECHNICIAN_PHASE)}},
+            {"technician_id": {"$in": technician_ids}, "state": {"$in": list(states)}},
             {"technician_id": 1})
         return {d["technician_id"] async for d in cursor}
 

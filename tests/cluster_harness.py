@@ -18,7 +18,17 @@ import aiohttp
 
 from realtime.auth import mint_token
 from realtime.settings import Settings
-from tests.harness import Client, Http, ServerProcess, free_port, stop_process, uid, until, wait_port
+from tests.harness import (
+    Client,
+    Http,
+    ServerProcess,
+    a_window,
+    free_port,
+    stop_process,
+    uid,
+    until,
+    wait_port,
+)
 from tests.server_procs import log_text, server_process, start, stop
 
 SECRET = "cluster-test-secret-0123456789abcdef"
@@ -150,7 +160,7 @@ class Cluster:
             "order_id": uid("o-"), "customer_id": customer_id,
             "service": {"code": "aircon_repair", "name": "空调维修"},
             "address": {"lat": ADDR[0], "lng": ADDR[1], "text": "上海市黄浦区人民广场 1 号"},
-            "window": {"start_ts": 1_800_000_000_000, "end_ts": 1_800_000_360_000},
+            "window": a_window(),
             **extra,
         }
         reply = await self.api(node, "POST", "/api/orders", body, expect=201)

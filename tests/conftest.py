@@ -16,7 +16,16 @@ from aiohttp import web
 from realtime.app import create_app
 from realtime.auth import mint_token
 from realtime.settings import Settings
-from tests.harness import Client, Http, MongoServer, RedisServer, assert_no_tasks_left, free_port, uid
+from tests.harness import (
+    Client,
+    Http,
+    MongoServer,
+    RedisServer,
+    a_window,
+    assert_no_tasks_left,
+    free_port,
+    uid,
+)
 
 JWT_SECRET = "test-secret-0123456789abcdef-0123456789"
 
@@ -75,7 +84,7 @@ class Live:
             "customer_id": customer_id or uid("c-"),
             "service": {"code": "aircon_repair", "name": "空调维修"},
             "address": {"lat": 31.2304, "lng": 121.4737, "text": "上海市黄浦区人民广场 1 号"},
-            "window": {"start_ts": 1_800_000_000_000, "end_ts": 1_800_000_360_000},
+            "window": a_window(),
             **extra,
         }
         status, reply = await self.http.request("POST", "/api/orders", self.token("service"), json=body)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -146,6 +147,14 @@ def server_errors(records: list[Any]) -> list[Any]:
     return [r for r in records
             if (r.levelno >= 40 or r.exc_info)
             and not (r.name == "asyncio" and "Task was destroyed" in r.getMessage())]
+
+
+def a_window(minutes: int = 6) -> dict[str, int]:
+    """A window of its own, years ahead: an order's window takes its
+    technician's time (docs/scheduling.md), so tests that give one technician
+    several orders must not give them the same time by accident."""
+    start = 1_800_000_000_000 + random.randrange(10**6) * 600_000
+    return {"start_ts": start, "end_ts": start + minutes * 60_000}
 
 
 def uid(prefix: str = "") -> str:

@@ -3,7 +3,11 @@
 Candidates come from the latest positions around the address. Every
 technician considered gets a reason in the round's record, so a dispatcher
 can see why someone was or was not offered the job (skill_mismatch,
-out_of_radius, stale_position, busy, offline, declined, timed_out).
+out_of_radius, stale_position, busy, schedule_conflict, offline, declined,
+timed_out). An order's window is judged against each technician's schedule
+(docs/scheduling.md): `busy` then means on a job under way right now, and
+`schedule_conflict` (with what it collides with) that the window does not
+fit their day.
 
 Strategies: `sequential` offers to one candidate at a time (the next after a
 decline or `timeout_s`); `broadcast` offers to the top `count` at once, and
@@ -26,6 +30,7 @@ from kernel.actor import Actor
 from kernel.clock import now_ms
 from kernel.errors import Conflict, Forbidden
 from kernel.tasks import BackgroundTasks
+from orders.lifecycle import TECHNICIAN_PHASE
 from orders.model import Order
 from orders.service import OrderService
 from tracking.geo import haversine_m
@@ -65,9 +70,15 @@ class Online(Protocol):
 
 
 class Busy(Protocol):
-    async def busy_among(self, technician_ids: list[str]) -> set[str]: ...
+    async def busy_among(self, technician_ids: list[str],
+                         states: frozenset[str] = ...) -> set[str]: ...
 
 
+# Which of these technicians' schedules the order's window would collide
+# with: technician id -> what it collides with (scheduling/service.py).
+ScheduleCheck = Callable[[list[str], Order], Awaitable[dict[str, dict[str, Any]]]]
+UNDER_WAY: Final = frozenset({"en_route", "arrived", "in_service"})
+SCHEDULE_REASONS = frozenset({"taken", "travel_from", "travel_to", "outside_hours"})
 SendOffer = Callable[[str, dict[str, Any]], Awaitable[None]]
 Withdraw = Callable[[str, dict[str, Any]], Awaitable[None]]
 
@@ -96,8 +107,10 @@ NO_OFFER = "you have no open offer of this order (taken, expired or never made)"
 class DispatchService:
     def __init__(self, *, orders: OrderService, positions: PositionStore, presence: Online,
                  busy: Busy, store: DispatchStore, send_offer: SendOffer, withdraw: Withdraw,
-                 config: DispatchConfig | None = None) -> None:
+                 config: DispatchConfig | None = None,
+                 schedule_check: ScheduleCheck | None = None) -> None:
         self.orders = orders
+        self.schedule_check = schedule_check
         self.busy = busy
         self.positions = positions
         self.presence = presence
@@ -155,7 +168,12 @@ class DispatchService:
         # Look a little past the radius, so "out of radius" is a visible reason.
         found = await self.positions.near(addr["lat"], addr["lng"], radius * 2, MAX_CONSIDERED)
         online = await self.presence.online([p.technician_id for p in found])
-        busy = await self.busy.busy_among([p.technician_id for p in found])
+        # With its window judged against each schedule (below), a technician
+        # is `busy` only while on a job (under way); an order assigned for
+        # later is a question of their schedule, not of now.
+        timed = bool(order.get("window")) and self.schedule_check is not None
+        busy = await self.busy.busy_among([p.technician_id for p in found],
+                                          UNDER_WAY if timed else TECHNICIAN_PHASE)
         now = now_ms()
         candidates, eligible = [], []
         for p in found:
@@ -168,6 +186,15 @@ class DispatchService:
             candidates.append(entry)
             if reason is None:
                 eligible.append(entry)
+        if eligible and timed and self.schedule_check is not None:
+            # A booked window: who could not take it without breaking their
+            # day (hours, another order, the drive between) is skipped.
+            clash = await self.schedule_check([str(e["technician_id"]) for e in eligible], order)
+            for entry in eligible:
+                why = clash.get(str(entry["technician_id"]))
+                if why is not None:
+                    entry.update(status="skipped", reason="schedule_conflict", conflict=why)
+            eligible = [e for e in eligible if e["status"] == "eligible"]
         for extra in eligible[count:]:
             extra["status"], extra["reason"] = "not_offered", "beyond_count"
         doc = {
@@ -289,11 +316,15 @@ class DispatchService:
             order, _ = await self.orders.transition(
                 DISPATCH_ACTOR, order_id, "assigned",
                 {"technician_id": tech.id, "dispatch_id": did}, expect_state="created")
-        except Conflict:
+        except Conflict as exc:
+            # The order moved meanwhile, or the technician's day filled up.
+            details = exc.details if isinstance(exc.details, dict) else {}
+            why = ("schedule_conflict" if details.get("reason") in SCHEDULE_REASONS
+                   else "order_changed")
             await self.store.set_candidate(did, tech.id, "accepted",
-                                           {"status": "too_late", "reason": "order_changed"})
+                                           {"status": "too_late", "reason": why})
             await self.store.finish(did, "failed", {"finished_ts": now_ms(), "assigned_to": None,
-                                                    "error": "order_changed"}, expect="assigned")
+                                                    "error": why}, expect="assigned")
             raise
         return {"order_id": order_id, "dispatch_id": did, "status": "accepted", "order": order}
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from realtime.context import Edge
+from realtime.feeds.booking import BookingFeed
 from realtime.feeds.chat import ChatFeed
 from realtime.feeds.ops import OpsFeed
 from realtime.feeds.orders import OrderFeed
@@ -20,6 +21,7 @@ class Feeds:
     tracking: TrackingFeed
     chat: ChatFeed
     ops: OpsFeed
+    booking: BookingFeed
 
     async def start(self) -> None:
         self.tracking.start()
@@ -31,4 +33,4 @@ class Feeds:
 def build_feeds(edge: Edge) -> Feeds:
     ops = OpsFeed(edge)
     return Feeds(orders=OrderFeed(edge), tracking=TrackingFeed(edge), chat=ChatFeed(edge),
-                 ops=ops)
+                 ops=ops, booking=BookingFeed(edge))

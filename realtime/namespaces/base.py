@@ -198,4 +198,5 @@ class NotServed(socketio.AsyncNamespace):  # type: ignore[misc]
 
     async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
         self.ctx.metrics.handshakes_refused.labels("/", "not_found").inc()
-        raise refusal("not_found", "nothing is served on '/'; use /orders, /tracking, /chat or /ops")
+        raise refusal("not_found",
+                      "nothing is served on '/'; use /orders, /tracking, /chat, /ops or /booking")

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Live, StartApp
-from tests.harness import Client, uid
+from tests.harness import Client, a_window, uid
 
 # -- the contract, restated from PROTOCOL.md ------------------------------------------------------
 
@@ -166,7 +166,7 @@ class Cast:
             "customer_id": self.customer_id,
             "service": {"code": "aircon_repair", "name": "空调维修"},
             "address": {"lat": 31.2304, "lng": 121.4737, "text": "上海市黄浦区人民广场 1 号"},
-            "window": {"start_ts": 1_800_000_000_000, "end_ts": 1_800_000_360_000},
+            "window": a_window(),
             **extra,
         }
 

@@ -8,6 +8,8 @@ from datetime import date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kernel.errors import Invalid
 from scheduling.availability import Busy, Day, Request, availability, drive_ms, fits, free_starts
@@ -183,3 +185,36 @@ def test_a_sensible_calendar_passes() -> None:
                     DatedException(MONDAY, "extra", Shift(time(18), time(20)))),
         area=Polygon(((31.0, 121.0), (31.0, 122.0), (32.0, 122.0), (32.0, 121.0))),
         timezone="Asia/Urumqi"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    jobs=st.lists(st.tuples(st.integers(0, 30 * 24), st.integers(1, 16), st.booleans()),
+                  max_size=6),
+    home=st.sampled_from([None, NEAR, FAR]),
+    minutes=st.sampled_from([30, 60, 90, 150]),
+    granularity=st.sampled_from([15, 30, 60]),
+    not_before_min=st.integers(0, 36 * 60),
+)
+def test_free_starts_are_exactly_the_starts_that_fit(
+        jobs: list[tuple[int, int, bool]], home: tuple[float, float] | None, minutes: int,
+        granularity: int, not_before_min: int) -> None:
+    """The fast path for shifts with nothing booked and the per-start path
+    agree with fits() asked for every start on the grid."""
+    c = cal(home=home)
+    base = at(MONDAY, 0)
+    busy = [Busy(base + s * 10 * MIN, base + (s + d) * 10 * MIN, *(FAR if far else NEAR), f"o-{i}")
+            for i, (s, d, far) in enumerate(jobs)]
+    working = c.working(MONDAY, 2)
+    req = request(NEAR, minutes, granularity, base + not_before_min * MIN)
+    day = Day(busy)
+    got = free_starts(c, working, day, req, CFG)
+    want = []
+    step = granularity * MIN
+    for shift in working:
+        t = -(-max(shift[0], req.not_before_ms) // step) * step
+        while t + req.duration_ms <= shift[1]:
+            if fits((t, t + req.duration_ms), NEAR, day, shift, c.home, CFG) is None:
+                want.append(t)
+            t += step
+    assert got == want

@@ -293,7 +293,12 @@ async def test_broadcast_first_accept_wins_and_the_round_explains_everyone(
     out = await technician(live, 1500)  # radius 1000: considered (within 2x), not eligible
     stale = await technician(live, 120, age_s=2 * STALE_S)
     busy = await technician(live, 130)
-    await live.assign((await live.create_order())["order_id"], busy.id)
+    # On a job under way (an order merely assigned for another time is the
+    # schedule's question, docs/dispatch.md).
+    job = (await live.create_order())["order_id"]
+    await live.assign(job, busy.id)
+    status, reply = await live.post_event(job, "en_route")
+    assert status == 200, reply
     offline = await technician(live, 110)
     await go_offline(offline, ops)
 

@@ -18,7 +18,7 @@ import pytest
 from realtime.api import CTX
 from storage.trails import KeepNoTrails
 from tests.conftest import Live, StartApp
-from tests.harness import Client, Http, ServerProcess, uid
+from tests.harness import Client, Http, ServerProcess, a_window, uid
 from tests.tracking.wire import (
     ADDR,
     FAST,
@@ -531,7 +531,7 @@ async def test_trail_is_written_and_readable_after_restart() -> None:
             "order_id": oid, "customer_id": cust_id,
             "service": {"code": "aircon_repair", "name": "空调维修"},
             "address": {"lat": ADDR[0], "lng": ADDR[1], "text": "上海市黄浦区人民广场 1 号"},
-            "window": {"start_ts": 1_800_000_000_000, "end_ts": 1_800_000_360_000}})
+            "window": a_window()})
         assert status == 201, body
         status, body = await http.request("POST", f"/api/orders/{oid}/assign", _tok("service"),
                                           json={"technician_id": tech_id})
