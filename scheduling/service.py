@@ -11,6 +11,7 @@ cache can only show a slot that a hold then refuses, never book one twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -160,6 +161,8 @@ class SchedulingService:
         self._tech_locks = KeyedLocks()
         # Schedules a change signal could not re-read: the sweep tries again.
         self._dirty: set[str] = set()
+        self._closed = False
+        self._wake = asyncio.Event()
         self._query_limits = MemoryRateLimiter(*QUERY_RATE)
         self._hold_limits = MemoryRateLimiter(*HOLD_RATE)
 
@@ -440,22 +443,28 @@ class SchedulingService:
         self._background.spawn(self._sweep())
 
     async def close(self) -> None:
+        # The sweep also ends by itself at its next turn: a cancellation lost
+        # inside a store call (Python 3.11's wait_for can drop one that races
+        # a result) must not leave it running past the app.
+        self._closed = True
+        self._wake.set()
         await self._background.close()
 
     async def _sweep(self) -> None:
-        while True:
+        while not self._closed:
             try:
                 await self.expire_due()
             except Exception as exc:  # the store is down: the next sweep retries
                 log.warning("hold expiry sweep failed: %s", type(exc).__name__)
-            if self._dirty:
+            if self._dirty and not self._closed:
                 dirty, self._dirty = list(self._dirty), set()
                 try:
                     await self._reread(dirty)
                 except Exception as exc:
                     self._dirty.update(dirty)
                     log.warning("schedules not re-read after a signal: %s", type(exc).__name__)
-            await asyncio.sleep(SWEEP_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), SWEEP_S)
 
     # -- confirmation ------------------------------------------------------
     async def confirm(self, actor: Actor, hold_id: str, spec: dict[str, Any]) -> tuple[Order, bool]:
