@@ -151,11 +151,12 @@ def availability(calendars: Iterable[Calendar], busy: dict[str, list[Busy]], req
     over the technicians with the skill whose area holds the place, for
     `days` days from `from_day` (each in the technician's own timezone)."""
     out: dict[int, list[str]] = {}
+    drives = Drives((req.lat, req.lng), cfg)  # one place: each drive computed once
     for cal in calendars:
         if not cal.serves(req.lat, req.lng, skill):
             continue
         day = Day(busy.get(cal.technician_id, ()))
-        for t in free_starts(cal, cal.working(from_day, days), day, req, cfg):
+        for t in free_starts(cal, cal.working(from_day, days), day, req, cfg, drives):
             out.setdefault(t, []).append(cal.technician_id)
     for ids in out.values():
         ids.sort()

@@ -30,7 +30,7 @@ from kernel.locks import KeyedLocks
 from kernel.rate import MemoryRateLimiter
 from kernel.tasks import BackgroundTasks
 from orders.model import Event, Order
-from scheduling.availability import Day, Drives, Request, free_starts
+from scheduling.availability import Day, Drives, Request, availability, free_starts
 from scheduling.calendar import Calendar
 from scheduling.schedule import Hold, HoldEnd, Item, Taken, place, shown
 from tracking.eta import EtaConfig
@@ -268,16 +268,8 @@ class SchedulingService:
         cals = await self.serving(q)
         items = await self.items([c.technician_id for c in cals])
         now = now_ms()
-        req = q.request(now)
-        drives = Drives((q.lat, q.lng), self.eta)
-        out: dict[int, list[str]] = {}
-        for cal in cals:
-            day = Day(shown(items[cal.technician_id], now))
-            for t in free_starts(cal, cal.working(q.from_day, q.days), day, req, self.eta, drives):
-                out.setdefault(t, []).append(cal.technician_id)
-        for ids in out.values():
-            ids.sort()
-        return dict(sorted(out.items()))
+        busy = {tech: shown(its, now) for tech, its in items.items()}
+        return availability(cals, busy, q.request(now), q.skill, q.from_day, q.days, self.eta)
 
     async def view(self, q: Query) -> View:
         found = await self.availability(q)

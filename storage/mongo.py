@@ -195,20 +195,6 @@ class MongoOrderStore(GatedStore):
         self._observe("order_active", time.perf_counter() - t0)
         return order_out(doc) if doc else None
 
-    async def booked_between(self, technician_ids: list[str], from_ms: int,
-                             until_ms: int) -> list[Order]:
-        """These technicians' orders (assigned, not yet done) whose window
-        meets [from_ms, until_ms): the time they are taken."""
-        if not technician_ids:
-            return []
-        cursor = self._orders.find({
-            "technician_id": {"$in": technician_ids},
-            "state": {"$in": list(TECHNICIAN_PHASE)},
-            "window.start_ts": {"$lt": until_ms},
-            "window.end_ts": {"$gt": from_ms},
-        })
-        return [order_out(d) async for d in cursor]
-
     async def busy_among(self, technician_ids: list[str],
                          states: frozenset[str] = TECHNICIAN_PHASE) -> set[str]:
         """Which of these technicians have an order in one of `states`."""

@@ -212,12 +212,18 @@ async def test_a_hold_confirmed_twice_makes_one_assigned_order(live: Live) -> No
     await seen(watcher, at(day, 10), 2)
 
 
-async def test_confirm_checks_the_customer_the_window_and_the_payload(live: Live) -> None:
+async def customer_holding(live: Live) -> tuple[str, dict[str, Any]]:
+    """A customer of their own holding 10:00 of some day: their id and the hold."""
     day = some_day()
     skill, _, _ = await two_technicians(live)
     me = uid("cust-")
     c = await live.client("customer", me, namespace=NS)
-    held = await c.ok("hold", hold_body(at(day, 10), skill))
+    return me, await c.ok("hold", hold_body(at(day, 10), skill))
+
+
+async def test_confirm_checks_the_customer_the_window_and_the_payload(live: Live) -> None:
+    day = some_day()
+    me, held = await customer_holding(live)
     path = f"/api/holds/{held['hold_id']}/confirm"
     svc = live.token("service")
     status, reply = await live.http.request("POST", path, svc, json=confirm_body(uid("o-"), "other"))
@@ -372,11 +378,7 @@ async def test_a_calendar_set_moves_the_views_live(live: Live) -> None:
 
 
 async def test_confirm_refuses_an_address_far_from_the_hold(live: Live) -> None:
-    day = some_day()
-    skill, _, _ = await two_technicians(live)
-    me = uid("cust-")
-    c = await live.client("customer", me, namespace=NS)
-    held = await c.ok("hold", hold_body(at(day, 10), skill))
+    me, held = await customer_holding(live)
     status, reply = await live.http.request(
         "POST", f"/api/holds/{held['hold_id']}/confirm", live.token("service"),
         json=confirm_body(uid("o-"), me, address=FAR))
