@@ -54,6 +54,8 @@ NEXT: Final[dict[str, frozenset[str]]] = {
 # States in which the technician's work is under way or ahead; the order
 # "belongs" to its technician only in these.
 TECHNICIAN_PHASE: Final = frozenset({"assigned", "en_route", "arrived", "in_service"})
+# A technician's job under way: at most one per technician at a time.
+UNDER_WAY: Final = frozenset({"en_route", "arrived", "in_service"})
 # A customer may cancel on their own only before the technician sets off.
 CUSTOMER_CANCELLABLE: Final = frozenset({"created", "assigned"})
 STAFF: Final = frozenset({"admin", "service"})
@@ -69,7 +71,8 @@ def may_move(actor: Actor, *, target: str, customer_id: str, technician_id: str 
     (True for a target no transition leads to: the table answers that one)."""
     role = actor.role
     if target == "assigned":
-        return role in STAFF or (role == SYSTEM and actor.id == "dispatch")
+        # Agents re-assign (check_transition: from `assigned` only).
+        return role in STAFF or role == "agent" or (role == SYSTEM and actor.id == "dispatch")
     if target in WORK:
         return (role in STAFF or (role == "technician" and actor.id == technician_id)
                 or (target == "arrived" and role == SYSTEM))
@@ -95,6 +98,10 @@ def check_transition(
     told only to whoever may move the order there (docs/protocol.md, Orders)."""
     if not may_move(actor, target=target, customer_id=customer_id, technician_id=technician_id):
         raise Forbidden(f"{actor.role} {actor.id!r} may not move this order to {target!r}")
+    if target == "assigned" and actor.role == "agent" and state != "assigned":
+        # (Agents see every order: the state tells them nothing new.)
+        raise Forbidden("agents move an assigned order to another technician; the first "
+                        "assignment is the backend's or dispatch's")
     if target not in NEXT.get(state, frozenset()):
         raise Conflict(f"cannot go from {state!r} to {target!r}", {"state": state})
     if target == "cancelled" and actor.role == "customer" and state not in CUSTOMER_CANCELLABLE:

@@ -18,7 +18,7 @@ from kernel.actor import Actor
 from kernel.clock import now_ms
 from kernel.errors import Conflict, Forbidden, NotFound, Unavailable
 from kernel.locks import KeyedLocks
-from orders.lifecycle import SYSTEM, check_transition
+from orders.lifecycle import SYSTEM, UNDER_WAY, check_transition
 from orders.model import Event, Order
 
 # Optimistic retries before a hot order answers `unavailable`. Each retry
@@ -31,6 +31,19 @@ VIEW_ANY: Final = frozenset({"agent", "admin", "service"})
 
 class StaleWrite(Exception):
     """The order's seq moved between read and write."""
+
+
+class JobInProgress(Exception):
+    """The technician already has another order under way (the store's
+    one-job-per-technician index refused the write)."""
+
+    def __init__(self, technician_id: str, order_id: str | None, state: str | None) -> None:
+        super().__init__(technician_id)
+        self.technician_id, self.order_id, self.state = technician_id, order_id, state
+
+
+class NoChange(Exception):
+    """A decision that nothing is to be recorded (see OrderService.note_when)."""
 
 
 class OrderExists(Exception):
@@ -145,15 +158,19 @@ class OrderService:
 
     async def transition(
         self, actor: Actor, order_id: str, target: str, data: dict[str, Any] | None = None,
-        expect_state: str | None = None,
+        expect_state: str | None = None, expect_technician: str | None = None,
     ) -> tuple[Order, Event]:
-        """Move an order; with `expect_state`, only from that state (decided
-        atomically with the write, so a concurrent change gives `conflict`)."""
+        """Move an order; with `expect_state` (and `expect_technician`), only
+        from that state (and technician), decided atomically with the write,
+        so a concurrent change gives `conflict`."""
         data = dict(data or {})
 
         def decide(order: Order) -> tuple[dict[str, Any], str, dict[str, Any]]:
             if expect_state is not None and order["state"] != expect_state:
                 raise Conflict(f"the order is {order['state']}, no longer {expect_state}",
+                               {"state": order["state"]})
+            if expect_technician is not None and order.get("technician_id") != expect_technician:
+                raise Conflict("the order was moved to another technician meanwhile",
                                {"state": order["state"]})
             check_transition(
                 actor,
@@ -176,6 +193,12 @@ class OrderService:
                 changes["technician_id"] = tech
             if target == "completed":
                 changes["completed_ts"] = now_ms()
+            if target != order["state"]:
+                # When each step happened (the day view's actual start and end).
+                changes[f"times.{target}"] = now_ms()
+            # One job at a time: the store keeps at most one order per
+            # technician with `job_of` set (a unique partial index).
+            changes["job_of"] = order.get("technician_id") if target in UNDER_WAY else None
             return changes, ev_type, data
 
         return await self._apply(actor, order_id, decide)
@@ -203,6 +226,26 @@ class OrderService:
 
         return await self._apply(actor, order_id, decide)
 
+    async def note_when(
+        self, actor: Actor, order_id: str,
+        decide: Callable[[Order], tuple[str, dict[str, Any], dict[str, Any]] | None],
+    ) -> tuple[Order, Event] | None:
+        """An event decided on the order as it is now (`decide` returns the
+        event's type, the changes and its data, or None for nothing to
+        record), committed only if the order did not move meanwhile."""
+
+        def decided(order: Order) -> tuple[dict[str, Any], str, dict[str, Any]]:
+            out = decide(order)
+            if out is None:
+                raise NoChange
+            ev_type, changes, data = out
+            return dict(changes), ev_type, data
+
+        try:
+            return await self._apply(actor, order_id, decided)
+        except NoChange:
+            return None
+
     async def _apply(
         self,
         actor: Actor,
@@ -224,6 +267,12 @@ class OrderService:
                     updated = await self._store.commit(order_id, order["seq"], changes, event)
                 except StaleWrite:
                     continue
+                except JobInProgress as exc:
+                    raise Conflict(
+                        f"technician {exc.technician_id!r} is on another job "
+                        f"({exc.order_id}, {exc.state}): one job at a time",
+                        {"reason": "job_in_progress", "order_id": exc.order_id,
+                         "state": exc.state}) from None
                 await self._notify(updated, event)
                 return updated, event
         raise Unavailable("the order is changing too fast; retry")

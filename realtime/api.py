@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 from aiohttp import web, web_response
-from pydantic import BaseModel, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from chat.model import conversation_view, message_view
 from kernel.clock import now_ms
@@ -147,6 +147,19 @@ async def parse(request: web.Request, model: type[BaseModel]) -> Any:
         raise WireError("invalid", "body must be a JSON object",
                         [{"field": "(payload)", "error": "must be an object"}])
     return model.model_validate(raw)
+
+
+class QueryIn(BaseModel):
+    """A query string's parameters: an unknown one refused, numbers read from
+    their text (a query has no types), each then checked like a body's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse_query(request: web.Request, model: type[QueryIn]) -> Any:
+    if any(len(request.query.getall(k)) > 1 for k in request.query):
+        raise WireError("invalid", "a query parameter is given more than once")
+    return model.model_validate(dict(request.query))
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -371,7 +384,7 @@ class DispatchIn(Inbound):
 
 async def start_dispatch(request: web.Request) -> web.Response:
     p = principal(request)
-    require_role(p, "service", "admin")
+    require_role(p, "service", "admin", "agent")
     body = await parse(request, DispatchIn) if request.body_exists else DispatchIn()
     doc = await request.app[SERVICES].dispatch.start(
         actor_of(p), request.match_info["order_id"], strategy=body.strategy,

@@ -24,6 +24,7 @@ from realtime.api import (
 )
 from realtime.auth import TokenVerifier
 from realtime.context import Context, Edge
+from realtime.day_api import setup_day_routes
 from realtime.engine import build_engine
 from realtime.errors import ok
 from realtime.feeds import build_feeds
@@ -116,6 +117,7 @@ def create_app(settings: Settings) -> web.Application:
     app.on_response_prepare.append(server_header)
     app.cleanup_ctx.append(metrics_listener)
     sio.attach(app)
+    setup_day_routes(app)  # before the order routes (/api/orders/late)
     setup_routes(app)
     setup_scheduling_routes(app)
     setup_pages(app, settings)

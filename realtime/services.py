@@ -113,6 +113,7 @@ class Services:
         if isinstance(self.trails, TrailWriter):
             self.trails.start()
         self.scheduling.start()
+        self.tracking.start()
 
     async def stop(self) -> None:
         """In the order that loses nothing: rounds and timers first, then the
@@ -144,6 +145,8 @@ def build_services(settings: Settings, engine: Engine, metrics: Metrics, feeds: 
     async def order_changed(order: Order, event: Event) -> None:
         await feeds.orders.publish(order, event)
         await feeds.tracking.order_changed(order, event)
+        if order.get("technician_id") or event["data"].get("previous_technician_id"):
+            await feeds.ops.job_changed(order, event)
         touched = schedule_touched(order, event)
         if touched:
             await feeds.booking.changed(touched)
@@ -160,12 +163,14 @@ def build_services(settings: Settings, engine: Engine, metrics: Metrics, feeds: 
     tracking = TrackingService(
         positions=engine.positions,
         orders=orders,
-        active_orders=order_store,
+        jobs=order_store,
         trails=trails,
         limiter=engine.limiter,
         position_out=feeds.tracking.position_out,
         count=metrics.point_counter(),
         config=tracking_config(settings),
+        eta_out=feeds.tracking.eta_out,
+        online=engine.tech_presence.online,
     )
     router = Router(chat_store, directory=engine.directory, presence=engine.agent_presence,
                     conversation_changed=feeds.chat.conversation_changed,
@@ -193,7 +198,7 @@ def build_services(settings: Settings, engine: Engine, metrics: Metrics, feeds: 
                               count=settings.dispatch_count,
                               timeout_s=settings.dispatch_timeout_s,
                               stale_after_s=settings.stale_position_s),
-        schedule_check=scheduling.conflicts)
+        schedule_check=scheduling.conflicts, eta=eta)
 
     async def dispatch_answered(data: dict[str, Any]) -> None:
         dispatch.wake(str(data.get("dispatch_id")))
@@ -222,6 +227,8 @@ def tracking_config(settings: Settings) -> TrackingConfig:
         eta=EtaConfig(road_factor=settings.road_factor,
                       default_speed_mps=settings.default_speed_kmh / 3.6),
         arrival_radius_m=settings.arrival_radius_m,
+        late_grace_min=settings.late_grace_min,
+        project_interval_s=settings.project_interval_s,
     )
 
 

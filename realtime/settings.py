@@ -106,6 +106,11 @@ class Settings(BaseSettings):
     arrival_radius_m: float = Field(default=100.0, gt=0)
     road_factor: float = Field(default=1.35, ge=1.0, le=3.0)
     default_speed_kmh: float = Field(default=25.0, gt=0)
+    # Lateness (docs/scheduling.md): an order is flagged `late_risk` when its
+    # projected arrival passes its window's start by more than this many
+    # minutes; every technician's day is projected this often.
+    late_grace_min: int = Field(default=10, ge=1, le=240)
+    project_interval_s: float = Field(default=5.0, ge=0.05, le=300)
     # Garbage collection (realtime/gcpolicy.py): survivors frozen every
     # gc_freeze_s, one full collection every gc_full_s.
     gc_freeze_s: float = Field(default=30.0, ge=1.0)

@@ -20,10 +20,12 @@ from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError
 
 from orders.lifecycle import TECHNICIAN_PHASE
 from orders.model import Event, Order
-from orders.service import OrderExists, StaleWrite
+from orders.service import JobInProgress, OrderExists, StaleWrite
 from storage.gate import GatedStore, StoreGate, transaction_interrupted
 
 Observe = Callable[[str, float], None]
+# Most orders one technician's day or queue holds that a read returns.
+MAX_JOBS = 200
 # An order's committed document and event, its time, and the transaction.
 OnCommit = Callable[[dict[str, Any], Event, int, AsyncClientSession], Awaitable[None]]
 # This node's turn on some keys (technician ids), held around a commit.
@@ -87,6 +89,17 @@ INDEXES: dict[str, list[IndexModel]] = {
     "orders": [
         IndexModel([("customer_id", ASCENDING), ("updated_ts", ASCENDING)]),
         IndexModel([("technician_id", ASCENDING), ("state", ASCENDING), ("updated_ts", DESCENDING)]),
+        # One job under way per technician (orders/service.py sets `job_of`
+        # to the technician while en route, arrived or in service).
+        IndexModel([("job_of", ASCENDING)], unique=True, name="one_job_per_technician",
+                   partialFilterExpression={"job_of": {"$type": "string"}}),
+        # A technician's day (GET /api/technicians/{id}/day).
+        IndexModel([("technician_id", ASCENDING), ("window.start_ts", ASCENDING)]),
+        # Orders whose window began without an arrival (the overdue sweep).
+        IndexModel([("state", ASCENDING), ("window.start_ts", ASCENDING)]),
+        # The orders at risk of a late arrival (GET /api/orders/late).
+        IndexModel([("late.minutes_late", DESCENDING)], name="late_orders",
+                   partialFilterExpression={"late": {"$type": "object"}}),
     ],
     "order_events": [
         # The gap-free, duplicate-free per-order sequence.
@@ -105,6 +118,7 @@ def order_out(doc: dict[str, Any]) -> Order:
     by OrderService is read back as such)."""
     doc = dict(doc)
     doc["order_id"] = doc.pop("_id")
+    doc.pop("job_of", None)  # the store's own bookkeeping (one job at a time)
     return cast(Order, doc)
 
 
@@ -175,7 +189,12 @@ class MongoOrderStore(GatedStore):
         try:
             async with turn:
                 doc = await run_txn(self._client, txn)
-        except DuplicateKeyError:
+        except DuplicateKeyError as exc:
+            tech = changes.get("job_of")
+            if tech and "job_of" in ((exc.details or {}).get("keyPattern") or {}):
+                other = await self._orders.find_one({"job_of": tech}, {"state": 1})
+                raise JobInProgress(str(tech), other["_id"] if other else None,
+                                    other["state"] if other else None) from None
             # Another node stored this seq first: the same as a stale read.
             raise StaleWrite(order_id) from None
         finally:
@@ -194,6 +213,58 @@ class MongoOrderStore(GatedStore):
         )
         self._observe("order_active", time.perf_counter() - t0)
         return order_out(doc) if doc else None
+
+    async def jobs_for_technician(self, technician_id: str) -> list[Order]:
+        """The technician's orders in the technician phase: the one under
+        way, if any, and the queued ones (tracking/day.py orders them)."""
+        return (await self.jobs_among([technician_id])).get(technician_id, [])
+
+    async def jobs_among(self, technician_ids: list[str]) -> dict[str, list[Order]]:
+        if not technician_ids:
+            return {}
+        t0 = time.perf_counter()
+        out: dict[str, list[Order]] = {}
+        cursor = self._orders.find(
+            {"technician_id": {"$in": technician_ids}, "state": {"$in": list(TECHNICIAN_PHASE)}},
+            limit=MAX_JOBS * len(technician_ids))
+        async for doc in cursor:
+            out.setdefault(doc["technician_id"], []).append(order_out(doc))
+        self._observe("order_jobs", time.perf_counter() - t0)
+        return out
+
+    async def day_of(self, technician_id: str, from_ts: int, to_ts: int) -> list[Order]:
+        """The technician's orders whose window starts in [from_ts, to_ts),
+        cancelled ones left out, in window order."""
+        cursor = self._orders.find(
+            {"technician_id": technician_id, "window.start_ts": {"$gte": from_ts, "$lt": to_ts},
+             "state": {"$ne": "cancelled"}},
+            sort=[("window.start_ts", ASCENDING)], limit=MAX_JOBS)
+        return [order_out(doc) async for doc in cursor]
+
+    async def days_of_all(self, from_ts: int, to_ts: int, limit: int) -> list[Order]:
+        """Every technician's orders whose window starts in [from_ts, to_ts)."""
+        cursor = self._orders.find(
+            {"technician_id": {"$type": "string"},
+             "window.start_ts": {"$gte": from_ts, "$lt": to_ts}, "state": {"$ne": "cancelled"}},
+            sort=[("window.start_ts", ASCENDING)], limit=limit)
+        return [order_out(doc) async for doc in cursor]
+
+    async def overdue_orders(self, started_after: int, started_before: int,
+                             limit: int) -> list[Order]:
+        """Orders still ahead of their arrival whose window began between
+        the two times, the longest overdue first."""
+        cursor = self._orders.find(
+            {"state": {"$in": ["assigned", "en_route"]},
+             "window.start_ts": {"$gte": started_after, "$lt": started_before}},
+            sort=[("window.start_ts", ASCENDING)], limit=limit)
+        return [order_out(doc) async for doc in cursor]
+
+    async def late_orders(self, limit: int) -> list[Order]:
+        """Orders flagged `late_risk` whose arrival is still ahead, latest first."""
+        cursor = self._orders.find(
+            {"late": {"$type": "object"}, "state": {"$in": ["assigned", "en_route"]}},
+            sort=[("late.minutes_late", DESCENDING)], limit=limit)
+        return [order_out(doc) async for doc in cursor]
 
     async def busy_among(self, technician_ids: list[str],
                          states: frozenset[str] = TECHNICIAN_PHASE) -> set[str]:

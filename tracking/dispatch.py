@@ -3,11 +3,13 @@
 Candidates come from the latest positions around the address. Every
 technician considered gets a reason in the round's record, so a dispatcher
 can see why someone was or was not offered the job (skill_mismatch,
-out_of_radius, stale_position, busy, schedule_conflict, offline, declined,
-timed_out). An order's window is judged against each technician's schedule
-(docs/scheduling.md): `busy` then means on a job under way right now, and
-`schedule_conflict` (with what it collides with) that the window does not
-fit their day.
+out_of_radius, stale_position, busy, schedule_conflict, offline,
+current_technician, declined, timed_out). An order's window is judged
+against each technician's schedule (docs/scheduling.md): `schedule_conflict`
+(with what it collides with) says the window does not fit their day; `busy`
+(on any job) is left for an order without a window. Eligible technicians are
+offered in the order they could arrive (the rest of the job they are on, then
+the drive), each with that `arrival_ts`.
 
 Strategies: `sequential` offers to one candidate at a time (the next after a
 decline or `timeout_s`); `broadcast` offers to the top `count` at once, and
@@ -33,6 +35,8 @@ from kernel.tasks import BackgroundTasks
 from orders.lifecycle import TECHNICIAN_PHASE
 from orders.model import Order
 from orders.service import OrderService
+from tracking import day
+from tracking.eta import EtaConfig
 from tracking.geo import haversine_m
 from tracking.positions import Position, PositionStore
 
@@ -73,11 +77,12 @@ class Busy(Protocol):
     async def busy_among(self, technician_ids: list[str],
                          states: frozenset[str] = ...) -> set[str]: ...
 
+    async def jobs_among(self, technician_ids: list[str]) -> dict[str, list[Order]]: ...
+
 
 # Which of these technicians' schedules the order's window would collide
 # with: technician id -> what it collides with (scheduling/service.py).
 ScheduleCheck = Callable[[list[str], Order], Awaitable[dict[str, dict[str, Any]]]]
-UNDER_WAY: Final = frozenset({"en_route", "arrived", "in_service"})
 SCHEDULE_REASONS = frozenset({"taken", "travel_from", "travel_to", "outside_hours"})
 SendOffer = Callable[[str, dict[str, Any]], Awaitable[None]]
 Withdraw = Callable[[str, dict[str, Any]], Awaitable[None]]
@@ -108,8 +113,10 @@ class DispatchService:
     def __init__(self, *, orders: OrderService, positions: PositionStore, presence: Online,
                  busy: Busy, store: DispatchStore, send_offer: SendOffer, withdraw: Withdraw,
                  config: DispatchConfig | None = None,
-                 schedule_check: ScheduleCheck | None = None) -> None:
+                 schedule_check: ScheduleCheck | None = None,
+                 eta: EtaConfig | None = None) -> None:
         self.orders = orders
+        self.eta = eta or EtaConfig()
         self.schedule_check = schedule_check
         self.busy = busy
         self.positions = positions
@@ -144,12 +151,14 @@ class DispatchService:
     async def start(self, actor: Actor, order_id: str, *, strategy: str | None = None,
                     radius_m: float | None = None, count: int | None = None,
                     timeout_s: float | None = None) -> dict[str, Any]:
-        if actor.role not in ("service", "admin"):
-            raise Forbidden("dispatch is started by the backend or an admin")
+        if actor.role not in ("service", "admin", "agent"):
+            raise Forbidden("dispatch is started by the backend, an agent or an admin")
         order = await self.orders.get(order_id)
-        if order["state"] != "created":
-            raise Conflict(f"only a `created` order is dispatched (it is {order['state']})",
-                           {"state": order["state"]})
+        if order["state"] not in ("created", "assigned"):
+            raise Conflict(f"only a `created` or `assigned` order is dispatched "
+                           f"(it is {order['state']})", {"state": order["state"]})
+        # Re-dispatch of an assigned order: to someone else than who has it.
+        current_tech = order.get("technician_id") if order["state"] == "assigned" else None
         running = await self.store.running_for(order_id)
         if running is not None:
             rounds = running["count"] if running["strategy"] == "sequential" else 1
@@ -168,12 +177,13 @@ class DispatchService:
         # Look a little past the radius, so "out of radius" is a visible reason.
         found = await self.positions.near(addr["lat"], addr["lng"], radius * 2, MAX_CONSIDERED)
         online = await self.presence.online([p.technician_id for p in found])
-        # With its window judged against each schedule (below), a technician
-        # is `busy` only while on a job (under way); an order assigned for
-        # later is a question of their schedule, not of now.
+        # With its window judged against each schedule (below), no one is
+        # simply `busy`: a technician on a job may still fit the window (it
+        # is a question of their schedule), and is ranked by when they could
+        # arrive, after the rest of that job.
         timed = bool(order.get("window")) and self.schedule_check is not None
-        busy = await self.busy.busy_among([p.technician_id for p in found],
-                                          UNDER_WAY if timed else TECHNICIAN_PHASE)
+        busy = (set() if timed else
+                await self.busy.busy_among([p.technician_id for p in found], TECHNICIAN_PHASE))
         now = now_ms()
         candidates, eligible = [], []
         for p in found:
@@ -181,6 +191,8 @@ class DispatchService:
                                  skills=list(order.get("skills") or []), online=online,
                                  busy=busy, now=now,
                                  stale_after_s=self.cfg.stale_after_s)
+            if p.technician_id == current_tech:
+                reason = "current_technician"
             entry = {"technician_id": p.technician_id, "distance_m": round(dist),
                      "status": "skipped" if reason else "eligible", "reason": reason}
             candidates.append(entry)
@@ -195,10 +207,13 @@ class DispatchService:
                 if why is not None:
                     entry.update(status="skipped", reason="schedule_conflict", conflict=why)
             eligible = [e for e in eligible if e["status"] == "eligible"]
+        if eligible:
+            eligible = await self._by_arrival(eligible, found, addr["lat"], addr["lng"], now)
         for extra in eligible[count:]:
             extra["status"], extra["reason"] = "not_offered", "beyond_count"
         doc = {
             "dispatch_id": "d-" + uuid.uuid4().hex, "order_id": order_id, "strategy": strategy,
+            "from_state": order["state"], "from_technician_id": current_tech,
             "radius_m": radius, "count": count, "timeout_s": timeout, "status": "running",
             "created_ts": now, "finished_ts": None, "assigned_to": None,
             "started_by": actor.as_dict(), "candidates": candidates,
@@ -206,6 +221,22 @@ class DispatchService:
         await self.store.insert(doc)
         self._background.spawn(self._drive(doc, order, eligible[:count]))
         return doc
+
+    async def _by_arrival(self, eligible: list[dict[str, Any]], found: list[Position],
+                          lat: float, lng: float, now: int) -> list[dict[str, Any]]:
+        """Eligible candidates in the order they could arrive: the rest of the
+        job they are on (if any), then the drive (tracking/day.py `reach`);
+        each entry records its `arrival_ts` and `arrival_s`."""
+        ids = [str(e["technician_id"]) for e in eligible]
+        jobs = await self.busy.jobs_among(ids)
+        pos_of = {p.technician_id: p for p in found}
+        for e in eligible:
+            tid = str(e["technician_id"])
+            arrival = day.reach(jobs.get(tid, []), pos_of.get(tid), now, lat, lng, self.eta)
+            e["arrival_ts"] = arrival
+            e["arrival_s"] = None if arrival is None else max(0, round((arrival - now) / 1000))
+        return sorted(eligible, key=lambda e: (e["arrival_ts"] is None, e["arrival_ts"] or 0,
+                                               e["distance_m"]))
 
     def _offer_payload(self, order: Order, dispatch_id: str, expires: int) -> dict[str, Any]:
         return {"order_id": order["order_id"], "dispatch_id": dispatch_id,
@@ -311,11 +342,14 @@ class DispatchService:
         if not await self.store.claim(did, tech.id, now_ms()):
             raise Conflict("the order was taken by another technician")
         try:
-            # Only from `created`: the backend may have assigned or cancelled
-            # the order by hand while the offer was out.
+            # Only from where the round started (`created`, or `assigned` to
+            # the same technician): the backend may have assigned, moved or
+            # cancelled the order by hand while the offer was out.
             order, _ = await self.orders.transition(
                 DISPATCH_ACTOR, order_id, "assigned",
-                {"technician_id": tech.id, "dispatch_id": did}, expect_state="created")
+                {"technician_id": tech.id, "dispatch_id": did},
+                expect_state=round_.get("from_state", "created"),
+                expect_technician=round_.get("from_technician_id"))
         except Conflict as exc:
             # The order moved meanwhile, or the technician's day filled up.
             details = exc.details if isinstance(exc.details, dict) else {}

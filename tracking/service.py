@@ -9,10 +9,11 @@ go to a background writer.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -23,6 +24,7 @@ from kernel.tasks import BackgroundTasks
 from orders.lifecycle import TECHNICIAN_PHASE
 from orders.model import Order
 from orders.service import OrderService, may_know, not_found
+from tracking import day
 from tracking.eta import EtaConfig, EtaEstimator
 from tracking.geo import haversine_m
 from tracking.locations import INVALID_REASONS, FilterConfig, Point, check_point
@@ -34,6 +36,18 @@ log = logging.getLogger(__name__)
 # worker's location only while it serves this customer).
 VISIBLE: Final = frozenset({"assigned", "en_route", "arrived"})
 GEOFENCE_ACTOR: Final = Actor("geofence", "system")
+LATENESS_ACTOR: Final = Actor("lateness", "system")
+# Every this many projection rounds (30 s by default) each node looks for
+# orders whose technician is connected nowhere; at most this many per look.
+OVERDUE_EVERY: Final = 6
+OVERDUE_LIMIT: Final = 500
+# Technicians projected between two yields to the loop.
+PROJECT_SLICE: Final = 200
+# A queued job's ETA is pushed to its watchers when it moved by more than this.
+ETA_PUSH_STEP_S: Final = 60
+# The fields of an order a technician's day needs (what the node bus carries).
+JOB_FIELDS: Final = ("order_id", "state", "customer_id", "technician_id", "address", "window",
+                     "times", "late")
 # How long a cached "which order is this technician on" is trusted before a
 # background refresh. Order changes on every node update it at once (the
 # node bus); the refresh only repairs what an outage of the bus lost.
@@ -48,6 +62,11 @@ class TrackingConfig:
     # Consecutive accepted fixes inside the radius before `arrived` fires:
     # one fix can be a GPS jump, two in a row is the technician at the door.
     arrival_fixes: int = 2
+    # Lateness (tracking/day.py): warn past the window's start by more than
+    # this; the projection of every connected technician's day is redone
+    # this often.
+    late_grace_min: int = 10
+    project_interval_s: float = 5.0
 
 
 class RateLimiter(Protocol):
@@ -59,8 +78,19 @@ class TrailSink(Protocol):
     def add(self, technician_id: str, order_id: str | None, points: list[Point]) -> None: ...
 
 
-class ActiveOrders(Protocol):
-    async def active_for_technician(self, technician_id: str) -> Order | None: ...
+class TechnicianJobs(Protocol):
+    async def jobs_for_technician(self, technician_id: str) -> list[Order]: ...
+
+    async def overdue_orders(self, started_after: int, started_before: int,
+                             limit: int) -> list[Order]:
+        """`assigned` / `en_route` orders whose window began between the two."""
+
+
+Online = Callable[[list[str]], Awaitable[set[str]]]
+
+
+# The `eta` push of a queued job, to its watchers on every node.
+EtaOut = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 
 @dataclass
@@ -80,6 +110,9 @@ class _ActiveOrder:
 @dataclass
 class _TechState:
     eta: EtaEstimator
+    # The technician's orders in the technician phase (order id -> its
+    # JOB_FIELDS), and the one their positions belong to (tracking/day.py).
+    jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
     active: _ActiveOrder | None = None
     active_at: float = 0.0  # monotonic time of the last authoritative read
     refreshing: bool = False
@@ -92,6 +125,31 @@ class _TechState:
     # first point is filtered against), once `primed`.
     known: Point | None = None
     primed: bool = False
+    last_pos: Position | None = None  # the latest position this node stored
+    eta_pushed: dict[str, int] = field(default_factory=dict)  # queued job -> eta_s pushed
+    judging: set[str] = field(default_factory=set)  # orders whose lateness is being written
+
+    def set_jobs(self, jobs: dict[str, dict[str, Any]]) -> None:
+        self.jobs = jobs
+        self.active = self._tracked()
+
+    def put_job(self, order: Mapping[str, Any]) -> None:
+        oid = str(order["order_id"])
+        if order["state"] in TECHNICIAN_PHASE:
+            self.jobs[oid] = {k: order.get(k) for k in JOB_FIELDS}
+        else:
+            self.jobs.pop(oid, None)
+            self.eta_pushed.pop(oid, None)
+        self.active = self._tracked()
+
+    def drop_job(self, order_id: str) -> None:
+        if self.jobs.pop(order_id, None) is not None:
+            self.eta_pushed.pop(order_id, None)
+            self.active = self._tracked()
+
+    def _tracked(self) -> _ActiveOrder | None:
+        job = day.tracked(self.jobs.values())
+        return _ActiveOrder.of(job) if job is not None else None  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,16 +182,22 @@ class TrackingService:
         *,
         positions: PositionStore,
         orders: OrderService,
-        active_orders: ActiveOrders,
+        jobs: TechnicianJobs,
         trails: TrailSink,
         limiter: RateLimiter,
         position_out: PositionOut,
         count: Counter,
         config: TrackingConfig | None = None,
+        eta_out: EtaOut | None = None,
+        online: Online | None = None,
     ) -> None:
         self.positions = positions
         self.orders = orders
-        self._active_orders = active_orders
+        self._jobs = jobs
+        self._eta_out = eta_out
+        self._online = online
+        self._projector: asyncio.Task[None] | None = None
+        self._closed = False
         self._trails = trails
         self._limiter = limiter
         self._position_out = position_out
@@ -172,8 +236,8 @@ class TrackingService:
         st = self._tech(technician_id)
         st.refreshing = True
         try:
-            order = await self._active_orders.active_for_technician(technician_id)
-            st.active = _ActiveOrder.of(order) if order else None
+            jobs = await self._jobs.jobs_for_technician(technician_id)
+            st.set_jobs({o["order_id"]: {k: o.get(k) for k in JOB_FIELDS} for o in jobs})
             st.active_at = time.monotonic()
         finally:
             st.refreshing = False
@@ -195,19 +259,10 @@ class TrackingService:
         """Keep the active-order cache exact for changes made on this node."""
         tech = order.get("technician_id")
         if tech and tech in self._techs:
-            st = self._techs[tech]
-            if order["state"] in TECHNICIAN_PHASE:
-                st.active = _ActiveOrder.of(order)
-                st.active_at = time.monotonic()
-            elif st.active and st.active.order_id == order["order_id"]:
-                st.active = None
-                st.active_at = time.monotonic()
+            self._techs[tech].put_job(order)
         prev = event.get("data", {}).get("previous_technician_id")
-        if prev and prev in self._techs:
-            st = self._techs[prev]
-            if st.active and st.active.order_id == order["order_id"]:
-                st.active = None
-                st.active_at = time.monotonic()
+        if prev and prev != tech and prev in self._techs:
+            self._techs[prev].drop_job(str(order["order_id"]))
 
     # -- ingest ----------------------------------------------------------
     async def ingest(self, tech: Actor, name: str | None, items: list[Point | PointResult],
@@ -307,6 +362,7 @@ class TrackingService:
         # Latest wins: a newer fix may have come meanwhile (another connection or node).
         if not self.positions.put(pos):
             return
+        st.last_pos = pos
         visible = active is not None and active.state in VISIBLE
         self._position_out(pos, self.position_payload(pos) if visible else None)
         if active is not None and active.state == "en_route":
@@ -357,12 +413,28 @@ class TrackingService:
         tech_id = order["technician_id"]
         assert tech_id is not None  # checked above
         pos = await self.positions.get(tech_id)
+        jobs = await self.jobs_of(tech_id)
+        if order_id not in jobs:  # the cache lags the order just read: trust the read
+            jobs[order_id] = {k: order.get(k) for k in JOB_FIELDS}
         view: dict[str, Any] = {
             "order_id": order_id,
             "state": order["state"],
             "technician": {"id": tech_id, "name": pos.name if pos else None},
             "position": None, "eta_s": None, "distance_m": None,
         }
+        tracked = day.tracked(jobs.values())
+        if tracked is None or tracked["order_id"] != order_id:
+            # A queued job: where the technician is now belongs to another
+            # customer's job. Only when they will get here (docs/tracking.md).
+            proj = day.project(jobs.values(), pos, now_ms(), self.cfg.eta).get(order_id)
+            view["technician_status"] = "on_another_job"
+            view["eta_basis"] = proj.basis if proj else "no_position"
+            view["eta_s"] = proj.eta_s(now_ms()) if proj else None
+            return view
+        view["technician_status"] = "on_this_job"
+        view["eta_basis"] = ("no_position" if pos is None else
+                             "live" if order["state"] == "en_route" else
+                             "arrived" if order["state"] == "arrived" else "idle")
         if pos is not None:
             addr = order["address"]
             dist = haversine_m(pos.lat, pos.lng, addr["lat"], addr["lng"])
@@ -377,7 +449,121 @@ class TrackingService:
             view["eta_s"], view["distance_m"] = eta, round(dist)
         return view
 
+    async def jobs_of(self, technician_id: str) -> dict[str, dict[str, Any]]:
+        """The technician's jobs: this node's copy when it holds the
+        technician (kept exact by order events), else the store's."""
+        st = self._techs.get(technician_id)
+        if st is not None and st.active_at and not st.must_refresh:
+            return dict(st.jobs)
+        orders = await self._jobs.jobs_for_technician(technician_id)
+        return {o["order_id"]: {k: o.get(k) for k in JOB_FIELDS} for o in orders}
+
+    # -- the day's projection ------------------------------------------------
+    def start(self) -> None:
+        """Project the day of every technician this node holds, every
+        `project_interval_s`: queued jobs' ETAs to their watchers, lateness
+        to the orders (tracking/day.py)."""
+        self._projector = asyncio.get_running_loop().create_task(self._project_loop())
+
+    async def _project_loop(self) -> None:
+        rounds = 0
+        while not self._closed:
+            await asyncio.sleep(self.cfg.project_interval_s)
+            rounds += 1
+            try:
+                await self.project_all()
+                if rounds % OVERDUE_EVERY == 0:
+                    await self.sweep_overdue()
+            except Exception as exc:  # one failed round must not end the loop
+                log.warning("projection failed: %s", type(exc).__name__)
+
+    async def sweep_overdue(self) -> None:
+        """Orders whose window has begun without their technician, who is
+        connected nowhere (no node projects them): `overdue`, judged like
+        any projection. Every node sweeps; the order's compare-and-set lets
+        one of them record each step."""
+        if self._online is None:
+            return
+        now = now_ms()
+        grace_ms = self.cfg.late_grace_min * 60_000
+        found = await self._jobs.overdue_orders(now - day.LATE_HORIZON_MIN * 60_000,
+                                                now - grace_ms, OVERDUE_LIMIT)
+        techs = list({str(o["technician_id"]) for o in found if o.get("technician_id")})
+        online = await self._online(techs) if techs else set()
+        for order in found:
+            tech = order.get("technician_id")
+            proj = day.overdue(order, now)
+            if not tech or tech in online or proj is None:
+                continue
+            if day.judge(proj, order, self.cfg.late_grace_min) is None:
+                continue
+            st = self._tech(str(tech)) if tech in self._techs else None
+            await self._record_lateness(st, order["order_id"], proj)
+
+    async def project_all(self) -> None:
+        now = now_ms()
+        for n, (tech_id, st) in enumerate(list(self._techs.items())):
+            if n % PROJECT_SLICE == PROJECT_SLICE - 1:
+                await asyncio.sleep(0)  # a large fleet: let the GPS path in between
+            if not st.jobs or self._closed:
+                continue
+            pos = st.last_pos
+            if pos is None and st.primed:
+                pos = await self.positions.get(tech_id)
+            projections = day.project(st.jobs.values(), pos, now, self.cfg.eta)
+            tracked = st.active.order_id if st.active else None
+            for oid, proj in projections.items():
+                job = st.jobs.get(oid)
+                if job is None:
+                    continue
+                if oid != tracked:
+                    await self._push_eta(st, oid, proj, now)
+                verdict = day.judge(proj, job, self.cfg.late_grace_min)
+                if verdict is not None and oid not in st.judging:
+                    st.judging.add(oid)
+                    self._background.spawn(self._record_lateness(st, oid, proj))
+
+    async def _push_eta(self, st: _TechState, order_id: str, proj: day.Projection,
+                        now: int) -> None:
+        eta = proj.eta_s(now)
+        if eta is None or self._eta_out is None:
+            return
+        pushed = st.eta_pushed.get(order_id)
+        if pushed is not None and abs(eta - pushed) <= ETA_PUSH_STEP_S:
+            return
+        st.eta_pushed[order_id] = eta
+        await self._eta_out(order_id, {"order_id": order_id, "eta_s": eta, "basis": proj.basis})
+
+    async def _record_lateness(self, st: _TechState | None, order_id: str,
+                               proj: day.Projection) -> None:
+        grace = self.cfg.late_grace_min
+
+        def decide(order: Order) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
+            # Decided again on the stored order: another node, or this one a
+            # moment ago, may have recorded it already.
+            verdict = day.judge(proj, order, grace)
+            if verdict is None:
+                return None
+            data = {"projected_arrival_ts": proj.arrival_ts, "minutes_late": verdict.minutes_late,
+                    "basis": proj.basis}
+            late = ({**data, "step": verdict.step, "ts": now_ms()}
+                    if verdict.event == "late_risk" else None)
+            return verdict.event, {"late": late}, data
+
+        try:
+            await self.orders.note_when(LATENESS_ACTOR, order_id, decide)
+        except Exception as exc:  # the next round decides again
+            log.warning("lateness of %s not recorded: %s", order_id, type(exc).__name__)
+        finally:
+            if st is not None:
+                st.judging.discard(order_id)
+
     async def close(self) -> None:
+        self._closed = True
+        if self._projector is not None:
+            self._projector.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._projector
         await self._background.close()
 
     async def settled(self) -> None:

@@ -19,7 +19,7 @@ from realtime.interest import Interest
 from realtime.transport.rooms import LocalRooms
 from tracking.geo import CoordSys, from_wgs84
 from tracking.positions import Position
-from tracking.service import VISIBLE
+from tracking.service import JOB_FIELDS, VISIBLE
 
 log = logging.getLogger(__name__)
 
@@ -175,14 +175,19 @@ class TrackingFeed:
         # Every node's cache of "which order is this technician on" (nothing
         # on the GPS path reads MongoDB for it).
         await self.bus.publish("order_changed", {
-            "order": {k: order.get(k) for k in (
-                "order_id", "state", "customer_id", "technician_id", "address")},
+            "order": {k: order.get(k) for k in JOB_FIELDS},
             "event": {"type": event["type"], "data": {
                 "previous_technician_id": event["data"].get("previous_technician_id")}},
         })
         if order["state"] not in VISIBLE:
             for cs in COORD_SYSTEMS:
                 await self.sio.close_room(rooms.watch_room(order["order_id"], cs), namespace=NS)
+
+    async def eta_out(self, order_id: str, payload: dict[str, Any]) -> None:
+        """A queued job's new ETA, to its watchers on every node (rare: a
+        change of more than a minute; no position in it)."""
+        for cs in COORD_SYSTEMS:
+            await self.sio.emit("eta", payload, room=rooms.watch_room(order_id, cs), namespace=NS)
 
     # -- area views ---------------------------------------------------------
     async def add_area(self, sid: str, box: Box) -> None:

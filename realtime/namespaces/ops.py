@@ -1,13 +1,21 @@
-"""/ops: agents' and admins' live view of who is online (technicians and agents)."""
+"""/ops: agents' and admins' live view of who is online (technicians and
+agents), and of the technicians' days (one row each, jobs as bars)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from datetime import date
+from typing import TYPE_CHECKING, Annotated, Any
 
+from pydantic import StringConstraints, field_validator
+
+from kernel.clock import now_ms
 from realtime import rooms
 from realtime.auth import Principal
+from realtime.feeds.ops import job_out
 from realtime.namespaces.base import BaseNamespace, handles
 from realtime.namespaces.models import Inbound
+from scheduling.calendar import DEFAULT_TZ
+from tracking import day
 
 if TYPE_CHECKING:
     from realtime.context import Context
@@ -15,8 +23,23 @@ if TYPE_CHECKING:
 NAMESPACE = rooms.OPS
 
 
+# Most jobs one `day` reply carries (a city's day; the page shows rows, not all).
+MAX_DAY_JOBS = 5000
+
+
 class Empty(Inbound):
     pass
+
+
+class DayIn(Inbound):
+    date: Annotated[str, StringConstraints(pattern=r"^\d{4}-\d{2}-\d{2}$")] | None = None
+
+    @field_validator("date")
+    @classmethod
+    def _a_date(cls, v: str | None) -> str | None:
+        if v is not None:
+            date.fromisoformat(v)
+        return v
 
 
 class OpsNamespace(BaseNamespace):
@@ -41,3 +64,18 @@ class OpsNamespace(BaseNamespace):
                        "available": len(await engine.agent_presence.online(available))},
             "node": engine.node_id, "engine": engine.name,
         }
+
+    @handles("day", DayIn)
+    async def day(self, p: Principal, sid: str, body: DayIn) -> dict[str, Any]:
+        """Every technician's jobs of a day (in the service's timezone), one
+        row per technician; `job` pushes keep it live."""
+        on, from_ts, to_ts = day.day_range(
+            date.fromisoformat(body.date) if body.date else None, DEFAULT_TZ, now_ms())
+        orders = await self.ctx.services.order_store.days_of_all(from_ts, to_ts, MAX_DAY_JOBS)
+        rows: dict[str, list[dict[str, Any]]] = {}
+        for o in orders:
+            rows.setdefault(str(o["technician_id"]), []).append(job_out(o))
+        return {"date": on.isoformat(), "timezone": DEFAULT_TZ, "from_ts": from_ts,
+                "to_ts": to_ts, "truncated": len(orders) >= MAX_DAY_JOBS,
+                "technicians": [{"technician_id": t, "jobs": jobs}
+                                for t, jobs in sorted(rows.items())]}

@@ -293,8 +293,9 @@ async def test_broadcast_first_accept_wins_and_the_round_explains_everyone(
     out = await technician(live, 1500)  # radius 1000: considered (within 2x), not eligible
     stale = await technician(live, 120, age_s=2 * STALE_S)
     busy = await technician(live, 130)
-    # On a job under way (an order merely assigned for another time is the
-    # schedule's question, docs/dispatch.md).
+    # On a job under way: with a window, not simply `busy` (the schedule
+    # decides, docs/dispatch.md); eligible, and ranked by when they could
+    # arrive, after that job: here last.
     job = (await live.create_order())["order_id"]
     await live.assign(job, busy.id)
     status, reply = await live.post_event(job, "en_route")
@@ -350,7 +351,7 @@ async def test_broadcast_first_accept_wins_and_the_round_explains_everyone(
         mismatch.id: ("skipped", "skill_mismatch"),
         out.id: ("skipped", "out_of_radius"),
         stale.id: ("skipped", "stale_position"),
-        busy.id: ("skipped", "busy"),
+        busy.id: ("not_offered", "beyond_count"),
         offline.id: ("skipped", "offline"),
     }
     for tid, (outcome, reason) in expect.items():
@@ -576,7 +577,7 @@ async def test_dispatch_refused(live: Live, caplog: pytest.LogCaptureFixture) ->
         status, reply = await start_dispatch(live, oid, body)
         assert status == 400, (name, status, reply)
         assert_error(reply, "invalid", {field})
-    for role in ("customer", "agent", "technician"):
+    for role in ("customer", "technician"):  # agents may (a re-dispatch, docs/dispatch.md)
         status, reply = await start_dispatch(live, oid, {}, role)
         assert status == 403, (role, reply)
         assert_error(reply, "forbidden")
@@ -585,14 +586,13 @@ async def test_dispatch_refused(live: Live, caplog: pytest.LogCaptureFixture) ->
     assert_error(reply, "not_found")
     assert await rounds(live, oid) == [], "a refused request started a round"
 
-    # Only a `created` order is dispatched.
-    for state in ("assigned", "cancelled"):
+    # Only a `created` or `assigned` order (a re-dispatch) is dispatched.
+    for state in ("en_route", "cancelled"):
         other = (await live.create_order())["order_id"]
-        if state == "assigned":
+        if state == "en_route":
             await live.assign(other, uid("t-"))
-        else:
-            status, reply = await live.post_event(other, "cancelled")
-            assert status == 200, reply
+        status, reply = await live.post_event(other, state)
+        assert status == 200, reply
         status, reply = await start_dispatch(live, other, {})
         assert status == 409, (state, reply)
         assert_error(reply, "conflict")

@@ -289,7 +289,7 @@ async def test_who_may_start_and_answer_and_when(env: Env) -> None:
     svc = env.service(strategy="broadcast", timeout_s=30)
     tech = await env.technician(100)
     oid = (await env.order())["order_id"]
-    for role in ("customer", "technician", "agent"):
+    for role in ("customer", "technician"):
         with pytest.raises(Forbidden):
             await svc.start(Actor(uid(), role), oid)
     doc = await svc.start(Actor("adm", "admin"), oid)
@@ -304,9 +304,10 @@ async def test_who_may_start_and_answer_and_when(env: Env) -> None:
         with pytest.raises(Conflict) as refused:
             await svc.answer(Actor(who, "technician"), order_id, True)
         assert refused.value.message == NO_OFFER
-    assigned = await env.order()
-    await env.orders.transition(BACKEND, assigned["order_id"], "assigned",
+    going = await env.order()
+    await env.orders.transition(BACKEND, going["order_id"], "assigned",
                                 {"technician_id": uid("t-")})
+    await env.orders.transition(BACKEND, going["order_id"], "en_route")
     with pytest.raises(Conflict) as not_created:
-        await svc.start(BACKEND, assigned["order_id"])
-    assert not_created.value.details == {"state": "assigned"}
+        await svc.start(BACKEND, going["order_id"])
+    assert not_created.value.details == {"state": "en_route"}

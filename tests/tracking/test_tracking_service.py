@@ -70,7 +70,7 @@ class Env:
         self.counted: list[str] = []
         self.orders = OrderService(self.store, self._order_changed, busy_wait_s=BOUND_S)
         self.tracking = TrackingService(
-            positions=self.positions, orders=self.orders, active_orders=self.store,
+            positions=self.positions, orders=self.orders, jobs=self.store,
             trails=self.trails,
             limiter=limiter, position_out=lambda pos, payload: self.out.append((pos, payload)),
             count=self.counted.append, config=CFG)
@@ -333,7 +333,8 @@ async def test_the_customer_watches_the_technician_with_eta(env: Env) -> None:
     view = await env.tracking.watch(env.customer, oid)
     assert view == {"order_id": oid, "state": "en_route",
                     "technician": {"id": env.tech.id, "name": None},
-                    "position": None, "eta_s": None, "distance_m": None}
+                    "position": None, "eta_s": None, "distance_m": None,
+                    "technician_status": "on_this_job", "eta_basis": "no_position"}
     await env.tracking.technician_connected(env.tech.id)
     p = fix(1200, env.ts(0), speed=7.5, heading=180.0)
     await env.send(p)
