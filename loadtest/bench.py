@@ -43,8 +43,8 @@ def token(sub: str, role: str, **extra: Any) -> str:
 
 
 async def setup_orders(target: Target, techs: int, run: str) -> list[tuple[str, str, str]]:
-    """(technician, customer, order) triples; ours needs the orders to exist and
-    be assigned (the relay follows the technician's active order)."""
+    """(technician, customer, order) triples; ours needs the orders to exist,
+    assigned and en route (the relay follows the technician's current job)."""
     triples = [(f"t{run}-{i}", f"c{run}-{i}", f"o{run}-{i}") for i in range(techs)]
     if target.kind != "ours":
         return triples
@@ -60,6 +60,10 @@ async def setup_orders(target: Target, techs: int, run: str) -> list[tuple[str, 
                 async with s.post(f"{url}/api/orders", json=body) as r:
                     await r.read()
                 async with s.post(f"{url}/api/orders/{o}/assign", json={"technician_id": t}) as r:
+                    await r.read()
+                # On the way: positions reach an order's watchers from then on
+                # (docs/tracking.md); older servers accept the same step.
+                async with s.post(f"{url}/api/orders/{o}/events", json={"state": "en_route"}) as r:
                     await r.read()
         await asyncio.gather(*(one(*x) for x in triples))
     return triples

@@ -161,12 +161,15 @@ async def http(stack: Stack, method: str, path: str, body: Any) -> Any:
         return await r.json()
 
 
-async def assigned_order(stack: Stack, order_id: str, customer_id: str, technician_id: str) -> None:
+async def assigned_order(stack: Stack, order_id: str, customer_id: str, technician_id: str,
+                         set_off: bool = False) -> None:
     await http(stack, "POST", "/api/orders", {
         "order_id": order_id, "customer_id": customer_id, "service": {"code": "x", "name": "x"},
         "address": {"lat": 31.23, "lng": 121.47, "text": "x"},
         "window": {"start_ts": 0, "end_ts": 1}})
     await http(stack, "POST", f"/api/orders/{order_id}/assign", {"technician_id": technician_id})
+    if set_off:  # positions reach the order's watchers once it is en route
+        await http(stack, "POST", f"/api/orders/{order_id}/events", {"state": "en_route"})
 
 
 async def run_tracking(stack: Stack, techs: int, rate: float, duration: float) -> dict[str, Any]:
@@ -177,7 +180,7 @@ async def run_tracking(stack: Stack, techs: int, rate: float, duration: float) -
     tech_clients, watchers = [], []
     for i in range(techs):
         oid, cid, tid = f"q{run}-{i}", f"qc{run}-{i}", f"qt{run}-{i}"
-        await assigned_order(stack, oid, cid, tid)
+        await assigned_order(stack, oid, cid, tid, set_off=True)
         t = await client(stack, "/tracking", "technician", tid)
         w = await client(stack, "/tracking", "customer", cid)
 

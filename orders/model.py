@@ -50,6 +50,8 @@ class Order(TypedDict):
     rating: Rating | None
     completed_ts: NotRequired[int]
     hold_id: NotRequired[str]  # booked from this hold (docs/scheduling.md)
+    times: NotRequired[dict[str, int]]  # when it reached each state
+    late: NotRequired[dict[str, Any] | None]  # set by late_risk, cleared by on_time_again
 
 
 class Event(TypedDict):

@@ -190,6 +190,8 @@ class OrderService:
                         raise Conflict(f"order is already assigned to {tech!r}")
                     ev_type = "reassigned"
                     data["previous_technician_id"] = order.get("technician_id")
+                    # The new technician's day decides anew whether it is late.
+                    changes["late"] = None
                 changes["technician_id"] = tech
             if target == "completed":
                 changes["completed_ts"] = now_ms()

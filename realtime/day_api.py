@@ -36,7 +36,7 @@ class DayQuery(QueryIn):
     @classmethod
     def _a_date(cls, v: str | None) -> str | None:
         if v is not None:
-            date.fromisoformat(v)  # ValueError: "not a date" with the field
+            day.check_date(v)  # ValueError: "not a date" with the field
         return v
 
 

@@ -115,6 +115,12 @@ class Interest:
         if data.get("node") != self.node:
             self.announce()
 
+    def wants_order(self, order_id: str) -> bool:
+        """Whether another node has watchers of this order (not counting
+        area views)."""
+        now = self._clock()
+        return any(expires > now for expires in (self._remote.get(order_id) or {}).values())
+
     def targets(self, order_id: str | None) -> list[str]:
         """The other nodes that want a position of this order's technician (or,
         without an order, an area view's)."""

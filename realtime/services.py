@@ -171,6 +171,7 @@ def build_services(settings: Settings, engine: Engine, metrics: Metrics, feeds: 
         config=tracking_config(settings),
         eta_out=feeds.tracking.eta_out,
         online=engine.tech_presence.online,
+        watched=feeds.tracking.watched,
     )
     router = Router(chat_store, directory=engine.directory, presence=engine.agent_presence,
                     conversation_changed=feeds.chat.conversation_changed,

@@ -26,6 +26,9 @@ from storage.gate import GatedStore, StoreGate, transaction_interrupted
 Observe = Callable[[str, float], None]
 # Most orders one technician's day or queue holds that a read returns.
 MAX_JOBS = 200
+# What a technician's day needs of each order (tracking/service.py JOB_FIELDS).
+JOB_PROJECTION = {k: 1 for k in ("seq", "state", "customer_id", "technician_id", "address",
+                                  "window", "times", "late")}
 # An order's committed document and event, its time, and the transaction.
 OnCommit = Callable[[dict[str, Any], Event, int, AsyncClientSession], Awaitable[None]]
 # This node's turn on some keys (technician ids), held around a commit.
@@ -193,8 +196,9 @@ class MongoOrderStore(GatedStore):
             tech = changes.get("job_of")
             if tech and "job_of" in ((exc.details or {}).get("keyPattern") or {}):
                 other = await self._orders.find_one({"job_of": tech}, {"state": 1})
-                raise JobInProgress(str(tech), other["_id"] if other else None,
-                                    other["state"] if other else None) from None
+                if other is not None and other["_id"] != order_id:
+                    raise JobInProgress(str(tech), other["_id"], other["state"]) from None
+                # That job ended meanwhile: decide again on a fresh read.
             # Another node stored this seq first: the same as a stale read.
             raise StaleWrite(order_id) from None
         finally:
@@ -223,14 +227,19 @@ class MongoOrderStore(GatedStore):
         if not technician_ids:
             return {}
         t0 = time.perf_counter()
-        out: dict[str, list[Order]] = {}
-        cursor = self._orders.find(
-            {"technician_id": {"$in": technician_ids}, "state": {"$in": list(TECHNICIAN_PHASE)}},
-            limit=MAX_JOBS * len(technician_ids))
-        async for doc in cursor:
-            out.setdefault(doc["technician_id"], []).append(order_out(doc))
+        out: dict[str, dict[str, Order]] = {}
+        # The jobs under way (at most one each, by the index), then the
+        # queued ones, soonest first: a long queue never hides the current job.
+        under_way = self._orders.find({"job_of": {"$in": technician_ids}}, JOB_PROJECTION)
+        queued = self._orders.find(
+            {"technician_id": {"$in": technician_ids}, "state": "assigned"}, JOB_PROJECTION,
+            sort=[("window.start_ts", ASCENDING)], limit=MAX_JOBS * len(technician_ids))
+        for cursor in (under_way, queued):
+            async for doc in cursor:
+                order = order_out(doc)
+                out.setdefault(doc["technician_id"], {})[order["order_id"]] = order
         self._observe("order_jobs", time.perf_counter() - t0)
-        return out
+        return {tech: list(jobs.values()) for tech, jobs in out.items()}
 
     async def day_of(self, technician_id: str, from_ts: int, to_ts: int) -> list[Order]:
         """The technician's orders whose window starts in [from_ts, to_ts),
@@ -252,11 +261,12 @@ class MongoOrderStore(GatedStore):
     async def overdue_orders(self, started_after: int, started_before: int,
                              limit: int) -> list[Order]:
         """Orders still ahead of their arrival whose window began between
-        the two times, the longest overdue first."""
+        the two times, the most recent first (a backlog never hides a new
+        one)."""
         cursor = self._orders.find(
             {"state": {"$in": ["assigned", "en_route"]},
              "window.start_ts": {"$gte": started_after, "$lt": started_before}},
-            sort=[("window.start_ts", ASCENDING)], limit=limit)
+            sort=[("window.start_ts", DESCENDING)], limit=limit)
         return [order_out(doc) async for doc in cursor]
 
     async def late_orders(self, limit: int) -> list[Order]:

@@ -24,7 +24,7 @@ from tracking.positions import Position
 
 # Orders whose arrival is still ahead: what lateness is judged for.
 AHEAD: Final = frozenset({"assigned", "en_route"})
-# Lateness is escalated (a new warning per step) up to this many minutes.
+# Lateness is said (a new warning per step) up to this many minutes late.
 LATE_HORIZON_MIN: Final = 6 * 60
 # A position older than this says nothing about where the technician is now.
 POSITION_FRESH_MS: Final = 10 * 60_000
@@ -86,14 +86,11 @@ def split(jobs: Iterable[Mapping[str, Any]]) -> tuple[Mapping[str, Any] | None,
     return current, queued
 
 
-def tracked(jobs: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:
-    """The order that the technician's positions belong to: the current job,
-    or with none under way the first queued one (the technician is heading
-    there next; its customer sees them as before the day had several jobs)."""
-    current, queued = split(jobs)
-    if current is not None:
-        return current
-    return queued[0] if queued else None
+def current_job(jobs: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The order the technician's positions belong to: the one under way.
+    (With none under way, nobody's: a queued job's customer is told when
+    the technician will come, never where they are, until they set off.)"""
+    return split(jobs)[0]
 
 
 def drive_ms(from_lat: float, from_lng: float, to_lat: float, to_lng: float,
@@ -220,16 +217,31 @@ def judge(proj: Projection, order: Mapping[str, Any], grace_min: int) -> Latenes
     recorded = order.get("late") or None
     step_now = int(recorded["step"]) if recorded else 0
     grace = max(1, grace_min)
+    if late > LATE_HORIZON_MIN:
+        # A missed job for the ops team (or an order left behind long ago),
+        # not news every few minutes.
+        return None
     if late > grace:
-        # 11..20 min: 1, 21..30: 2, ... up to LATE_HORIZON_MIN (then it is
-        # a missed job for the ops team, not news every few minutes).
-        step = (min(late, LATE_HORIZON_MIN) - 1) // grace
+        step = (late - 1) // grace  # 11..20 min: 1, 21..30: 2, ...
         if step > step_now:
             return Lateness("late_risk", step, late)
         return None
     if recorded and late <= grace // 2:
         return Lateness("on_time_again", 0, late)
     return None
+
+
+# Days a day view may ask for (a far year's midnight overflows the clock).
+FIRST_YEAR: Final = 2000
+LAST_YEAR: Final = 2200
+
+
+def check_date(text: str) -> date:
+    """A "YYYY-MM-DD" a day view may ask for; ValueError otherwise."""
+    on = date.fromisoformat(text)
+    if not FIRST_YEAR <= on.year <= LAST_YEAR:
+        raise ValueError(f"a date between {FIRST_YEAR} and {LAST_YEAR}")
+    return on
 
 
 def day_range(on: date | None, tz: str, now: int) -> tuple[date, int, int]:

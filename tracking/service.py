@@ -46,8 +46,10 @@ PROJECT_SLICE: Final = 200
 # A queued job's ETA is pushed to its watchers when it moved by more than this.
 ETA_PUSH_STEP_S: Final = 60
 # The fields of an order a technician's day needs (what the node bus carries).
-JOB_FIELDS: Final = ("order_id", "state", "customer_id", "technician_id", "address", "window",
-                     "times", "late")
+JOB_FIELDS: Final = ("order_id", "seq", "state", "customer_id", "technician_id", "address",
+                     "window", "times", "late")
+# Orders remembered per technician as gone (moved, ended), against stale reads.
+MAX_GONE: Final = 256
 # How long a cached "which order is this technician on" is trusted before a
 # background refresh. Order changes on every node update it at once (the
 # node bus); the refresh only repairs what an outage of the bus lost.
@@ -125,30 +127,64 @@ class _TechState:
     # first point is filtered against), once `primed`.
     known: Point | None = None
     primed: bool = False
-    last_pos: Position | None = None  # the latest position this node stored
-    eta_pushed: dict[str, int] = field(default_factory=dict)  # queued job -> eta_s pushed
+    last_pos: Position | None = None  # the latest position this node stored or read
+    asked_store: bool = False  # for a last position, when it had none of its own
+    # Queued job -> the projected arrival last pushed to its watchers.
+    eta_pushed: dict[str, int] = field(default_factory=dict)
     judging: set[str] = field(default_factory=set)  # orders whose lateness is being written
+    changes: int = 0  # order events applied (a refresh read older than one is merged)
+    # Orders that left this technician (moved, ended) at seq: a store read
+    # older than that must not bring them back.
+    gone: dict[str, int] = field(default_factory=dict)
 
-    def set_jobs(self, jobs: dict[str, dict[str, Any]]) -> None:
-        self.jobs = jobs
-        self.active = self._tracked()
+    def set_jobs(self, jobs: dict[str, dict[str, Any]], merge: bool) -> None:
+        """The store's read of the technician's jobs. When order events came
+        in while it was read (`merge`), each order keeps whichever of the two
+        is newer (by seq), and what the read lacks stays."""
+        if merge:
+            for oid, job in jobs.items():
+                if self.gone.get(oid, -1) >= int(job.get("seq") or 0):
+                    continue
+                mine = self.jobs.get(oid)
+                if mine is None or int(mine.get("seq") or 0) < int(job.get("seq") or 0):
+                    self.jobs[oid] = job
+        else:
+            self.jobs = jobs
+        self.active = self._current()
 
     def put_job(self, order: Mapping[str, Any]) -> None:
+        """An order event (from any node, in any order): the newer seq wins."""
         oid = str(order["order_id"])
+        seq = int(order.get("seq") or 0)
+        self.changes += 1
+        mine = self.jobs.get(oid)
+        if (mine is not None and int(mine.get("seq") or 0) > seq) or self.gone.get(oid, -1) >= seq:
+            return  # an older event than what is known
         if order["state"] in TECHNICIAN_PHASE:
             self.jobs[oid] = {k: order.get(k) for k in JOB_FIELDS}
         else:
-            self.jobs.pop(oid, None)
-            self.eta_pushed.pop(oid, None)
-        self.active = self._tracked()
+            self._forget(oid, seq)
+        self.active = self._current()
 
-    def drop_job(self, order_id: str) -> None:
-        if self.jobs.pop(order_id, None) is not None:
-            self.eta_pushed.pop(order_id, None)
-            self.active = self._tracked()
+    def drop_job(self, order_id: str, seq: int) -> None:
+        """The order moved to another technician at `seq`."""
+        self.changes += 1
+        mine = self.jobs.get(order_id)
+        if mine is not None and int(mine.get("seq") or 0) > seq:
+            return
+        self._forget(order_id, seq)
+        self.active = self._current()
 
-    def _tracked(self) -> _ActiveOrder | None:
-        job = day.tracked(self.jobs.values())
+    def _forget(self, order_id: str, seq: int) -> None:
+        self.jobs.pop(order_id, None)
+        self.eta_pushed.pop(order_id, None)
+        self.gone[order_id] = seq
+        if len(self.gone) > MAX_GONE:  # the oldest go: a read that old is long done
+            for oid in list(self.gone)[: len(self.gone) - MAX_GONE]:
+                del self.gone[oid]
+
+    def _current(self) -> _ActiveOrder | None:
+        job = day.current_job(self.jobs.values())
         return _ActiveOrder.of(job) if job is not None else None  # type: ignore[arg-type]
 
 
@@ -190,12 +226,16 @@ class TrackingService:
         config: TrackingConfig | None = None,
         eta_out: EtaOut | None = None,
         online: Online | None = None,
+        watched: Callable[[str], bool] | None = None,
     ) -> None:
         self.positions = positions
         self.orders = orders
         self._jobs = jobs
         self._eta_out = eta_out
         self._online = online
+        # Whether an order has watchers on any node (realtime/feeds/tracking.py).
+        self._watched = watched or (lambda order_id: True)
+        self._jobs_reads: dict[str, asyncio.Future[list[Order]]] = {}
         self._projector: asyncio.Task[None] | None = None
         self._closed = False
         self._trails = trails
@@ -232,12 +272,20 @@ class TrackingService:
         self._techs.pop(technician_id, None)
         self.positions.forget(technician_id)
 
+    def technician_left_node(self, technician_id: str) -> None:
+        """Their last connection to this node closed (they may be connected
+        elsewhere): this node stops projecting their day, so two nodes never
+        judge one technician from two different last positions."""
+        self._techs.pop(technician_id, None)
+
     async def _refresh(self, technician_id: str) -> None:
         st = self._tech(technician_id)
         st.refreshing = True
         try:
+            before = st.changes
             jobs = await self._jobs.jobs_for_technician(technician_id)
-            st.set_jobs({o["order_id"]: {k: o.get(k) for k in JOB_FIELDS} for o in jobs})
+            st.set_jobs({o["order_id"]: {k: o.get(k) for k in JOB_FIELDS} for o in jobs},
+                        merge=st.changes != before)
             st.active_at = time.monotonic()
         finally:
             st.refreshing = False
@@ -262,7 +310,7 @@ class TrackingService:
             self._techs[tech].put_job(order)
         prev = event.get("data", {}).get("previous_technician_id")
         if prev and prev != tech and prev in self._techs:
-            self._techs[prev].drop_job(str(order["order_id"]))
+            self._techs[prev].drop_job(str(order["order_id"]), int(order.get("seq") or 0))
 
     # -- ingest ----------------------------------------------------------
     async def ingest(self, tech: Actor, name: str | None, items: list[Point | PointResult],
@@ -414,28 +462,36 @@ class TrackingService:
         assert tech_id is not None  # checked above
         pos = await self.positions.get(tech_id)
         jobs = await self.jobs_of(tech_id)
-        if order_id not in jobs:  # the cache lags the order just read: trust the read
-            jobs[order_id] = {k: order.get(k) for k in JOB_FIELDS}
+        mine = jobs.get(order_id)
+        if mine is None or int(mine.get("seq") or 0) < order["seq"]:
+            jobs[order_id] = {k: order.get(k) for k in JOB_FIELDS}  # the read is newer
         view: dict[str, Any] = {
             "order_id": order_id,
             "state": order["state"],
             "technician": {"id": tech_id, "name": pos.name if pos else None},
             "position": None, "eta_s": None, "distance_m": None,
         }
-        tracked = day.tracked(jobs.values())
-        if tracked is None or tracked["order_id"] != order_id:
-            # A queued job: where the technician is now belongs to another
-            # customer's job. Only when they will get here (docs/tracking.md).
-            proj = day.project(jobs.values(), pos, now_ms(), self.cfg.eta).get(order_id)
-            view["technician_status"] = "on_another_job"
+        now = now_ms()
+        current = day.current_job(jobs.values())
+        if current is None or current["order_id"] != order_id:
+            # A queued job: the technician has not set off to it (they are
+            # on another job, or not yet on the way). When, never where
+            # (docs/tracking.md, "Privacy").
+            proj = day.project(jobs.values(), pos, now, self.cfg.eta).get(order_id)
+            view["technician_status"] = "on_another_job" if current is not None else "not_started"
             view["eta_basis"] = proj.basis if proj else "no_position"
-            view["eta_s"] = proj.eta_s(now_ms()) if proj else None
+            # (`overdue` is a lower bound, not an ETA to show.)
+            view["eta_s"] = proj.eta_s(now) if proj and proj.basis != "overdue" else None
             return view
         view["technician_status"] = "on_this_job"
-        view["eta_basis"] = ("no_position" if pos is None else
-                             "live" if order["state"] == "en_route" else
-                             "arrived" if order["state"] == "arrived" else "idle")
-        if pos is not None:
+        # Only a fix of this job: one taken before they set off may be at
+        # another customer's door.
+        set_off = (order.get("times") or {}).get("en_route")
+        ours = pos is not None and (pos.order_id == order_id
+                                    or (set_off is not None and pos.ts >= int(set_off)))
+        view["eta_basis"] = ("arrived" if order["state"] == "arrived" else
+                             "live" if ours else "no_position")
+        if pos is not None and ours:
             addr = order["address"]
             dist = haversine_m(pos.lat, pos.lng, addr["lat"], addr["lng"])
             if pos.order_id == order_id and pos.eta_s is not None:
@@ -455,7 +511,21 @@ class TrackingService:
         st = self._techs.get(technician_id)
         if st is not None and st.active_at and not st.must_refresh:
             return dict(st.jobs)
-        orders = await self._jobs.jobs_for_technician(technician_id)
+        # Reads of one technician's jobs that overlap share one round trip
+        # (after a deploy, every watcher of their orders asks at once).
+        pending = self._jobs_reads.get(technician_id)
+        if pending is None:
+            pending = asyncio.ensure_future(self._jobs.jobs_for_technician(technician_id))
+            self._jobs_reads[technician_id] = pending
+
+            def done(f: asyncio.Future[list[Order]]) -> None:
+                if self._jobs_reads.get(technician_id) is f:
+                    del self._jobs_reads[technician_id]
+                if not f.cancelled():
+                    f.exception()  # retrieved here even when every reader left
+
+            pending.add_done_callback(done)
+        orders = await asyncio.shield(pending)
         return {o["order_id"]: {k: o.get(k) for k in JOB_FIELDS} for o in orders}
 
     # -- the day's projection ------------------------------------------------
@@ -497,8 +567,7 @@ class TrackingService:
                 continue
             if day.judge(proj, order, self.cfg.late_grace_min) is None:
                 continue
-            st = self._tech(str(tech)) if tech in self._techs else None
-            await self._record_lateness(st, order["order_id"], proj)
+            await self._record_lateness(None, str(tech), order["order_id"], proj)
 
     async def project_all(self) -> None:
         now = now_ms()
@@ -508,39 +577,48 @@ class TrackingService:
             if not st.jobs or self._closed:
                 continue
             pos = st.last_pos
-            if pos is None and st.primed:
-                pos = await self.positions.get(tech_id)
+            if pos is None and st.primed and not st.asked_store:
+                # Connected but silent so far: the shared store's last fix, once.
+                st.asked_store = True
+                pos = st.last_pos = await self.positions.get(tech_id)
             projections = day.project(st.jobs.values(), pos, now, self.cfg.eta)
-            tracked = st.active.order_id if st.active else None
+            current = st.active.order_id if st.active else None
             for oid, proj in projections.items():
                 job = st.jobs.get(oid)
                 if job is None:
                     continue
-                if oid != tracked:
+                if oid != current:
                     await self._push_eta(st, oid, proj, now)
                 verdict = day.judge(proj, job, self.cfg.late_grace_min)
                 if verdict is not None and oid not in st.judging:
                     st.judging.add(oid)
-                    self._background.spawn(self._record_lateness(st, oid, proj))
+                    self._background.spawn(self._record_lateness(st, tech_id, oid, proj))
 
     async def _push_eta(self, st: _TechState, order_id: str, proj: day.Projection,
                         now: int) -> None:
-        eta = proj.eta_s(now)
-        if eta is None or self._eta_out is None:
+        """A queued job's ETA to its watchers, when its projected arrival
+        moved by more than a minute (the ETA itself counts down by itself:
+        that is no news) and somebody watches it."""
+        if (proj.arrival_ts is None or proj.basis == "overdue" or self._eta_out is None
+                or not self._watched(order_id)):
             return
         pushed = st.eta_pushed.get(order_id)
-        if pushed is not None and abs(eta - pushed) <= ETA_PUSH_STEP_S:
+        if pushed is not None and abs(proj.arrival_ts - pushed) <= ETA_PUSH_STEP_S * 1000:
             return
-        st.eta_pushed[order_id] = eta
-        await self._eta_out(order_id, {"order_id": order_id, "eta_s": eta, "basis": proj.basis})
+        st.eta_pushed[order_id] = proj.arrival_ts
+        await self._eta_out(order_id, {"order_id": order_id, "eta_s": proj.eta_s(now),
+                                       "basis": proj.basis})
 
-    async def _record_lateness(self, st: _TechState | None, order_id: str,
+    async def _record_lateness(self, st: _TechState | None, technician_id: str, order_id: str,
                                proj: day.Projection) -> None:
         grace = self.cfg.late_grace_min
 
         def decide(order: Order) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
             # Decided again on the stored order: another node, or this one a
-            # moment ago, may have recorded it already.
+            # moment ago, may have recorded it already; and the projection
+            # was of this technician's day (not of one it has just left).
+            if order.get("technician_id") != technician_id:
+                return None
             verdict = day.judge(proj, order, grace)
             if verdict is None:
                 return None
@@ -565,6 +643,8 @@ class TrackingService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._projector
         await self._background.close()
+        for pending in list(self._jobs_reads.values()):
+            pending.cancel()
 
     async def settled(self) -> None:
         """The background work of the fixes so far (arrivals, refreshes) is done."""

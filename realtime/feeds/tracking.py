@@ -183,6 +183,13 @@ class TrackingFeed:
             for cs in COORD_SYSTEMS:
                 await self.sio.close_room(rooms.watch_room(order["order_id"], cs), namespace=NS)
 
+    def watched(self, order_id: str) -> bool:
+        """Whether the order has watchers here or (as far as this node was
+        told) on another node."""
+        if order_id in self.watchers_of:
+            return True
+        return self.interest is not None and self.interest.wants_order(order_id)
+
     async def eta_out(self, order_id: str, payload: dict[str, Any]) -> None:
         """A queued job's new ETA, to its watchers on every node (rare: a
         change of more than a minute; no position in it)."""

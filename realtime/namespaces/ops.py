@@ -38,7 +38,7 @@ class DayIn(Inbound):
     @classmethod
     def _a_date(cls, v: str | None) -> str | None:
         if v is not None:
-            date.fromisoformat(v)
+            day.check_date(v)  # ValueError: "not a date" with the field
         return v
 
 

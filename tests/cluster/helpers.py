@@ -43,9 +43,14 @@ def contiguous(seen: set[int]) -> int:
     return n
 
 
-async def assigned_order(cl: Cluster, node: ServerProcess, customer_id: str, tech_id: str) -> str:
+async def assigned_order(cl: Cluster, node: ServerProcess, customer_id: str, tech_id: str,
+                         set_off: bool = False) -> str:
+    """An order assigned (through `node`) to the technician; `set_off`: and on its way
+    (en_route), so the technician's positions reach its watchers (docs/tracking.md)."""
     order = await cl.create_order(node, customer_id)
     await cl.api(node, "POST", f"/api/orders/{order['order_id']}/assign", {"technician_id": tech_id})
+    if set_off:
+        await cl.api(node, "POST", f"/api/orders/{order['order_id']}/events", {"state": "en_route"})
     return str(order["order_id"])
 
 

@@ -84,7 +84,7 @@ async def test_positions_go_only_to_nodes_that_watch(cluster: Cluster) -> None:
     cluster.env.update(REALTIME_LOCATION_RATE="1000", REALTIME_LOCATION_BURST="1000")
     a, b = await cluster.start(2)
     cust_id, tech_id = uid("c-"), uid("t-")
-    oid = await assigned_order(cluster, a, cust_id, tech_id)
+    oid = await assigned_order(cluster, a, cust_id, tech_id, set_off=True)
     tech = await cluster.client(a, "/tracking", "technician", tech_id)
     local = await cluster.client(a, "/tracking", "customer", cust_id)
     await local.ok("watch", {"order_id": oid})
@@ -132,7 +132,7 @@ async def test_positions_go_only_to_nodes_that_watch(cluster: Cluster) -> None:
 async def test_positions_reach_watchers_on_other_nodes(cluster: Cluster) -> None:
     a, b, c = await cluster.start(3)
     cust_id, tech_id = uid("c-"), uid("t-")
-    oid = await assigned_order(cluster, c, cust_id, tech_id)
+    oid = await assigned_order(cluster, c, cust_id, tech_id, set_off=True)
 
     tech = await cluster.client(a, "/tracking", "technician", tech_id, name="张师傅")
     watcher = await cluster.client(b, "/tracking", "customer", cust_id)
@@ -174,10 +174,10 @@ async def test_positions_reach_watchers_on_other_nodes(cluster: Cluster) -> None
     # Privacy holds across nodes: once the service starts (changed through C), the
     # watchers on B and C see the technician no more.
     other_tech = uid("t-")
-    other_oid = await assigned_order(cluster, c, cust_id, other_tech)
+    other_oid = await assigned_order(cluster, c, cust_id, other_tech, set_off=True)
     await watcher.ok("watch", {"order_id": other_oid})
     other = await cluster.client(a, "/tracking", "technician", other_tech)
-    for state in ("en_route", "arrived", "in_service"):
+    for state in ("arrived", "in_service"):
         await cluster.api(c, "POST", f"/api/orders/{oid}/events", {"state": state})
     await watcher.error("watch", {"order_id": oid}, "forbidden")
     p3 = pt(at(-1850), p2["ts"] + 1000)
@@ -254,8 +254,9 @@ async def test_area_watch_batches_for_a_technician_on_another_node(cluster: Clus
 
 
 async def test_assignment_through_another_node_reaches_the_technicians_node(cluster: Cluster) -> None:
-    """The technician's node must learn of an assignment made through another node
-    before the technician's next point: the first point after it reaches the watcher."""
+    """The technician's node must learn of an assignment (and its setting off) made
+    through another node before the technician's next point: the first point after
+    it reaches the watcher."""
     a, b, c = await cluster.start(3)
     cust_id, tech_id = uid("c-"), uid("t-")
     tech = await cluster.client(a, "/tracking", "technician", tech_id)
@@ -263,9 +264,10 @@ async def test_assignment_through_another_node_reaches_the_technicians_node(clus
     t0 = now_ms()
     assert (await tech.ok("location", pt(at(-3000), t0)))["status"] == "accepted"
 
-    oid = await assigned_order(cluster, c, cust_id, tech_id)
-    # The assignment has reached node A (its order_event was pushed there).
-    assert (await next_where(tech_orders, "order_event", lambda e: e["state"] == "assigned"))["seq"] == 2
+    oid = await assigned_order(cluster, c, cust_id, tech_id, set_off=True)
+    # The assignment and the setting off have reached node A (their order_events were
+    # pushed there).
+    assert (await next_where(tech_orders, "order_event", lambda e: e["state"] == "en_route"))["seq"] == 3
     watcher = await cluster.client(b, "/tracking", "customer", cust_id)
     await cluster.heard(a, watcher.ok("watch", {"order_id": oid}))
 

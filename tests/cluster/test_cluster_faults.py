@@ -194,14 +194,14 @@ async def redis_outage(redis: RestartableRedis, mongo_url: str, session: aiohttp
         agent_local = await cl.client(b, "/chat", "agent", agent_id)
         cid = await open_support(cust, agent, agent_id)
 
-        oid = await assigned_order(cl, a, tcust_id, tech_id)
+        oid = await assigned_order(cl, a, tcust_id, tech_id, set_off=True)
         tech = await cl.client(a, "/tracking", "technician", tech_id)
         watch_local = await cl.client(a, "/tracking", "customer", tcust_id)
         watch_remote = await cl.client(b, "/tracking", "agent")
         for w in (watch_local, watch_remote):
             await w.ok("watch", {"order_id": oid})
         subscriber = await cl.client(b, "/orders", "agent")
-        assert seqs((await subscriber.ok("subscribe", {"order_id": oid}))["events"]) == [1, 2]
+        assert seqs((await subscriber.ok("subscribe", {"order_id": oid}))["events"]) == [1, 2, 3]
         # A second technician on A, with no order yet: one is assigned to them (through C)
         # while Redis is down.
         tech2_id, cust2_id = uid("t-"), uid("c-")
@@ -219,8 +219,8 @@ async def redis_outage(redis: RestartableRedis, mongo_url: str, session: aiohttp
         down_at = time.monotonic()
         await asyncio.to_thread(redis.stop)
         # An order change during the outage: its push to B is lost, its replay is not.
-        await cl.api(a, "POST", f"/api/orders/{oid}/events", {"state": "en_route"})
-        oid2 = await assigned_order(cl, c, cust2_id, tech2_id)
+        await cl.api(a, "POST", f"/api/orders/{oid}/events", {"state": "arrived"})
+        oid2 = await assigned_order(cl, c, cust2_id, tech2_id, set_off=True)
         newcomer_task = asyncio.get_running_loop().create_task(
             newcomers_during_outage(cl, a) if newcomers else _no_problems())
         while time.monotonic() - down_at < outage_s:
@@ -316,9 +316,9 @@ async def redis_outage(redis: RestartableRedis, mongo_url: str, session: aiohttp
         for cmid, msg in traffic.acked.items():
             assert by_cmid[cmid]["id"] == msg["id"] and by_cmid[cmid]["seq"] == msg["seq"]
 
-        seen = set(seqs(subscriber.received["order_event"])) | {1, 2}
+        seen = set(seqs(subscriber.received["order_event"])) | {1, 2, 3}
         replay = await subscriber.ok("subscribe", {"order_id": oid, "since_seq": contiguous(seen)})
-        assert sorted(seen | set(seqs(replay["events"]))) == [1, 2, 3]
+        assert sorted(seen | set(seqs(replay["events"]))) == [1, 2, 3, 4]
 
         for node in (a, b, c):
             assert node.proc is not None and node.proc.poll() is None
@@ -377,7 +377,7 @@ async def test_a_technicians_first_point_needs_no_store_round_trip(
     try:
         [a] = await cl.start(1)
         cust_id, tech_id = uid("c-"), uid("t-")
-        oid = await assigned_order(cl, a, cust_id, tech_id)
+        oid = await assigned_order(cl, a, cust_id, tech_id, set_off=True)
         watcher = await cl.client(a, "/tracking", "customer", cust_id)
         await watcher.ok("watch", {"order_id": oid})
         tech = await cl.client(a, "/tracking", "technician", tech_id)

@@ -166,24 +166,42 @@ async def test_customer_sees_technician_approach_and_arrive(start_app: StartApp,
     await live.assign(oid, tech_id)
     tech = await live.client("technician", tech_id, namespace="/tracking", name="张师傅")
     tech_orders = await live.client("technician", tech_id, namespace="/orders", name="张师傅")
-    # The last fix is three minutes old: the page must say so rather than look live.
+    # Before setting off the technician is somewhere of their own, 1.5 km away (a fix
+    # four minutes old).
     start = at(-1500)
-    assert (await tech.ok("location", point(start, now_ms() - 180_000)))["status"] == "accepted"
+    assert (await tech.ok("location", point(start, now_ms() - 240_000)))["status"] == "accepted"
 
     token = live.token("customer", cust, name="王女士")
     page = await open_page(browser, contexts, f"{live.url}/track/{oid}#token={token}")
     await expect(page.locator("#order-state")).to_have_text("已分配")
-    await expect(page.locator("#last-seen")).to_have_text("最后更新于 3 分钟前")
     await expect(page.locator("#tech-name")).to_have_text("张师傅")
+    # Not on the way yet: when they could come (from where they are, leaving now), never where.
+    status = page.locator("#tech-status")
+    eta = page.locator("#eta")
+    await expect(status).to_have_text("师傅尚未出发")
+    await expect(status).to_have_attribute("data-status", "not_started")
+    await expect(eta).to_have_attribute("data-basis", "idle")
+    await expect(eta).to_have_text(re.compile(r"^预计 \d+ 分钟 后到达$"))
+    await expect(page.locator("#tech-marker")).to_have_count(0)
+    await expect(page.locator("#last-seen")).to_be_hidden()
     # The token left the address bar for this tab's sessionStorage; never a query string.
     assert "token" not in page.url
     assert await page.evaluate("sessionStorage.getItem('rt.token')") == token
-    lat0, lng0 = await marker_latlng(page)
-    assert abs(lat0 - start[0]) < 1e-5 and abs(lng0 - start[1]) < 1e-5
 
     await tech_orders.ok("progress", {"order_id": oid, "state": "en_route"})
     await expect(page.locator("#order-state")).to_have_text("在路上")
     await expect(page.locator("#timeline li.current")).to_have_attribute("data-state", "en_route")
+    # On the way: the status line goes; the fix from before setting off is not theirs to show.
+    await expect(status).to_be_hidden()
+    await expect(eta).to_have_text("正在获取师傅位置…")
+    await expect(page.locator("#tech-marker")).to_have_count(0)
+
+    # On the way, the app uploads its last fix late: three minutes old (no signal since).
+    # The page must say so rather than look live.
+    assert (await tech.ok("location", point(start, now_ms() - 180_000)))["status"] == "accepted"
+    await expect(page.locator("#last-seen")).to_have_text("最后更新于 3 分钟前")
+    lat0, lng0 = await marker_latlng(page)
+    assert abs(lat0 - start[0]) < 1e-5 and abs(lng0 - start[1]) < 1e-5
 
     # Drive north 100 m per fix, 2 s apart (fix times end near now).
     t0 = now_ms() - 26_000

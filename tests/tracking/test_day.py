@@ -5,6 +5,7 @@ real store."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -52,8 +53,11 @@ async def progress(tech: Client, order_id: str, state: str) -> None:
 
 # -- one job at a time; each customer sees only their own job ----------------------------------------
 
-@pytest.mark.parametrize("assign_first", ["A", "B"])
-async def test_each_customer_sees_only_their_own_job(start_app: StartApp, assign_first: str) -> None:
+@pytest.mark.parametrize("b_assigned", ["before", "while_a_is_under_way"])
+async def test_each_customer_sees_only_their_own_job(start_app: StartApp, b_assigned: str) -> None:
+    """Two orders of one technician, B assigned before they set off to A or while they
+    drive there: A's customer gets every position until arrival, B's none (and no place
+    at all) until the technician sets off to B."""
     live = await start_app(**QUICK)
     tech_id = uid("t-")
     now = now_ms()
@@ -61,32 +65,43 @@ async def test_each_customer_sees_only_their_own_job(start_app: StartApp, assign
     a = await order_at(live, ADDR, now + 20 * MIN)
     b = await order_at(live, b_at, now + 4 * 60 * MIN)
     A, B = a["order_id"], b["order_id"]
-    for oid in ((A, B) if assign_first == "A" else (B, A)):
-        await live.assign(oid, tech_id)
+    await live.assign(A, tech_id)
+    if b_assigned == "before":
+        await live.assign(B, tech_id)
     tech = await tracker(live, "technician", tech_id)
     tech_orders = await orders_client(live, "technician", tech_id)
     watch_a = await tracker(live, "customer", a["customer_id"])
     watch_b = await tracker(live, "customer", b["customer_id"])
+    t0 = now_ms() - 120_000
+    # Not set off yet: nobody sees where the technician is, only when they may come.
+    assert (await tech.ok("location", pt(at(-2250), t0 - 10_000)))["status"] == "accepted"
     view_a = await watch_a.ok("watch", {"order_id": A})
-    view_b = await watch_b.ok("watch", {"order_id": B})
-    # Idle, A (the earlier window) is where the technician goes next; B waits behind it.
-    assert view_a["technician_status"] == "on_this_job"
-    assert view_b["technician_status"] == "on_another_job"
-    assert view_b["position"] is None and view_b["distance_m"] is None
+    assert view_a["technician_status"] == "not_started" and view_a["position"] is None
+    assert view_a["eta_basis"] == "idle" and view_a["eta_s"] > 0 and view_a["distance_m"] is None
+    assert watch_a.drain("position") == []
 
     await progress(tech_orders, A, "en_route")
+    if b_assigned == "before":
+        view_b = await watch_b.ok("watch", {"order_id": B})
+        assert view_b["technician_status"] == "on_another_job"
+        assert view_b["position"] is None and view_b["distance_m"] is None
     # One job at a time: B cannot be set off while A is going, on either path.
-    err = await tech_orders.error("progress", {"order_id": B, "state": "en_route"}, "conflict")
-    assert err["details"] == {"reason": "job_in_progress", "order_id": A, "state": "en_route"}
-    status, body = await live.post_event(B, "en_route")
-    assert status == 409 and body["error"]["details"]["order_id"] == A, body
+    if b_assigned == "before":
+        err = await tech_orders.error("progress", {"order_id": B, "state": "en_route"}, "conflict")
+        assert err["details"] == {"reason": "job_in_progress", "order_id": A, "state": "en_route"}
+        status, body = await live.post_event(B, "en_route")
+        assert status == 409 and body["error"]["details"]["order_id"] == A, body
 
-    # The drive to A: every fix reaches A's customer, none reaches B's.
-    t0 = now_ms() - 120_000
+    # The drive to A: every fix reaches A's customer, none reaches B's (B assigned midway
+    # in the second case: the new order takes nothing over).
     fixes = [pt(at(-2000 + 250 * i), t0 + 10_000 * i) for i in range(8)]
     fixes += [pt(at(-40), t0 + 85_000), pt(at(-10), t0 + 90_000)]
     got = []
-    for f in fixes:
+    for i, f in enumerate(fixes):
+        if i == 3 and b_assigned == "while_a_is_under_way":
+            await live.assign(B, tech_id)
+            view_b = await watch_b.ok("watch", {"order_id": B})
+            assert view_b["technician_status"] == "on_another_job" and view_b["position"] is None
         assert (await tech.ok("location", f))["status"] == "accepted"
         got.append(await watch_a.next("position"))
     assert [(p["order_id"], p["ts"]) for p in got] == [(A, f["ts"]) for f in fixes]
@@ -105,16 +120,20 @@ async def test_each_customer_sees_only_their_own_job(start_app: StartApp, assign
     await progress(tech_orders, A, "in_service")
     await progress(tech_orders, A, "completed")
 
-    # Now B is the current job: its customer gets positions, A's none.
-    now_b = await watch_b.ok("watch", {"order_id": B})
-    assert now_b["technician_status"] == "on_this_job"
+    # Still at A's door: B's customer is not shown where (that is A's home).
+    door = pt(at(-5), now_ms())
+    assert (await tech.ok("location", door))["status"] == "accepted"
+    idle = await watch_b.ok("watch", {"order_id": B})
+    assert idle["technician_status"] == "not_started" and idle["position"] is None
+    assert watch_b.drain("position") == []
+    # Set off to B: B's customer gets positions from then on.
     await progress(tech_orders, B, "en_route")
-    nxt = pt(at(-5), now_ms())
+    going = await watch_b.ok("watch", {"order_id": B})
+    assert going["technician_status"] == "on_this_job" and going["position"] is None
+    nxt = pt(at(100), door["ts"] + 10_000)
     assert (await tech.ok("location", nxt))["status"] == "accepted"
     pos = await watch_b.next("position")
     assert (pos["order_id"], pos["ts"]) == (B, nxt["ts"])
-    await watch_a.ok("unwatch", {"order_id": A})
-    assert [p["order_id"] for p in watch_a.drain("position")] == []
 
 
 async def test_a_queued_job_eta_counts_the_rest_of_the_current_job(start_app: StartApp) -> None:
@@ -234,7 +253,9 @@ async def test_the_day_view_lists_three_jobs_in_order(live: Live) -> None:
     assert [j["order_id"] for j in jobs] == [o["order_id"] for o in (first, second, third)]
     assert [j["state"] for j in jobs] == ["completed", "en_route", "assigned"]
     assert jobs[0]["started_ts"] and jobs[0]["ended_ts"] >= jobs[0]["started_ts"]
-    assert jobs[0]["eta_basis"] == "actual" and jobs[0]["minutes_late"] is not None
+    arrived = jobs[0]["times"]["arrived"]
+    assert jobs[0]["eta_basis"] == "actual"
+    assert jobs[0]["minutes_late"] == -((first["window"]["start_ts"] - arrived) // MIN)  # early
     # No fix yet: said, not guessed.
     assert jobs[1]["eta_basis"] == "no_position" and jobs[1]["projected_arrival_ts"] is None
     assert jobs[2]["eta_basis"] == "no_position"
@@ -311,13 +332,17 @@ async def test_redispatch_from_assigned_excludes_the_current_technician_and_rank
     events = await order_events(live, oid)
     assert events[-1]["type"] == "reassigned"
     assert events[-1]["data"]["previous_technician_id"] == holder
-    # The customer's view switches technicians live.
+    # The customer's view switches technicians: the new one's ETA at once, and their
+    # positions once they set off.
+    view = await watcher.ok("watch", {"order_id": oid})
+    assert view["technician"]["id"] == idle_far and view["technician_status"] == "not_started"
+    assert view["eta_basis"] == "idle" and abs(view["eta_s"] - far["arrival_s"]) < 5, (view, far)
+    status, body = await live.post_event(oid, "en_route")
+    assert status == 200, body
     moved = pt(at(-2990), far_ts + 2000)  # 10 m in 2 s
     assert (await techs[idle_far].ok("location", moved))["status"] == "accepted"
     pos = await watcher.next("position")
-    while pos["technician_id"] != idle_far:
-        pos = await watcher.next("position")
-    assert pos["order_id"] == oid
+    assert (pos["order_id"], pos["technician_id"]) == (oid, idle_far)
 
     # Not from other states; bad payloads refused.
     status, body = await live.http.request("POST", f"/api/orders/{job['order_id']}/dispatch",
@@ -368,3 +393,26 @@ async def test_an_order_whose_technician_is_connected_nowhere_is_flagged_overdue
     await customer.ok("subscribe", {"order_id": fresh["order_id"]})
     await next_event(customer, fresh["order_id"], "late_risk")
     assert "late_risk" not in [e["type"] for e in await order_events(live, old["order_id"])]
+
+
+async def test_two_racing_set_offs_on_two_nodes_one_wins(start_app: StartApp) -> None:
+    """The store decides one job at a time, whatever node each write goes through; a
+    cancelled current job frees the technician at once."""
+    lives = [await start_app(), await start_app()]
+    for _ in range(5):
+        tech_id = uid("t-")
+        base = now_ms() + 60 * MIN
+        made = [await order_at(lives[0], at(200 * k), base + k * 120 * MIN) for k in range(2)]
+        ids = [o["order_id"] for o in made]
+        for oid in ids:
+            await lives[0].assign(oid, tech_id)
+        replies = await asyncio.gather(*(lv.post_event(oid, "en_route")
+                                         for lv, oid in zip(lives, ids, strict=True)))
+        assert sorted(status for status, _ in replies) == [200, 409], replies
+        winner = ids[[status for status, _ in replies].index(200)]
+        loser = ids[1 - ids.index(winner)]
+        refused = next(body for status, body in replies if status == 409)
+        assert refused["error"]["details"] == {"reason": "job_in_progress", "order_id": winner,
+                                               "state": "en_route"}
+        assert (await lives[1].post_event(winner, "cancelled", role="agent"))[0] == 200
+        assert (await lives[0].post_event(loser, "en_route"))[0] == 200

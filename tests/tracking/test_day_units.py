@@ -27,14 +27,14 @@ def at_home(ts: int = NOW, **kw: Any) -> Position:
     return Position("t", HOME[0], HOME[1], ts, **kw)
 
 
-def test_the_current_job_is_the_one_under_way_else_the_earliest_queued() -> None:
+def test_the_current_job_is_the_one_under_way_and_queued_jobs_go_by_window() -> None:
     a, b = job("a", "assigned", NOW + 60 * MIN), job("b", "assigned", NOW + 30 * MIN)
-    assert day.tracked([a, b]) is b
+    assert day.current_job([a, b]) is None  # not set off: nobody's positions
     a_going = {**a, "state": "en_route"}
-    assert day.tracked([a_going, b]) is a_going
-    current, queued = day.split([a_going, b, job("c", "completed", NOW)])
-    assert current is a_going and queued == [b]
-    assert day.tracked([]) is None
+    assert day.current_job([a_going, b]) is a_going
+    current, queued = day.split([a_going, job("c", "assigned", NOW + 90 * MIN), b,
+                                 job("d", "completed", NOW)])
+    assert current is a_going and [j["order_id"] for j in queued] == ["b", "c"]
 
 
 def test_queued_jobs_chain_behind_the_current_one() -> None:
@@ -89,3 +89,34 @@ def test_a_day_is_the_calendar_day_in_the_technicians_timezone() -> None:
     assert start == 1_898_784_000_000  # 2030-03-03T16:00:00Z
     today, _, _ = day.day_range(None, "Asia/Shanghai", 1_898_784_000_000)
     assert today == date(2030, 3, 4)
+
+
+def test_arrived_overdue_and_reach() -> None:
+    arrived = job("a", "arrived", NOW - 10 * MIN, 60, times={"arrived": NOW - 5 * MIN})
+    b = job("b", "assigned", NOW + 30 * MIN, 30, where=NORTH_3KM)
+    out = day.project([arrived, b], None, NOW, CFG)
+    drive = day.drive_ms(*HOME, *NORTH_3KM, CFG)
+    # Arrived: its whole planned hour is still ahead (service not begun), then the drive.
+    assert out["a"] == day.Projection("a", "arrived", NOW - 5 * MIN)
+    assert out["b"] == day.Projection("b", "queued", NOW + 60 * MIN + drive)
+    # Nothing known and the window has begun: overdue, at least this late.
+    started = job("c", "assigned", NOW - 25 * MIN)
+    assert day.project([started], None, NOW, CFG)["c"] == day.Projection("c", "overdue", NOW)
+    assert day.overdue(started, NOW) == day.Projection("c", "overdue", NOW)
+    assert day.overdue(job("d", "assigned", NOW + MIN), NOW) is None
+    assert day.overdue({**started, "state": "arrived"}, NOW) is None
+    # Reach: idle from the position; after the rest of a job under way.
+    assert day.reach([], at_home(), NOW, *NORTH_3KM, CFG) == NOW + drive
+    busy = job("e", "in_service", NOW - 30 * MIN, 60, times={"in_service": NOW - 30 * MIN})
+    assert day.reach([busy], at_home(), NOW, *NORTH_3KM, CFG) == NOW + 30 * MIN + drive
+    assert day.reach([], None, NOW, *NORTH_3KM, CFG) is None
+
+
+def test_only_days_a_view_may_ask_for() -> None:
+    assert day.check_date("2030-03-04") == date(2030, 3, 4)
+    for bad in ("9999-12-31", "1970-01-01", "2030-02-30", "tomorrow"):
+        try:
+            day.check_date(bad)
+        except ValueError:
+            continue
+        raise AssertionError(bad)

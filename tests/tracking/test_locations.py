@@ -263,7 +263,7 @@ async def test_locations_gcj02_batch_is_stored_as_wgs84(start_app: StartApp) -> 
 
 async def test_latest_wins_under_reordered_input(start_app: StartApp) -> None:
     live = await start_app(**FAST)
-    oid, cust, tech_id = await order_in(live, "assigned")
+    oid, cust, tech_id = await order_in(live, "en_route")
     tech = await tracker(live, "technician", tech_id)
     customer = await tracker(live, "customer", cust)
     await customer.ok("watch", {"order_id": oid})
@@ -507,7 +507,7 @@ async def test_fixes_read_together_skip_only_the_superseded_and_all_are_kept(
     fixes 40 ms apart all go out, in order."""
     from realtime.feeds.tracking import SUPERSEDED_MS
     live = await start_app(**FAST)
-    oid, cust, tech_id = await order_in(live, "assigned")
+    oid, cust, tech_id = await order_in(live, "en_route")
     customer = await tracker(live, "customer", cust)
     await customer.ok("watch", {"order_id": oid})
     raw = await RawSocketIO.open(live.http.session, live.url)

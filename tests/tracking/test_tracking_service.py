@@ -240,8 +240,16 @@ async def test_the_fast_path_waits_for_the_connect(env: Env) -> None:
 
 # -- the active order: ETA, who may see it, arrival --------------------------------------------------
 
-async def test_a_fix_on_an_assigned_order_carries_distance_and_eta_to_its_watchers(env: Env) -> None:
-    oid = await env.order_in("assigned")
+async def test_a_fix_before_setting_off_goes_to_nobody(env: Env) -> None:
+    await env.order_in("assigned")  # a queued job: when, never where (docs/tracking.md)
+    await env.tracking.technician_connected(env.tech.id)
+    assert await env.send(fix(2000, env.ts(0))) == ["accepted"]
+    [(pos, payload)] = env.out
+    assert (pos.order_id, pos.status, payload) == (None, "available", None)
+
+
+async def test_a_fix_on_the_current_job_carries_distance_and_eta_to_its_watchers(env: Env) -> None:
+    oid = await env.order_in("en_route")
     await env.tracking.technician_connected(env.tech.id)
     p = fix(2000, env.ts(0))
     assert await env.send(p) == ["accepted"]
@@ -268,7 +276,7 @@ async def test_fixes_during_the_service_are_not_shown_to_watchers(env: Env) -> N
 async def test_order_changes_keep_the_active_order_cache_exact(env: Env) -> None:
     await env.tracking.technician_connected(env.tech.id)
     assert await env.send(fix(3000, env.ts(0))) == ["accepted"]
-    oid = await env.order_in("assigned")  # assigned after the connect
+    oid = await env.order_in("en_route")  # set off after the connect
     assert await env.send(fix(2900, env.ts(1))) == ["accepted"]
     busy = await env.positions.get(env.tech.id)
     assert busy is not None and (busy.order_id, busy.status) == (oid, "busy")
@@ -317,7 +325,7 @@ async def test_arrival_needs_consecutive_fixes_and_an_en_route_order(env: Env) -
 
 
 async def test_accepted_points_and_only_those_go_to_the_orders_trail(env: Env) -> None:
-    oid = await env.order_in("assigned")
+    oid = await env.order_in("en_route")
     await env.tracking.technician_connected(env.tech.id)
     await env.send(fix(900, env.ts(0)), fix(900, env.ts(0)), fix(800, env.ts(1)))
     await env.trails.flush()
@@ -349,13 +357,16 @@ async def test_the_customer_watches_the_technician_with_eta(env: Env) -> None:
 
 
 async def test_without_a_live_eta_the_watch_estimates_from_the_distance(env: Env) -> None:
-    oid = await env.order_in("assigned")
-    far = Position(env.tech.id, *at(3000), env.ts(0))  # a fix from before this order
+    env.positions.put(Position(env.tech.id, *at(5000), env.ts(0)))  # before setting off
+    oid = await env.order_in("en_route")
+    view = await env.tracking.watch(env.customer, oid)  # that fix may be at another home
+    assert (view["position"], view["distance_m"], view["eta_basis"]) == (None, None, "no_position")
+    far = Position(env.tech.id, *at(3000), now_ms())  # since, with no ETA of its own
     env.positions.put(far)
     view = await env.tracking.watch(env.customer, oid)
     dist = haversine_m(far.lat, far.lng, *ADDR)
     assert (view["eta_s"], view["distance_m"]) == (first_eta(dist), round(dist))
-    env.positions.put(Position(env.tech.id, *at(40), env.ts(1)))
+    env.positions.put(Position(env.tech.id, *at(40), now_ms() + 1))
     view = await env.tracking.watch(env.customer, oid)
     assert (view["eta_s"], view["distance_m"]) == (0, 40)  # inside the arrival radius
 

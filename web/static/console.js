@@ -5,7 +5,7 @@ import {
   onLangChange, setupTopbar, signIn, stateLabel, t, toast, watchConnection,
 } from "./common.js";
 import { bindComposer, ChatHub, renderMessages } from "./chat.js";
-import { OrderFeed, TechWatch, VISIBLE } from "./orders.js";
+import { lateOf, onThisJob, OrderFeed, TechWatch, VISIBLE } from "./orders.js";
 
 const STATUS_KEY = "rt.agent.status";
 
@@ -229,9 +229,35 @@ async function main() {
       this.orderId = orderId;
       this.fix = null;
       this.info = null;
-      this.watch = new TechWatch(trackSock, orderId, (p) => { this.fix = p; this.render(); }, (d) => { this.info = d && !d.error ? d : null; if (!d) this.fix = null; this.render(); });
-      this.feed = new OrderFeed(ordersSock, orderId, () => {
-        if (this.feed?.order) this.watch.set(VISIBLE.has(this.feed.order.state));
+      this.watch = new TechWatch(trackSock, orderId,
+        (p) => {
+          this.fix = p;
+          // Positions come only once the order is the technician's current job.
+          if (this.info && !onThisJob(this.info)) this.info = { ...this.info, technician_status: "on_this_job" };
+          this.render();
+        },
+        (d) => {
+          this.info = d && !d.error ? d : null;
+          if (!d || (this.info && !onThisJob(this.info))) this.fix = null;
+          this.render();
+        },
+        (e) => {
+          if (this.info && Number.isFinite(e.eta_s)) { this.info = { ...this.info, eta_s: e.eta_s, eta_basis: e.basis }; this.render(); }
+        });
+      let loaded = false;
+      this.feed = new OrderFeed(ordersSock, orderId, (kind, f, fresh) => {
+        const news = loaded && kind !== "error" ? fresh || [] : [];
+        if (kind !== "error") loaded = true;
+        if (this.feed?.order) {
+          const watching = this.watch.wanted;
+          this.watch.set(VISIBLE.has(this.feed.order.state));
+          // Another technician, or their previous job ended: what the watch says changed.
+          if (watching && news.length) {
+            const reassigned = news.some((ev) => ev.type === "reassigned");
+            if (reassigned) this.fix = null;
+            this.watch.rewatch({ reset: reassigned });
+          }
+        }
         this.render();
       });
       sideTab("order");
@@ -253,11 +279,19 @@ async function main() {
       const techName = this.info?.technician?.name || o.technician_id || t("track.no_tech");
       let live = "";
       if (o.state === "arrived") live = t("track.arrived");
-      else if (VISIBLE.has(o.state) && this.fix?.eta_s !== undefined && this.fix?.eta_s !== null) {
+      else if (o.state === "assigned" && this.info && !onThisJob(this.info)) {
+        // Not set off yet (or still on the job before): when, never where.
+        const why = t(this.info.technician_status === "on_another_job" ? "track.prev_job" : "track.not_started");
+        live = Number.isFinite(this.info.eta_s) ? `${why} · ${t("track.queued_eta", { eta: fmtEta(this.info.eta_s) })}` : why;
+      } else if (VISIBLE.has(o.state) && Number.isFinite(this.fix?.eta_s)) {
         live = t("track.eta", { eta: fmtEta(this.fix.eta_s), dist: fmtDistance(this.fix.distance_m) });
       }
+      const late = lateOf(o);
       const parts = [
         h("div", { class: "card-head" }, h("strong", { text: `${o.service?.name || ""}` }),
+          late ? h("span", { class: "late-badge", id: "card-late", dataset: { minutesLate: late.minutes ?? "" },
+            title: late.projected_arrival_ts ? `${t("console.projected")} ${fmtTime(late.projected_arrival_ts)}` : null,
+            text: late.minutes ? t("console.late", { n: late.minutes }) : t("console.late_unknown") }) : null,
           h("span", { class: `state-badge s-${o.state}`, id: "card-state", dataset: { state: o.state }, text: stateLabel(o.state) })),
         h("div", { class: "muted", text: `${t("console.order")} ${o.order_id} · ${t("console.customer")} ${o.customer_id}` }),
         h("div", { text: o.address?.text || "" }),
@@ -266,7 +300,9 @@ async function main() {
         o.rating ? h("div", { text: `${t("rate.title")}: ${"★".repeat(o.rating.stars)}${o.rating.comment ? ` “${o.rating.comment}”` : ""}` }) : null,
         h("ol", { class: "events" }, ...f.events.filter((e) => e.type !== "rated").slice(-8).map((e) => h("li", {},
           h("span", { class: "time", text: fmtDateTime(e.ts) }), " ",
-          e.type === "state_changed" ? stateLabel(e.state) : t(`event.${e.type}`),
+          e.type === "state_changed" ? stateLabel(e.state)
+            : e.type === "late_risk" && Number.isFinite(e.data?.minutes_late) ? t("event.late_risk_n", { n: Math.round(e.data.minutes_late) })
+              : t(`event.${e.type}`),
           e.data?.reason && typeof e.data.reason === "string" ? h("span", { class: "muted", text: ` — ${e.data.reason}` }) : null))),
       ];
       if (o.state === "refund_requested") parts.push(refundDecision(o));

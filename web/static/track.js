@@ -4,7 +4,7 @@ import {
   Mover, onLangChange, setupTopbar, signIn, stateLabel, t, toast, toMap, watchConnection,
 } from "./common.js";
 import { bindComposer, ChatHub, renderMessages } from "./chat.js";
-import { MAIN_STATES, OrderFeed, TechWatch, VISIBLE } from "./orders.js";
+import { lateOf, MAIN_STATES, onThisJob, OrderFeed, TechWatch, VISIBLE } from "./orders.js";
 
 const STALE_MS = 60_000;  // no fix for a minute: say when we last saw the technician
 const orderId = decodeURIComponent(location.pathname.split("/").filter(Boolean).pop());
@@ -33,9 +33,25 @@ async function main() {
   try { trail = JSON.parse(sessionStorage.getItem(trailKey) || "[]"); } catch { trail = []; }
   const trailLine = L.polyline(trail.map((p) => [p[0], p[1]]), { color: "#1f6feb", weight: 4, opacity: 0.75 }).addTo(map);
 
-  let info = null;        // the watch reply: technician {id, name}
+  let info = null;        // the watch reply: technician {id, name}, technician_status, eta_s
   let fix = null;         // latest position (with eta_s, distance_m)
   let lastFixWall = 0;
+  // The technician has not set off to this order (`not_started`, or
+  // `on_another_job`: still on the job before): no position (where they are is
+  // their own or another customer's business), only when they will come, kept
+  // fresh by `eta` pushes. Positions show once the order is their current job.
+  const STATUS_KEYS = { not_started: "track.not_started", on_another_job: "track.prev_job" };
+  const notYet = () => !!info && !info.error && !onThisJob(info);
+
+  function dropMarker() {
+    if (techMarker) { map.removeLayer(techMarker); techMarker = null; techEl = null; mover = null; }
+  }
+
+  function clearTrail() {
+    trail = [];
+    trailLine.setLatLngs([]);
+    sessionStorage.removeItem(trailKey);
+  }
 
   function placeHome(order) {
     if (home || !order?.address) return;
@@ -45,6 +61,8 @@ async function main() {
   }
 
   function onFix(p, fresh) {
+    // Positions come only once this order is the technician's current job.
+    if (notYet()) info = { ...info, technician_status: "on_this_job" };
     fix = p;
     const ll = [p.lat, p.lng];
     if (!techMarker) {
@@ -80,17 +98,21 @@ async function main() {
     if (data === null) {  // not visible any more: no position is shown (privacy)
       info = null;
       fix = null;
-      if (techMarker) { map.removeLayer(techMarker); techMarker = null; techEl = null; }
-      if (feed.order && !VISIBLE.has(feed.order.state) && feed.order.state !== "created") {
-        trail = [];
-        trailLine.setLatLngs([]);
-        sessionStorage.removeItem(trailKey);
-      }
+      dropMarker();
+      if (feed.order && !VISIBLE.has(feed.order.state) && feed.order.state !== "created") clearTrail();
     } else if (!data.error) {
       info = data;
       if (data.technician?.name) rememberTech(data.technician.name);
-      if (!data.position) { fix = null; }
+      // Not (yet) their current job: no marker. On it, a fix already shown stays
+      // until a newer one (the reply may hold an older fix, or none yet).
+      if (notYet()) { fix = null; dropMarker(); }
     }
+    renderTrack();
+  }
+
+  function onEta(e) {
+    if (!info || !Number.isFinite(e.eta_s)) return;
+    info = { ...info, eta_s: e.eta_s, eta_basis: e.basis };
     renderTrack();
   }
 
@@ -105,29 +127,49 @@ async function main() {
   }
 
   // -- order ---------------------------------------------------------------------
-  const watch = new TechWatch(trackSock, orderId, onFix, onWatchInfo);
+  const watch = new TechWatch(trackSock, orderId, onFix, onWatchInfo, onEta);
+  let loaded = false;  // the first sync replays history: nothing in it is news
+  let lateShown = false;
   const feed = new OrderFeed(ordersSock, orderId, (kind, f, fresh) => {
     if (kind === "error") {
       $("#order-state").textContent = f.error.code === "not_found" ? t("order.not_found")
         : f.error.code === "forbidden" ? t("order.forbidden") : f.error.message;
       return;
     }
-    if (kind === "event") {
-      for (const ev of fresh) {
-        if (ev.type === "reassigned") {
-          trail = [];
-          trailLine.setLatLngs([]);
-          sessionStorage.removeItem(trailKey);
-          techName = null;
-          sessionStorage.removeItem(nameKey);
-        }
-      }
+    const news = loaded ? fresh || [] : [];
+    loaded = true;
+    const reassigned = news.some((ev) => ev.type === "reassigned");
+    if (reassigned) {
+      // Another technician: the old one's marker, trail and name go at once.
+      clearTrail();
+      dropMarker();
+      fix = null;
+      info = null;
+      fitted = false;
+      techName = null;
+      sessionStorage.removeItem(nameKey);
     }
     placeHome(f.order);
+    const watching = watch.wanted;
     watch.set(VISIBLE.has(f.order.state));
+    // Any change of the order may change what the watch says (who comes, whether
+    // this is their current job yet, the ETA): ask again.
+    if (watching && news.length) watch.rewatch({ reset: reassigned });
     renderOrder();
     renderTrack();
+    if (!lateOf(f.order) && news.some((ev) => ev.type === "on_time_again") && lateShown) toast(t("track.on_time"));
+    renderLate();
   });
+
+  function renderLate() {
+    const box = $("#late-banner");
+    const late = lateOf(feed.order);
+    lateShown = !!late;
+    box.hidden = !late;
+    if (!late) { delete box.dataset.minutesLate; box.textContent = ""; return; }
+    box.textContent = late.minutes ? t("track.late", { n: late.minutes }) : t("track.late_unknown");
+    box.dataset.minutesLate = late.minutes ? String(late.minutes) : "";
+  }
 
   function renderOrder() {
     const o = feed.order;
@@ -162,18 +204,38 @@ async function main() {
   function renderTrack() {
     renderTrackLines();
     const card = $(".map-card");
-    card.hidden = !$("#eta").textContent && $("#last-seen").hidden;
+    card.hidden = !$("#eta").textContent && $("#last-seen").hidden && $("#tech-status").hidden;
   }
 
   function renderTrackLines() {
     const o = feed.order;
-    const eta = $("#eta"), seen = $("#last-seen"), who = $("#tech-name");
+    const eta = $("#eta"), seen = $("#last-seen"), who = $("#tech-name"), status = $("#tech-status");
     who.textContent = info?.technician?.name || techName || info?.technician?.id
       || (o?.technician_id ? t("track.tech_assigned") : t("track.no_tech"));
     seen.textContent = "";
     seen.hidden = true;
+    status.hidden = true;
+    delete status.dataset.status;
     delete eta.dataset.etaS;
+    delete eta.dataset.basis;
+    delete eta.dataset.distanceM;
     if (!o) return;
+    // (Once the order is en route the watch is asked again: until it answers, an
+    // earlier "not set off" is not shown against the order's own state.)
+    if (notYet() && o.state === "assigned") {
+      const key = STATUS_KEYS[info.technician_status] || "track.not_started";
+      status.textContent = t(key);
+      status.dataset.status = info.technician_status || "";
+      status.hidden = false;
+      if (typeof info.eta_basis === "string") eta.dataset.basis = info.eta_basis;
+      if (Number.isFinite(info.eta_s)) {
+        eta.textContent = t("track.queued_eta", { eta: fmtEta(info.eta_s) });
+        eta.dataset.etaS = String(info.eta_s);
+      } else {
+        eta.textContent = t("track.assigned_wait");
+      }
+      return;
+    }
     if (!VISIBLE.has(o.state)) {
       eta.textContent = o.state === "created" ? t("track.before_assign")
         : ["in_service", "completed"].includes(o.state) ? t("track.after_arrival") : "";
@@ -186,6 +248,7 @@ async function main() {
       eta.textContent = t("track.eta", { eta: fmtEta(fix.eta_s), dist: fmtDistance(fix.distance_m) });
       eta.dataset.etaS = String(fix.eta_s);
       eta.dataset.distanceM = String(fix.distance_m);
+      eta.dataset.basis = "live";
     } else {
       eta.textContent = o.state === "assigned" ? t("track.assigned_wait") : t("track.waiting_fix");
     }
@@ -380,6 +443,6 @@ async function main() {
     renderChat();
   });
 
-  onLangChange(() => { renderOrder(); renderTrack(); renderChat(); });
+  onLangChange(() => { renderOrder(); renderTrack(); renderLate(); renderChat(); });
   renderChat();
 }
