@@ -14,30 +14,23 @@ from datetime import date
 from typing import Annotated, Any
 
 from aiohttp import web
-from pydantic import Field, StringConstraints, field_validator
+from pydantic import Field
 
 from kernel.clock import now_ms
 from kernel.errors import Forbidden
 from realtime.api import CTX, SERVICES, QueryIn, json_response, parse_query, principal, require_role
 from realtime.errors import ok
 from realtime.feeds.ops import job_out
+from realtime.namespaces.models import Day
 from scheduling.calendar import DEFAULT_TZ
 from tracking import day
 
 TECH = "{technician_id:[A-Za-z0-9_.:@-]{1,64}}"
-IsoDate = Annotated[str, StringConstraints(pattern=r"^\d{4}-\d{2}-\d{2}$")]
 MAX_LATE = 500
 
 
 class DayQuery(QueryIn):
-    date: IsoDate | None = None
-
-    @field_validator("date")
-    @classmethod
-    def _a_date(cls, v: str | None) -> str | None:
-        if v is not None:
-            day.check_date(v)  # ValueError: "not a date" with the field
-        return v
+    date: Day | None = None
 
 
 class LateQuery(QueryIn):

@@ -28,7 +28,7 @@ Observe = Callable[[str, float], None]
 MAX_JOBS = 200
 # What a technician's day needs of each order (tracking/service.py JOB_FIELDS).
 JOB_PROJECTION = {k: 1 for k in ("seq", "state", "customer_id", "technician_id", "address",
-                                  "window", "times", "late")}
+                                  "window", "times", "late", "job_of")}
 # An order's committed document and event, its time, and the transaction.
 OnCommit = Callable[[dict[str, Any], Event, int, AsyncClientSession], Awaitable[None]]
 # This node's turn on some keys (technician ids), held around a commit.
@@ -228,16 +228,17 @@ class MongoOrderStore(GatedStore):
             return {}
         t0 = time.perf_counter()
         out: dict[str, dict[str, Order]] = {}
-        # The jobs under way (at most one each, by the index), then the
-        # queued ones, soonest first: a long queue never hides the current job.
-        under_way = self._orders.find({"job_of": {"$in": technician_ids}}, JOB_PROJECTION)
-        queued = self._orders.find(
-            {"technician_id": {"$in": technician_ids}, "state": "assigned"}, JOB_PROJECTION,
-            sort=[("window.start_ts", ASCENDING)], limit=MAX_JOBS * len(technician_ids))
-        for cursor in (under_way, queued):
-            async for doc in cursor:
-                order = order_out(doc)
-                out.setdefault(doc["technician_id"], {})[order["order_id"]] = order
+        # One query (every connected technician's day is re-read each minute):
+        # the jobs under way first (`job_of` is a string only for them; null
+        # sorts before strings), then the queued ones, soonest first, so a
+        # long queue never hides the current job.
+        cursor = self._orders.find(
+            {"technician_id": {"$in": technician_ids}, "state": {"$in": list(TECHNICIAN_PHASE)}},
+            JOB_PROJECTION, sort=[("job_of", DESCENDING), ("window.start_ts", ASCENDING)],
+            limit=MAX_JOBS * len(technician_ids))
+        async for doc in cursor:
+            order = order_out(doc)
+            out.setdefault(doc["technician_id"], {})[order["order_id"]] = order
         self._observe("order_jobs", time.perf_counter() - t0)
         return {tech: list(jobs.values()) for tech, jobs in out.items()}
 

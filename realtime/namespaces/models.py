@@ -5,8 +5,18 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
+from tracking.day import check_date
+
+
+def _a_day(v: str) -> str:
+    check_date(v)  # ValueError: "not a date" with the field
+    return v
+
+
+# A calendar day a day view may ask for, "YYYY-MM-DD" (tracking/day.py check_date).
+Day = Annotated[str, StringConstraints(pattern=r"^\d{4}-\d{2}-\d{2}$"), AfterValidator(_a_day)]
 # Ids become room names and index keys: printable, no spaces, bounded.
 Id = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:@-]+$")]
 # Integers stay within what JavaScript represents exactly (and MongoDB stores).

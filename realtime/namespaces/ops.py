@@ -4,16 +4,14 @@ agents), and of the technicians' days (one row each, jobs as bars)."""
 from __future__ import annotations
 
 from datetime import date
-from typing import TYPE_CHECKING, Annotated, Any
-
-from pydantic import StringConstraints, field_validator
+from typing import TYPE_CHECKING, Any
 
 from kernel.clock import now_ms
 from realtime import rooms
 from realtime.auth import Principal
 from realtime.feeds.ops import job_out
 from realtime.namespaces.base import BaseNamespace, handles
-from realtime.namespaces.models import Inbound
+from realtime.namespaces.models import Day, Inbound
 from scheduling.calendar import DEFAULT_TZ
 from tracking import day
 
@@ -32,14 +30,7 @@ class Empty(Inbound):
 
 
 class DayIn(Inbound):
-    date: Annotated[str, StringConstraints(pattern=r"^\d{4}-\d{2}-\d{2}$")] | None = None
-
-    @field_validator("date")
-    @classmethod
-    def _a_date(cls, v: str | None) -> str | None:
-        if v is not None:
-            day.check_date(v)  # ValueError: "not a date" with the field
-        return v
+    date: Day | None = None
 
 
 class OpsNamespace(BaseNamespace):
