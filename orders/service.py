@@ -9,7 +9,6 @@ the same state give one winner and one ``conflict``.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol
@@ -18,6 +17,7 @@ from kernel.actor import Actor
 from kernel.clock import now_ms
 from kernel.errors import Conflict, Forbidden, NotFound, Unavailable
 from kernel.locks import KeyedLocks
+from kernel.shared import SharedReads
 from orders.lifecycle import SYSTEM, UNDER_WAY, check_transition
 from orders.model import Event, Order
 
@@ -84,7 +84,7 @@ class OrderService:
         # store's bound: the one ahead ends within it) before `unavailable`;
         # None: as long as it takes.
         self._busy_wait_s = busy_wait_s
-        self._reads: dict[str, asyncio.Future[Order]] = {}
+        self._reads: SharedReads[Order] = SharedReads()
 
     async def get(self, order_id: str) -> Order:
         """The order, for callers who may see any order (staff, the server)."""
@@ -106,20 +106,7 @@ class OrderService:
         trip: after a deploy or a network blip every device watching an order
         asks for it at once. The order returned is shared: read it, never
         change it."""
-        pending = self._reads.get(order_id)
-        if pending is None:
-            pending = asyncio.ensure_future(self.get(order_id))
-            self._reads[order_id] = pending
-
-            def done(f: asyncio.Future[Order]) -> None:
-                if self._reads.get(order_id) is f:
-                    del self._reads[order_id]
-                if not f.cancelled():
-                    f.exception()  # retrieved here even when every reader left
-
-            pending.add_done_callback(done)
-        # A reader that gives up (disconnects) does not cancel the others' read.
-        return await asyncio.shield(pending)
+        return await self._reads.get(order_id, lambda: self.get(order_id))
 
     async def create(self, actor: Actor, spec: dict[str, Any]) -> tuple[Order, bool]:
         """Create an order; idempotent on order_id. Returns (order, created).
@@ -230,18 +217,17 @@ class OrderService:
 
     async def note_when(
         self, actor: Actor, order_id: str,
-        decide: Callable[[Order], tuple[str, dict[str, Any], dict[str, Any]] | None],
+        decide: Callable[[Order], tuple[dict[str, Any], str, dict[str, Any]] | None],
     ) -> tuple[Order, Event] | None:
         """An event decided on the order as it is now (`decide` returns the
-        event's type, the changes and its data, or None for nothing to
+        changes, the event's type and its data, or None for nothing to
         record), committed only if the order did not move meanwhile."""
 
         def decided(order: Order) -> tuple[dict[str, Any], str, dict[str, Any]]:
             out = decide(order)
             if out is None:
                 raise NoChange
-            ev_type, changes, data = out
-            return dict(changes), ev_type, data
+            return out
 
         try:
             return await self._apply(actor, order_id, decided)

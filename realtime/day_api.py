@@ -18,7 +18,7 @@ from pydantic import Field
 
 from kernel.clock import now_ms
 from kernel.errors import Forbidden
-from realtime.api import CTX, SERVICES, QueryIn, json_response, parse_query, principal, require_role
+from realtime.api import SERVICES, QueryIn, json_response, parse_query, principal, require_role
 from realtime.errors import ok
 from realtime.feeds.ops import job_out
 from realtime.namespaces.models import Day
@@ -60,20 +60,16 @@ async def technician_day(request: web.Request) -> web.Response:
     if not (p.role in ("agent", "admin", "service") or (p.role == "technician" and p.id == tech_id)):
         raise Forbidden("a technician's day is for staff and the technician")
     query = parse_query(request, DayQuery)
-    ctx = request.app[CTX]
     services = request.app[SERVICES]
     cal = (await services.calendars.of([tech_id])).get(tech_id)
     tz = cal.timezone if cal is not None else DEFAULT_TZ
     now = now_ms()
     on, from_ts, to_ts = day.day_range(
         date.fromisoformat(query.date) if query.date else None, tz, now)
-    orders = await services.order_store.day_of(tech_id, from_ts, to_ts)
+    orders = await services.order_store.day_of(from_ts, to_ts, technician_id=tech_id)
     projections: dict[str, day.Projection] = {}
     if any(o["state"] in day.AHEAD for o in orders):
-        # The projection runs over the whole queue (jobs of other days come first too).
-        jobs = await services.tracking.jobs_of(tech_id)
-        pos = await services.tracking.positions.get(tech_id)
-        projections = day.project(jobs.values(), pos, now, ctx.services.tracking.cfg.eta)
+        projections = await services.tracking.projections(tech_id, now)
     return json_response(ok({
         "technician_id": tech_id, "date": on.isoformat(), "timezone": tz,
         "from_ts": from_ts, "to_ts": to_ts,

@@ -227,7 +227,7 @@ class MongoOrderStore(GatedStore):
         if not technician_ids:
             return {}
         t0 = time.perf_counter()
-        out: dict[str, dict[str, Order]] = {}
+        out: dict[str, list[Order]] = {}
         # One query (every connected technician's day is re-read each minute):
         # the jobs under way first (`job_of` is a string only for them; null
         # sorts before strings), then the queued ones, soonest first, so a
@@ -237,24 +237,16 @@ class MongoOrderStore(GatedStore):
             JOB_PROJECTION, sort=[("job_of", DESCENDING), ("window.start_ts", ASCENDING)],
             limit=MAX_JOBS * len(technician_ids))
         async for doc in cursor:
-            order = order_out(doc)
-            out.setdefault(doc["technician_id"], {})[order["order_id"]] = order
+            out.setdefault(doc["technician_id"], []).append(order_out(doc))
         self._observe("order_jobs", time.perf_counter() - t0)
-        return {tech: list(jobs.values()) for tech, jobs in out.items()}
+        return out
 
-    async def day_of(self, technician_id: str, from_ts: int, to_ts: int) -> list[Order]:
-        """The technician's orders whose window starts in [from_ts, to_ts),
-        cancelled ones left out, in window order."""
+    async def day_of(self, from_ts: int, to_ts: int, limit: int = MAX_JOBS,
+                     technician_id: str | None = None) -> list[Order]:
+        """The orders of one technician (or of every technician) whose window
+        starts in [from_ts, to_ts), cancelled ones left out, in window order."""
         cursor = self._orders.find(
-            {"technician_id": technician_id, "window.start_ts": {"$gte": from_ts, "$lt": to_ts},
-             "state": {"$ne": "cancelled"}},
-            sort=[("window.start_ts", ASCENDING)], limit=MAX_JOBS)
-        return [order_out(doc) async for doc in cursor]
-
-    async def days_of_all(self, from_ts: int, to_ts: int, limit: int) -> list[Order]:
-        """Every technician's orders whose window starts in [from_ts, to_ts)."""
-        cursor = self._orders.find(
-            {"technician_id": {"$type": "string"},
+            {"technician_id": technician_id or {"$type": "string"},
              "window.start_ts": {"$gte": from_ts, "$lt": to_ts}, "state": {"$ne": "cancelled"}},
             sort=[("window.start_ts", ASCENDING)], limit=limit)
         return [order_out(doc) async for doc in cursor]

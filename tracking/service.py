@@ -20,6 +20,7 @@ from typing import Any, Final, Protocol
 from kernel.actor import Actor
 from kernel.clock import now_ms
 from kernel.errors import Conflict, Forbidden, RateLimited
+from kernel.shared import SharedReads
 from kernel.tasks import BackgroundTasks
 from orders.lifecycle import TECHNICIAN_PHASE
 from orders.model import Order
@@ -50,6 +51,19 @@ JOB_FIELDS: Final = ("order_id", "seq", "state", "customer_id", "technician_id",
                      "window", "times", "late")
 # Orders remembered per technician as gone (moved, ended), against stale reads.
 MAX_GONE: Final = 256
+
+
+def job_fields(order: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: order.get(k) for k in JOB_FIELDS}
+
+
+def seq_of(job: Mapping[str, Any] | None) -> int:
+    """A job's seq (-1: none known)."""
+    return -1 if job is None else int(job.get("seq") or 0)
+
+
+def jobs_by_id(orders: list[Order]) -> dict[str, dict[str, Any]]:
+    return {o["order_id"]: job_fields(o) for o in orders}
 # How long a cached "which order is this technician on" is trusted before a
 # background refresh. Order changes on every node update it at once (the
 # node bus); the refresh only repairs what an outage of the bus lost.
@@ -143,10 +157,7 @@ class _TechState:
         is newer (by seq), and what the read lacks stays."""
         if merge:
             for oid, job in jobs.items():
-                if self.gone.get(oid, -1) >= int(job.get("seq") or 0):
-                    continue
-                mine = self.jobs.get(oid)
-                if mine is None or int(mine.get("seq") or 0) < int(job.get("seq") or 0):
+                if self.gone.get(oid, -1) < seq_of(job) > seq_of(self.jobs.get(oid)):
                     self.jobs[oid] = job
         else:
             self.jobs = jobs
@@ -155,13 +166,12 @@ class _TechState:
     def put_job(self, order: Mapping[str, Any]) -> None:
         """An order event (from any node, in any order): the newer seq wins."""
         oid = str(order["order_id"])
-        seq = int(order.get("seq") or 0)
+        seq = seq_of(order)
         self.changes += 1
-        mine = self.jobs.get(oid)
-        if (mine is not None and int(mine.get("seq") or 0) > seq) or self.gone.get(oid, -1) >= seq:
+        if seq_of(self.jobs.get(oid)) > seq or self.gone.get(oid, -1) >= seq:
             return  # an older event than what is known
         if order["state"] in TECHNICIAN_PHASE:
-            self.jobs[oid] = {k: order.get(k) for k in JOB_FIELDS}
+            self.jobs[oid] = job_fields(order)
         else:
             self._forget(oid, seq)
         self.active = self._current()
@@ -169,8 +179,7 @@ class _TechState:
     def drop_job(self, order_id: str, seq: int) -> None:
         """The order moved to another technician at `seq`."""
         self.changes += 1
-        mine = self.jobs.get(order_id)
-        if mine is not None and int(mine.get("seq") or 0) > seq:
+        if seq_of(self.jobs.get(order_id)) > seq:
             return
         self._forget(order_id, seq)
         self.active = self._current()
@@ -235,7 +244,7 @@ class TrackingService:
         self._online = online
         # Whether an order has watchers on any node (realtime/feeds/tracking.py).
         self._watched = watched or (lambda order_id: True)
-        self._jobs_reads: dict[str, asyncio.Future[list[Order]]] = {}
+        self._jobs_reads: SharedReads[list[Order]] = SharedReads()
         self._projector: asyncio.Task[None] | None = None
         self._closed = False
         self._trails = trails
@@ -284,8 +293,7 @@ class TrackingService:
         try:
             before = st.changes
             jobs = await self._jobs.jobs_for_technician(technician_id)
-            st.set_jobs({o["order_id"]: {k: o.get(k) for k in JOB_FIELDS} for o in jobs},
-                        merge=st.changes != before)
+            st.set_jobs(jobs_by_id(jobs), merge=st.changes != before)
             st.active_at = time.monotonic()
         finally:
             st.refreshing = False
@@ -310,7 +318,7 @@ class TrackingService:
             self._techs[tech].put_job(order)
         prev = event.get("data", {}).get("previous_technician_id")
         if prev and prev != tech and prev in self._techs:
-            self._techs[prev].drop_job(str(order["order_id"]), int(order.get("seq") or 0))
+            self._techs[prev].drop_job(str(order["order_id"]), seq_of(order))
 
     # -- ingest ----------------------------------------------------------
     async def ingest(self, tech: Actor, name: str | None, items: list[Point | PointResult],
@@ -462,9 +470,8 @@ class TrackingService:
         assert tech_id is not None  # checked above
         pos = await self.positions.get(tech_id)
         jobs = await self.jobs_of(tech_id)
-        mine = jobs.get(order_id)
-        if mine is None or int(mine.get("seq") or 0) < order["seq"]:
-            jobs[order_id] = {k: order.get(k) for k in JOB_FIELDS}  # the read is newer
+        if seq_of(jobs.get(order_id)) < order["seq"]:
+            jobs[order_id] = job_fields(order)  # the read is newer
         view: dict[str, Any] = {
             "order_id": order_id,
             "state": order["state"],
@@ -505,28 +512,23 @@ class TrackingService:
             view["eta_s"], view["distance_m"] = eta, round(dist)
         return view
 
+    async def projections(self, technician_id: str, now: int) -> dict[str, day.Projection]:
+        """The projection of the technician's whole queue (jobs of other
+        days come first too), from their latest position."""
+        jobs = await self.jobs_of(technician_id)
+        pos = await self.positions.get(technician_id)
+        return day.project(jobs.values(), pos, now, self.cfg.eta)
+
     async def jobs_of(self, technician_id: str) -> dict[str, dict[str, Any]]:
         """The technician's jobs: this node's copy when it holds the
         technician (kept exact by order events), else the store's."""
         st = self._techs.get(technician_id)
         if st is not None and st.active_at and not st.must_refresh:
             return dict(st.jobs)
-        # Reads of one technician's jobs that overlap share one round trip
-        # (after a deploy, every watcher of their orders asks at once).
-        pending = self._jobs_reads.get(technician_id)
-        if pending is None:
-            pending = asyncio.ensure_future(self._jobs.jobs_for_technician(technician_id))
-            self._jobs_reads[technician_id] = pending
-
-            def done(f: asyncio.Future[list[Order]]) -> None:
-                if self._jobs_reads.get(technician_id) is f:
-                    del self._jobs_reads[technician_id]
-                if not f.cancelled():
-                    f.exception()  # retrieved here even when every reader left
-
-            pending.add_done_callback(done)
-        orders = await asyncio.shield(pending)
-        return {o["order_id"]: {k: o.get(k) for k in JOB_FIELDS} for o in orders}
+        # (After a deploy, every watcher of their orders asks at once.)
+        orders = await self._jobs_reads.get(
+            technician_id, lambda: self._jobs.jobs_for_technician(technician_id))
+        return jobs_by_id(orders)
 
     # -- the day's projection ------------------------------------------------
     def start(self) -> None:
@@ -613,7 +615,7 @@ class TrackingService:
                                proj: day.Projection) -> None:
         grace = self.cfg.late_grace_min
 
-        def decide(order: Order) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
+        def decide(order: Order) -> tuple[dict[str, Any], str, dict[str, Any]] | None:
             # Decided again on the stored order: another node, or this one a
             # moment ago, may have recorded it already; and the projection
             # was of this technician's day (not of one it has just left).
@@ -626,7 +628,7 @@ class TrackingService:
                     "basis": proj.basis}
             late = ({**data, "step": verdict.step, "ts": now_ms()}
                     if verdict.event == "late_risk" else None)
-            return verdict.event, {"late": late}, data
+            return {"late": late}, verdict.event, data
 
         try:
             await self.orders.note_when(LATENESS_ACTOR, order_id, decide)
@@ -643,8 +645,7 @@ class TrackingService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._projector
         await self._background.close()
-        for pending in list(self._jobs_reads.values()):
-            pending.cancel()
+        self._jobs_reads.cancel()
 
     async def settled(self) -> None:
         """The background work of the fixes so far (arrivals, refreshes) is done."""

@@ -19,7 +19,7 @@ from realtime.interest import Interest
 from realtime.transport.rooms import LocalRooms
 from tracking.geo import CoordSys, from_wgs84
 from tracking.positions import Position
-from tracking.service import JOB_FIELDS, VISIBLE
+from tracking.service import VISIBLE, job_fields
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ class TrackingFeed:
         # Every node's cache of "which order is this technician on" (nothing
         # on the GPS path reads MongoDB for it).
         await self.bus.publish("order_changed", {
-            "order": {k: order.get(k) for k in JOB_FIELDS},
+            "order": job_fields(order),
             "event": {"type": event["type"], "data": {
                 "previous_technician_id": event["data"].get("previous_technician_id")}},
         })

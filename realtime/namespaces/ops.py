@@ -62,7 +62,7 @@ class OpsNamespace(BaseNamespace):
         row per technician; `job` pushes keep it live."""
         on, from_ts, to_ts = day.day_range(
             date.fromisoformat(body.date) if body.date else None, DEFAULT_TZ, now_ms())
-        orders = await self.ctx.services.order_store.days_of_all(from_ts, to_ts, MAX_DAY_JOBS)
+        orders = await self.ctx.services.order_store.day_of(from_ts, to_ts, MAX_DAY_JOBS)
         rows: dict[str, list[dict[str, Any]]] = {}
         for o in orders:
             rows.setdefault(str(o["technician_id"]), []).append(job_out(o))

@@ -135,7 +135,6 @@ class TrackingNamespace(BaseNamespace):
         self.feed = ctx.feeds.tracking
         self._location_in = ctx.metrics.fast(ctx.metrics.events_in.labels(NAMESPACE, "location"))
         self._location_acks: dict[str, Any] = {}
-        self._here: dict[str, int] = {}  # technician id -> their sockets on this node
         ctx.engine.bus.on("positions", self.on_positions)
         ctx.engine.bus.on("order_changed", self.on_order_changed)
 
@@ -145,7 +144,6 @@ class TrackingNamespace(BaseNamespace):
 
     async def connected(self, sid: str, p: Principal) -> None:
         if p.role == "technician":
-            self._here[p.id] = self._here.get(p.id, 0) + 1
             if await self.presence.connect(p.id):
                 await self.ctx.feeds.ops.announce("technician", p.id, True)
             with contextlib.suppress(Exception):  # store down: the TTL refresh retries
@@ -153,15 +151,11 @@ class TrackingNamespace(BaseNamespace):
 
     async def disconnected(self, sid: str, p: Principal) -> None:
         if p.role == "technician":
-            left = self._here.get(p.id, 1) - 1
-            if left > 0:
-                self._here[p.id] = left
-            else:
-                self._here.pop(p.id, None)
+            if await self.presence.disconnect(p.id):
+                self.svc.technician_gone(p.id)
+                await self.ctx.feeds.ops.announce("technician", p.id, False)
+            elif not self.presence.here(p.id):  # still connected, to other nodes
                 self.svc.technician_left_node(p.id)
-        if p.role == "technician" and await self.presence.disconnect(p.id):
-            self.svc.technician_gone(p.id)
-            await self.ctx.feeds.ops.announce("technician", p.id, False)
         self.feed.gone(sid)
 
     # -- technicians -----------------------------------------------------

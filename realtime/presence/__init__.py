@@ -14,6 +14,9 @@ class Presence(Protocol):
 
     async def online(self, user_ids: list[str]) -> set[str]: ...
 
+    def here(self, user_id: str) -> bool:
+        """Whether the user has a live connection on this node."""
+
     async def heartbeat(self) -> None: ...
 
     async def sweep(self) -> list[str]:

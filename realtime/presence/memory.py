@@ -24,6 +24,9 @@ class MemoryPresence:
         self.local[user_id] = n
         return False
 
+    def here(self, user_id: str) -> bool:
+        return user_id in self.local
+
     async def online(self, user_ids: list[str]) -> set[str]:
         return {u for u in user_ids if u in self.local}
 

@@ -81,6 +81,9 @@ class RedisPresence:
             return True  # as far as this node can tell; the claim lapses by its TTL
         return gone
 
+    def here(self, user_id: str) -> bool:
+        return user_id in self.local
+
     async def online(self, user_ids: list[str], local_too: bool = True) -> set[str]:
         if not user_ids:
             return set()
