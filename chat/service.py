@@ -58,6 +58,8 @@ class ChatStore(Protocol):
     async def assigned_to(self, agent_id: str) -> list[Conversation]: ...
     async def find_by_client_id(self, conv_id: str, sender_id: str, cmid: str) -> Message | None: ...
     async def append(self, conv_id: str, msg: Message) -> tuple[Message, bool]: ...
+    async def set_csat(self, conv_id: str, csat: dict[str, Any]) -> Conversation | None:
+        """Set the CSAT of a closed, unrated conversation (None: it was not so)."""
     async def messages_after(self, conv_id: str, since_seq: int, limit: int) -> list[Message]: ...
     async def messages_before(self, conv_id: str, before_seq: int, limit: int) -> list[Message]: ...
 
@@ -295,7 +297,7 @@ class ChatService:
         if conv.get("csat"):
             raise Conflict("already rated")
         csat = {"stars": stars, "comment": comment, "ts": now_ms()}
-        rated = await self.store.update(conv_id, {"status": "closed", "csat": None}, {"csat": csat})
+        rated = await self.store.set_csat(conv_id, csat)
         if rated is None:
             raise Conflict("already rated")
         return rated

@@ -36,6 +36,7 @@ from realtime.namespaces.chat import ChatNamespace
 from realtime.namespaces.ops import OpsNamespace
 from realtime.namespaces.orders import OrdersNamespace
 from realtime.namespaces.tracking import TrackingNamespace
+from realtime.outbox_api import setup_outbox_routes
 from realtime.pages import setup_pages
 from realtime.rooms import CHAT as CHAT_NS
 from realtime.rooms import OPS as OPS_NS
@@ -70,6 +71,7 @@ def cors_policy(settings: Settings) -> Any:
 
 def create_app(settings: Settings) -> web.Application:
     settings.ensure_secret()
+    quiet_drivers()
     metrics = Metrics()
 
     async def link_restored() -> None:
@@ -118,6 +120,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(metrics_listener)
     sio.attach(app)
     setup_day_routes(app)  # before the order routes (/api/orders/late)
+    setup_outbox_routes(app)
     setup_routes(app)
     setup_scheduling_routes(app)
     setup_pages(app, settings)
@@ -180,6 +183,14 @@ async def resync(sio: RealtimeServer, services: Services) -> None:
         await sio.emit("resync", {"reason": "cluster_link_restored"}, namespace=ns)
 
 
+def quiet_drivers() -> None:
+    """The MongoDB driver at DEBUG prints whole commands, webhook secrets and
+    chat messages among them: never below INFO, even at REALTIME_LOG_LEVEL=DEBUG."""
+    driver = logging.getLogger("pymongo")
+    if driver.getEffectiveLevel() < logging.INFO:
+        driver.setLevel(logging.INFO)
+
+
 async def presence_keeper(ctx: Context, ttl_s: float) -> None:
     """Refresh this node's presence claims, and announce users whose node
     died (their claims lapsed) as offline; a dead agent's chats start their
@@ -191,6 +202,8 @@ async def presence_keeper(ctx: Context, ttl_s: float) -> None:
         try:
             await engine.tech_presence.heartbeat()
             await engine.agent_presence.heartbeat()
+            await engine.user_presence.heartbeat()
+            await engine.user_presence.sweep()
             for tech in await engine.tech_presence.sweep():
                 await ctx.feeds.ops.announce("technician", tech, False)
             for agent in await engine.agent_presence.sweep():

@@ -23,7 +23,7 @@ from storage.redis.directory import RedisAgentDirectory
 from storage.redis.fallback import FallbackDirectory, FallbackPositions
 from storage.redis.lock import redis_lock
 from storage.redis.positions import RedisPositions
-from storage.redis.presence import RedisPresence
+from storage.redis.presence import RedisPresence, RedisUserSets
 from storage.redis.rate_limits import shared_limiter
 from tracking.positions import MemoryPositions, PositionStore
 from tracking.service import RateLimiter
@@ -44,6 +44,9 @@ class Engine:
     limiter: RateLimiter
     tech_presence: Presence
     agent_presence: Presence
+    # Every user with a socket on any namespace: whoever has none gets
+    # notifications instead (outbox/relay.py).
+    user_presence: Presence
     directory: AgentDirectory
     pump_lock: PumpLock
     chat_limits: SendLimits
@@ -70,6 +73,7 @@ def build_engine(settings: Settings, *,
             name="memory", node_id=node_id, bus=Bus(), positions=MemoryPositions(),
             limiter=MemoryRateLimiter(settings.location_rate, settings.location_burst),
             tech_presence=MemoryPresence(), agent_presence=MemoryPresence(),
+            user_presence=MemoryPresence(),
             directory=MemoryAgentDirectory(), pump_lock=local_lock(),
             chat_limits=SendLimits(
                 LocalRateLimiter(settings.chat_send_rate, settings.chat_send_burst),
@@ -95,6 +99,7 @@ def build_engine(settings: Settings, *,
         limiter=MemoryRateLimiter(settings.location_rate, settings.location_burst),
         tech_presence=RedisPresence(redis, "technician", node_id, ttl, prefix),
         agent_presence=RedisPresence(redis, "agent", node_id, ttl, prefix),
+        user_presence=RedisUserSets(redis, node_id, ttl, prefix),
         directory=FallbackDirectory(RedisAgentDirectory(redis, prefix)),
         pump_lock=redis_lock(redis, f"{prefix}:chat:pump"),
         # Chat limits are cluster-wide: one user's connections, and one

@@ -35,6 +35,28 @@ class FastCounter:
             self.child.inc(n)
 
 
+class OutboxObserver:
+    """The relay's Observer (outbox/relay.py) over these metrics."""
+
+    def __init__(self, m: Metrics) -> None:
+        self.m = m
+
+    def attempt(self, channel: str, result: str) -> None:
+        self.m.outbox_attempts.labels(channel, result).inc()
+
+    def dead(self, channel: str) -> None:
+        self.m.outbox_dead.labels(channel).inc()
+
+    def lag(self, seconds: float) -> None:
+        self.m.outbox_lag.observe(seconds)
+
+    def undone_age(self, seconds: float) -> None:
+        self.m.outbox_undone_age.set(seconds)
+
+    def partitions(self, n: int) -> None:
+        self.m.outbox_partitions.set(n)
+
+
 class ClusterStats(Protocol):
     """What the Redis manager (realtime/transport/cluster.py) counts."""
 
@@ -163,6 +185,29 @@ class Metrics:
         )
         self.queue_length = Gauge(
             "realtime_chat_queue_length", "Support conversations waiting for an agent", registry=r
+        )
+
+        # The outbox (outbox/relay.py): the relay's Observer.
+        self.outbox_lag = Histogram(
+            "realtime_outbox_lag_seconds",
+            "Outbox: a change's commit to its delivery's 2xx (webhooks and pushes not held)",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 30.0, 300.0, 3600.0), registry=r,
+        )
+        self.outbox_attempts = Counter(
+            "realtime_outbox_attempts_total", "Outbox: delivery attempts by channel and result",
+            ["channel", "result"], registry=r,
+        )
+        self.outbox_dead = Counter(
+            "realtime_outbox_dead_letters_total", "Outbox: deliveries dead after their last try",
+            ["channel"], registry=r,
+        )
+        self.outbox_undone_age = Gauge(
+            "realtime_outbox_undone_age_seconds",
+            "Outbox: age of the oldest record not yet fanned out in this node's partitions",
+            registry=r,
+        )
+        self.outbox_partitions = Gauge(
+            "realtime_outbox_partitions", "Outbox: partitions this node holds leases on", registry=r,
         )
 
         self.hostile = Counter(

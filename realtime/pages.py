@@ -8,6 +8,9 @@ Routes:
   pages. The token travels in the URL fragment (``#token=...``), which browsers
   never send to a server, and lives in the tab's sessionStorage; never in a query.
 - ``GET /static/...``: web/static/.
+- ``GET /sw.js``: the service worker (web/sw.js) that shows Web Push
+  notifications. At the root, so that its scope is the whole site (/track/...);
+  revalidated on every load (``no-cache``), so a new version reaches browsers.
 - ``GET /static/vendor/{file}``: the few dist files the pages load from
   socket.io-client and leaflet; 503 with a hint to run scripts/setup when
   web/node_modules is missing (the pages themselves still load).
@@ -57,6 +60,7 @@ VENDOR: Final = {
 }
 PAGES: Final = {"book": "book.html", "track": "track.html", "console": "console.html",
                 "ops": "ops.html"}
+SERVICE_WORKER: Final = WEB_DIR / "sw.js"
 CONFIG_PLACEHOLDER: Final = "<!--RT-CONFIG-->"
 DEV_TOKEN_PATH: Final = "/api/dev/token"
 DEV_TOKEN_TTL_S: Final = 12 * 3600
@@ -114,6 +118,8 @@ def security_headers(settings: Settings, host: str | None) -> dict[str, str]:
         "style-src 'self' 'unsafe-inline'",
         "img-src " + " ".join(img),
         "connect-src " + " ".join(connect),
+        # The service worker (/sw.js), ours only.
+        "worker-src 'self'",
         "frame-ancestors 'none'",
         "base-uri 'none'",
         "form-action 'self'",
@@ -141,6 +147,17 @@ def page_handler(name: str) -> Handler:
                             charset="utf-8", headers=security_headers(settings, request.host))
 
     return handler
+
+
+async def service_worker(request: web.Request) -> web.StreamResponse:
+    settings = request.app[SETTINGS]
+    headers = security_headers(settings, request.host)
+    # A browser checks for a new worker on navigation; no-cache makes that check
+    # reach us (the worker is small), rather than a cached copy for a day.
+    headers["Cache-Control"] = "no-cache"
+    headers["Service-Worker-Allowed"] = "/"
+    return web.Response(text=SERVICE_WORKER.read_text(encoding="utf-8"), content_type="text/javascript",
+                        charset="utf-8", headers=headers)
 
 
 async def vendor(request: web.Request) -> web.StreamResponse:
@@ -221,5 +238,6 @@ def setup_pages(app: web.Application, settings: Settings) -> None:
     app.router.add_get("/track/{order_id:[A-Za-z0-9_.:@-]{1,64}}", page_handler("track"))
     app.router.add_get("/console", page_handler("console"))
     app.router.add_get("/ops", page_handler("ops"))
+    app.router.add_get("/sw.js", service_worker)
     app.router.add_get("/static/vendor/{name:.+}", vendor)
     app.router.add_static("/static/", STATIC_DIR, append_version=False)

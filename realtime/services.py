@@ -10,7 +10,9 @@ the edge's feeds (realtime/feeds/), which exist before any service."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,12 +21,15 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from chat.routing import Router
 from chat.service import ChatService
+from kernel.clock import now_ms
 from orders.model import Event, Order
 from orders.service import OrderService
+from outbox.relay import Relay, RelayConfig
 from realtime.engine import Engine
 from realtime.feeds import Feeds
 from realtime.feeds.booking import CALENDAR_CHANGED, SCHEDULE_CHANGED
-from realtime.metrics import Metrics
+from realtime.metrics import Metrics, OutboxObserver
+from realtime.outbound import HttpSender, application_server_key, load_vapid, url_problem
 from realtime.settings import Settings
 from scheduling.service import BookingConfig, SchedulingService
 from storage.calendars import MongoCalendarStore
@@ -33,6 +38,7 @@ from storage.dispatch import MongoDispatchStore
 from storage.embedded import EmbeddedMongo
 from storage.gate import StoreGate
 from storage.mongo import MongoOrderStore, connect, ensure_indexes
+from storage.outbox import MongoOutboxStore
 from storage.schedules import MongoScheduleStore, ScheduleBook, schedule_touched
 from storage.trails import KEEP_NO_TRAILS, KeepNoTrails, TrailWriter, ensure_trail_indexes
 from tracking.dispatch import DispatchConfig, DispatchService
@@ -98,6 +104,14 @@ class Services:
     calendars: MongoCalendarStore
     schedules: MongoScheduleStore
     scheduling: SchedulingService
+    outbox_store: MongoOutboxStore
+    relay: Relay
+    sender: HttpSender
+    # The Web Push application server key (VAPID public key, base64url).
+    vapid_public_key: str
+    webhooks_config: tuple[dict[str, Any], ...]
+    # This server's own ports (a webhook URL must not point back at them).
+    own_ports: frozenset[int]
 
     async def start(self) -> None:
         """Wait for the store (indexes made), then start the background work."""
@@ -110,15 +124,20 @@ class Services:
         await self.dispatch_store.ensure_indexes()
         await self.calendars.ensure_indexes()
         await self.schedules.ensure_indexes()
+        await self.outbox_store.ensure_indexes()
+        await sync_config_endpoints(self.outbox_store, self.webhooks_config, self.own_ports)
         if isinstance(self.trails, TrailWriter):
             self.trails.start()
         self.scheduling.start()
         self.tracking.start()
+        self.relay.start()
 
     async def stop(self) -> None:
         """In the order that loses nothing: rounds and timers first, then the
         writers flush, then the store closes."""
         await self.dispatch.close()
+        await self.relay.close()
+        await self.sender.close()
         await self.scheduling.close()
         await self.router.close()
         await self.tracking.close()
@@ -142,7 +161,27 @@ def build_services(settings: Settings, engine: Engine, metrics: Metrics, feeds: 
     order_store = MongoOrderStore(store.client, db, metrics.observe_store, store.gate,
                                   on_commit=book.order_committed, turns=book.turns)
 
+    outbox_store = MongoOutboxStore(store.client, db, store.gate)
+    vapid = load_vapid(settings.data_dir, settings.vapid_private_key)
+    sender = HttpSender(settings.webhook_timeout_s, vapid, settings.vapid_subject)
+    relay = Relay(outbox_store, sender, engine.user_presence.online, engine.node_id,
+                  RelayConfig(lease_s=settings.outbox_lease_s, poll_s=settings.outbox_poll_s,
+                              schedule=settings.webhook_retry_s,
+                              per_target=settings.webhook_concurrency,
+                              send_timeout_s=settings.webhook_timeout_s),
+                  OutboxObserver(metrics), signal=_coalesced(engine))
+
+    async def outbox_wake(data: dict[str, Any]) -> None:
+        relay.wake()
+
+    async def webhooks_changed(data: dict[str, Any]) -> None:
+        await relay.reload_endpoints()
+
+    engine.bus.on(OUTBOX_SIGNAL, outbox_wake)
+    engine.bus.on(WEBHOOKS_CHANGED, webhooks_changed)
+
     async def order_changed(order: Order, event: Event) -> None:
+        relay.poke()
         await feeds.orders.publish(order, event)
         await feeds.tracking.order_changed(order, event)
         if order.get("technician_id") or event["data"].get("previous_technician_id"):
@@ -179,7 +218,15 @@ def build_services(settings: Settings, engine: Engine, metrics: Metrics, feeds: 
                     cap=settings.agent_cap, grace_s=settings.agent_grace_s)
     metrics.queue_length.set_function(lambda: router.queue_length)
     metrics.agents_available.set_function(lambda: router.available_agents)
-    chat = ChatService(chat_store, orders, router, feeds.chat.delivered,
+    async def message_delivered(conv: Any, msg: Any, origin: str | None) -> None:
+        relay.poke()
+        await feeds.chat.delivered(conv, msg, origin)
+
+    async def send_offer(technician_id: str, offer: dict[str, Any]) -> None:
+        relay.poke()
+        await feeds.orders.send_offer(technician_id, offer)
+
+    chat = ChatService(chat_store, orders, router, message_delivered,
                        limits=engine.chat_limits, busy_wait_s=bound_s)
     calendars = MongoCalendarStore(db, store.gate)
     schedules = MongoScheduleStore(store.client, db, book, store.gate)
@@ -192,7 +239,7 @@ def build_services(settings: Settings, engine: Engine, metrics: Metrics, feeds: 
     dispatch_store = MongoDispatchStore(db, store.gate)
     dispatch = DispatchService(
         orders=orders, positions=engine.positions, presence=engine.tech_presence,
-        busy=order_store, store=dispatch_store, send_offer=feeds.orders.send_offer,
+        busy=order_store, store=dispatch_store, send_offer=send_offer,
         withdraw=feeds.orders.withdraw_offer,
         config=DispatchConfig(strategy=settings.dispatch_strategy,
                               radius_m=settings.dispatch_radius_m,
@@ -218,7 +265,58 @@ def build_services(settings: Settings, engine: Engine, metrics: Metrics, feeds: 
     return Services(store=store, orders=orders, order_store=order_store, tracking=tracking,
                     trails=trails, chat=chat, chat_store=chat_store, router=router,
                     dispatch=dispatch, dispatch_store=dispatch_store, calendars=calendars,
-                    schedules=schedules, scheduling=scheduling)
+                    schedules=schedules, scheduling=scheduling, outbox_store=outbox_store,
+                    relay=relay, sender=sender, vapid_public_key=application_server_key(vapid),
+                    webhooks_config=tuple(w.model_dump() for w in settings.webhooks),
+                    own_ports=frozenset(p for p in (settings.port, settings.metrics_port) if p))
+
+
+# Bus signals: a record was committed (the owner of its partition may be
+# another node); the webhook endpoints changed.
+OUTBOX_SIGNAL = "outbox"
+WEBHOOKS_CHANGED = "webhooks_changed"
+# Commits within this long share one signal to the other nodes.
+SIGNAL_COALESCE_S = 0.01
+
+
+def _coalesced(engine: Engine) -> Callable[[], None]:
+    pending = False
+
+    def send() -> None:
+        nonlocal pending
+        pending = False
+        engine.bus.to_others(OUTBOX_SIGNAL, {})
+
+    def signal() -> None:
+        nonlocal pending
+        if not pending and engine.bus.clustered:
+            pending = True
+            asyncio.get_running_loop().call_later(SIGNAL_COALESCE_S, send)
+
+    return signal
+
+
+async def sync_config_endpoints(store: MongoOutboxStore, configured: tuple[dict[str, Any], ...],
+                                own_ports: frozenset[int]) -> None:
+    """REALTIME_WEBHOOKS into the store (ids from the URL): a changed secret
+    or filter applies on restart, an endpoint no longer configured goes. One
+    that breaks the URL rules (docs/webhooks.md) is left out, and said so."""
+    ids = set()
+    for w in configured:
+        why = await url_problem(w["url"], set(own_ports))
+        if why:
+            log.error("REALTIME_WEBHOOKS: %s %s; left out", w["url"].split("?")[0][:200], why)
+            continue
+        eid = "wh_cfg_" + hashlib.sha256(w["url"].encode()).hexdigest()[:16]
+        ids.add(eid)
+        await store.put_endpoint({"_id": eid, "url": w["url"], "secret": w["secret"],
+                                  "types": w.get("types") or ["*"],
+                                  "description": w.get("description"), "source": "config",
+                                  "created_ts": now_ms()})
+    for doc in await store.endpoints():
+        if doc.get("source") == "config" and doc["_id"] not in ids:
+            await store.delete_endpoint(doc["_id"])
+            await store.cancel_target(doc["_id"], now_ms())
 
 
 def tracking_config(settings: Settings) -> TrackingConfig:

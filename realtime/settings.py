@@ -6,14 +6,18 @@ Names are fixed: operators and acceptance checks use them.
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import os
 import secrets
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from outbox.records import check_pattern
+from outbox.retry import DEFAULT_SCHEDULE_S, parse_schedule
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +28,25 @@ MIN_SECRET_CHARS = 16
 # A rate in events per second (0: no limit), and a burst (bucket size).
 Rate = Annotated[float, Field(ge=0, le=1_000_000, allow_inf_nan=False)]
 Burst = Annotated[float, Field(ge=1, le=10_000_000, allow_inf_nan=False)]
+
+
+class WebhookConfig(BaseModel):
+    """One endpoint of REALTIME_WEBHOOKS."""
+
+    model_config = ConfigDict(extra="forbid")
+    url: Annotated[str, Field(min_length=8, max_length=2048, pattern=r"^https?://[^\s]+$")]
+    secret: Annotated[str, Field(min_length=10, max_length=200, pattern=r"^whsec_[A-Za-z0-9+/=]+$")]
+    types: Annotated[list[str], Field(min_length=1, max_length=30, default_factory=lambda: ["*"])]
+    description: str | None = None
+
+    @field_validator("types")
+    @classmethod
+    def _types(cls, value: list[str]) -> list[str]:
+        for p in value:
+            why = check_pattern(p)
+            if why:
+                raise ValueError(f"{p[:64]!r}: {why}")
+        return value
 
 
 class ConfigError(ValueError):
@@ -190,6 +213,38 @@ class Settings(BaseSettings):
     chat_send_burst: float = Field(default=20.0, ge=1, le=10_000)
     chat_conversation_rate: float = Field(default=10.0, gt=0, le=10_000)  # per conversation
     chat_conversation_burst: float = Field(default=50.0, ge=1, le=100_000)
+
+    # The outbox (docs/webhooks.md, docs/notifications.md). Endpoints from the
+    # environment: a JSON list of {"url", "secret" (whsec_...), "types"}.
+    webhooks: Annotated[list[WebhookConfig], NoDecode] = Field(default_factory=list)
+    # Waits after the 1st, 2nd, ... failed try (seconds, jittered by 20%);
+    # after the last, the delivery is a dead letter.
+    webhook_retry_s: Annotated[tuple[float, ...], NoDecode] = DEFAULT_SCHEDULE_S
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=60)
+    # Sends in flight per endpoint per node (as many more wait their turn).
+    webhook_concurrency: int = Field(default=8, ge=1, le=256)
+    outbox_lease_s: float = Field(default=10.0, ge=0.5, le=300)
+    outbox_poll_s: float = Field(default=0.25, ge=0.01, le=10)
+    # Web Push (VAPID): PEM text or a path; none: generated into the data dir.
+    vapid_private_key: str | None = None
+    vapid_subject: str = "mailto:ops@localhost"
+
+    @field_validator("webhooks", mode="before")
+    @classmethod
+    def _webhooks(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else []
+            except ValueError:
+                raise ValueError("REALTIME_WEBHOOKS must be a JSON list of {url, secret, types}") from None
+        return value
+
+    @field_validator("webhook_retry_s", mode="before")
+    @classmethod
+    def _retry(cls, value: object) -> object:
+        if isinstance(value, str):
+            return parse_schedule(value)
+        return value
 
     @field_validator("cors_origins", mode="before")
     @classmethod

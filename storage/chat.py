@@ -23,8 +23,9 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from chat.model import Conversation, Message
+from outbox.records import csat_record, feedback_record, message_record
 from storage.gate import GatedStore, StoreGate
-from storage.mongo import Observe, _no_observe, run_txn
+from storage.mongo import Observe, _no_observe, run_txn, stage
 
 CHAT_INDEXES: dict[str, list[IndexModel]] = {
     "conversations": [
@@ -77,6 +78,7 @@ class MongoChatStore(GatedStore):  # every public method goes through the store 
                  gate: StoreGate | None = None) -> None:
         self._gate = gate
         self._client = client
+        self._db = db
         self._convs = db["conversations"]
         self._msgs = db["messages"]
         self._reads = db["chat_reads"]
@@ -181,12 +183,16 @@ class MongoChatStore(GatedStore):  # every public method goes through the store 
         async def txn(session: AsyncClientSession) -> dict[str, Any]:
             conv = await self._convs.find_one_and_update(
                 {"_id": conv_id}, {"$inc": {"last_seq": 1}, "$set": {"updated_ts": msg["ts"]}},
-                projection={"last_seq": 1}, return_document=ReturnDocument.AFTER,
+                projection={"last_seq": 1, "kind": 1, "order_id": 1, "customer_id": 1,
+                            "technician_id": 1}, return_document=ReturnDocument.AFTER,
                 session=session)
             if conv is None:
                 raise LookupError(conv_id)
             stored = {**doc, "seq": conv["last_seq"]}
             await self._msgs.insert_one(stored, session=session)
+            if stored.get("kind") != "system":
+                # Order cards are announced as the order's own events.
+                await stage(self._db, session, [message_record(conv, stored)])
             return stored
 
         t0 = time.perf_counter()
@@ -218,8 +224,26 @@ class MongoChatStore(GatedStore):  # every public method goes through the store 
     async def add_feedback(self, doc: dict[str, Any]) -> dict[str, Any]:
         stored = dict(doc)
         stored["_id"] = stored.pop("id")
-        await self._feedback.insert_one(stored)
+
+        async def txn(session: AsyncClientSession) -> None:
+            await self._feedback.insert_one(stored, session=session)
+            await stage(self._db, session, [feedback_record(doc)])
+
+        await run_txn(self._client, txn)
         return doc
+
+    async def set_csat(self, conv_id: str, csat: dict[str, Any]) -> Conversation | None:
+        """Rate a closed conversation once, and announce it, in one transaction."""
+
+        async def txn(session: AsyncClientSession) -> dict[str, Any] | None:
+            doc = await self._convs.find_one_and_update(
+                {"_id": conv_id, "status": "closed", "csat": None}, {"$set": {"csat": csat}},
+                return_document=ReturnDocument.AFTER, session=session)
+            if doc is not None:
+                await stage(self._db, session, [csat_record(doc, csat)])
+            return doc
+
+        return _out(await run_txn(self._client, txn))
 
     async def list_feedback(self, before_ts: int | None, limit: int) -> list[dict[str, Any]]:
         query: dict[str, Any] = {} if before_ts is None else {"ts": {"$lt": before_ts}}

@@ -6,11 +6,15 @@ from __future__ import annotations
 from typing import Any
 
 from pymongo import ASCENDING, IndexModel
+from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from kernel.clock import now_ms
 from kernel.errors import Conflict
+from outbox.records import offer_record
 from storage.gate import GatedStore, StoreGate
+from storage.mongo import run_txn, stage
 
 INDEXES = [
     IndexModel([("order_id", ASCENDING), ("created_ts", ASCENDING)]),
@@ -31,6 +35,7 @@ def _out(doc: dict[str, Any] | None) -> dict[str, Any] | None:
 class MongoDispatchStore(GatedStore):
     def __init__(self, db: AsyncDatabase[dict[str, Any]], gate: StoreGate | None = None) -> None:
         self._gate = gate
+        self._db = db
         self._c = db["dispatches"]
 
     async def ensure_indexes(self) -> None:
@@ -55,13 +60,25 @@ class MongoDispatchStore(GatedStore):
         return _out(await self._c.find_one({"order_id": order_id, "status": "running"}))
 
     async def set_candidate(self, dispatch_id: str, technician_id: str, expect: str,
-                            changes: dict[str, Any]) -> bool:
-        """Update one candidate's entry, only if its status is still `expect`."""
-        res = await self._c.update_one(
-            {"_id": dispatch_id,
-             "candidates": {"$elemMatch": {"technician_id": technician_id, "status": expect}}},
-            {"$set": {f"candidates.$.{k}": v for k, v in changes.items()}})
-        return res.modified_count == 1
+                            changes: dict[str, Any], offer: dict[str, Any] | None = None) -> bool:
+        """Update one candidate's entry, only if its status is still `expect`;
+        with `offer`, its outbox record in the same transaction."""
+        query = {"_id": dispatch_id,
+                 "candidates": {"$elemMatch": {"technician_id": technician_id, "status": expect}}}
+        update = {"$set": {f"candidates.$.{k}": v for k, v in changes.items()}}
+        if offer is None:
+            res = await self._c.update_one(query, update)
+            return res.modified_count == 1
+
+        async def txn(session: AsyncClientSession) -> bool:
+            res = await self._c.update_one(query, update, session=session)
+            if res.modified_count != 1:
+                return False
+            n = int(changes.get("offered_ts") or now_ms())
+            await stage(self._db, session, [offer_record(technician_id, offer, n, n)])
+            return True
+
+        return await run_txn(self._db.client, txn)
 
     async def claim(self, dispatch_id: str, technician_id: str, now: int) -> bool:
         """The one winning accept: running -> assigned, in a single conditional write."""

@@ -21,6 +21,7 @@ from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError
 from orders.lifecycle import TECHNICIAN_PHASE
 from orders.model import Event, Order
 from orders.service import JobInProgress, OrderExists, StaleWrite
+from outbox.records import order_record
 from storage.gate import GatedStore, StoreGate, transaction_interrupted
 
 Observe = Callable[[str, float], None]
@@ -63,6 +64,14 @@ async def run_txn(client: AsyncMongoClient[dict[str, Any]],
                 await session.end_session()
         await asyncio.sleep(0.002 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+async def stage(db: AsyncDatabase[dict[str, Any]], session: AsyncClientSession,
+                records: list[dict[str, Any]]) -> None:
+    """Write outbox records (outbox/records.py) inside the caller's
+    transaction: a change is announced exactly when it is committed."""
+    if records:
+        await db["outbox"].insert_many([dict(r) for r in records], session=session)
 
 
 def _no_observe(op: str, seconds: float) -> None:
@@ -139,6 +148,7 @@ class MongoOrderStore(GatedStore):
         # backend planning a day assigns many orders to one technician at
         # once: racing, they would all rewrite one schedule and retry).
         self._turns = turns
+        self._db = db
         self._orders = db["orders"]
         self._events = db["order_events"]
         self._observe = observe
@@ -156,6 +166,8 @@ class MongoOrderStore(GatedStore):
         async def txn(session: AsyncClientSession) -> None:
             await self._orders.insert_one(doc, session=session)
             await self._events.insert_one(dict(event), session=session)
+            # Announced (webhooks, notifications) exactly when committed.
+            await stage(self._db, session, [order_record(order, event)])
 
         t0 = time.perf_counter()
         try:
@@ -182,6 +194,7 @@ class MongoOrderStore(GatedStore):
             if self._on_commit is not None:
                 await self._on_commit(doc, event, event["ts"], session)
             await self._events.insert_one(dict(event), session=session)
+            await stage(self._db, session, [order_record(doc, event)])
             return doc
 
         keys = [str(k) for k in (changes.get("technician_id"),

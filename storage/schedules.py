@@ -34,10 +34,11 @@ from kernel.errors import Conflict, Forbidden, NotFound, Unavailable
 from kernel.locks import KeyedLocks
 from orders.model import Event, Order
 from orders.service import StaleWrite
+from outbox.records import order_record
 from scheduling.calendar import Calendar, calendar_of
 from scheduling.schedule import Hold, HoldEnd, Item, current, item_dict, item_of, place
 from storage.gate import GatedStore, StoreGate
-from storage.mongo import order_out, run_txn
+from storage.mongo import order_out, run_txn, stage
 from tracking.eta import EtaConfig
 
 T = TypeVar("T")
@@ -280,6 +281,7 @@ class MongoScheduleStore(GatedStore):
             stored["_id"] = stored.pop("order_id")
             await self._orders.insert_one(stored, session=s)
             await self._events.insert_many([dict(e) for e in events], session=s)
+            await stage(self._events.database, s, [order_record(order, e) for e in events])
             await self._holds.update_one({"_id": hold_id}, {"$set": {
                 "state": "confirmed", "order_id": order["order_id"], "ended_ms": now}}, session=s)
             await self._owners.update_one({"_id": hold.customer_id},

@@ -22,7 +22,7 @@ from tests.harness import ROOT
 
 FRAMEWORKS = {"socketio", "engineio", "aiohttp"}
 OURS = {"realtime", "kernel", "orders", "scheduling", "tracking", "chat", "storage", "loadtest",
-        "tests"}
+        "tests", "outbox"}
 # What each package may import of ours (itself always).
 ALLOWED: dict[str, set[str]] = {
     "kernel": set(),
@@ -30,7 +30,8 @@ ALLOWED: dict[str, set[str]] = {
     "tracking": {"kernel", "orders"},
     "chat": {"kernel", "orders"},
     "scheduling": {"kernel", "orders", "tracking"},
-    "storage": {"kernel", "orders", "scheduling", "tracking", "chat"},
+    "outbox": {"kernel"},
+    "storage": {"kernel", "orders", "scheduling", "tracking", "chat", "outbox"},
 }
 
 

@@ -63,7 +63,10 @@ class DispatchStore(Protocol):
     async def for_order(self, order_id: str) -> list[dict[str, Any]]: ...
     async def running_for(self, order_id: str) -> dict[str, Any] | None: ...
     async def set_candidate(self, dispatch_id: str, technician_id: str, expect: str,
-                            changes: dict[str, Any]) -> bool: ...
+                            changes: dict[str, Any], offer: dict[str, Any] | None = None) -> bool:
+        """Update one candidate's entry if its status is still `expect`; with
+        `offer`, announce the offer (webhooks, a notification) in the same
+        commit."""
     async def claim(self, dispatch_id: str, technician_id: str, now: int) -> bool: ...
     async def finish(self, dispatch_id: str, status: str, changes: dict[str, Any],
                      expect: str = "running") -> None: ...
@@ -253,11 +256,11 @@ class DispatchService:
             for group in groups:
                 expires = now_ms() + int(timeout * 1000)
                 for c in group:
+                    payload = self._offer_payload(order, did, expires)
                     await self.store.set_candidate(did, c["technician_id"], "eligible",
                                                    {"status": "offered", "offered_ts": now_ms(),
-                                                    "expires_ts": expires})
-                    await self._send_offer(c["technician_id"],
-                                           self._offer_payload(order, did, expires))
+                                                    "expires_ts": expires}, offer=payload)
+                    await self._send_offer(c["technician_id"], payload)
                 deadline = time.monotonic() + timeout
                 while True:
                     # Clear before reading: an answer that lands between the

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from kernel import deadline
 from kernel.errors import DomainError
+from outbox.notices import presence_key
 from realtime.auth import Principal
 from realtime.errors import ErrorReply, OkReply, WireError, ok, to_error
 from realtime.rooms import user_room
@@ -104,6 +105,9 @@ class BaseNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
             self.ctx.metrics.connections.labels(self.namespace).dec()
             self.ctx.metrics.handshakes_refused.labels(self.namespace, "unavailable").inc()
             raise refusal("unavailable", "a backing store is unreachable; retry") from None
+        # Connected to this namespace somewhere: its events reach this user
+        # live, not as notifications (outbox/relay.py).
+        await self.ctx.engine.user_presence.connect(presence_key(self.namespace, principal.id))
 
     def _authenticate(self, environ: dict[str, Any], auth: Any) -> Principal:
         query = parse_qs(environ.get("QUERY_STRING", ""))
@@ -122,6 +126,7 @@ class BaseNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
         principal = self.principals.pop(sid, None)
         if principal is not None:
             self.ctx.metrics.connections.labels(self.namespace).dec()
+            await self.ctx.engine.user_presence.disconnect(presence_key(self.namespace, principal.id))
             await self.disconnected(sid, principal)
 
     async def connected(self, sid: str, principal: Principal) -> None:

@@ -3,12 +3,16 @@ customer, technician and agent on an order."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field
 
 from kernel.actor import Actor
+from kernel.clock import now_ms
 from orders.model import Event, Order
+from outbox.relay import notification_out
 from realtime import rooms
 from realtime.auth import Principal
 from realtime.namespaces.base import BaseNamespace, handles
@@ -18,6 +22,7 @@ from realtime.rooms import order_room
 if TYPE_CHECKING:
     from realtime.context import Context
 
+log = logging.getLogger(__name__)
 NAMESPACE = rooms.ORDERS
 Stars = Annotated[int, Field(ge=1, le=5)]
 
@@ -73,6 +78,16 @@ def changed(order: Order, event: Event) -> dict[str, Any]:
     return {"order": order, "event": event}
 
 
+class NotificationsIn(Inbound):
+    unread_only: bool = False
+    before_ts: Annotated[int, Field(ge=0, le=2**53)] | None = None
+    limit: Annotated[int, Field(ge=1, le=200)] = 50
+
+
+# Most missed notifications pushed on connect (the rest stay in the inbox).
+MISSED_MAX = 100
+
+
 class OrdersNamespace(BaseNamespace):
     roles = frozenset({"customer", "technician", "agent", "admin", "service"})
 
@@ -80,6 +95,35 @@ class OrdersNamespace(BaseNamespace):
         super().__init__(NAMESPACE, ctx)
         self.orders = ctx.services.orders
         self.dispatch = ctx.services.dispatch
+        self._missed: set[asyncio.Task[None]] = set()
+
+    async def connected(self, sid: str, p: Principal) -> None:
+        """The notifications this user missed while connected nowhere come
+        once the connection stands (docs/notifications.md, "On connect")."""
+        if p.role in ("customer", "technician"):
+            task = asyncio.get_running_loop().create_task(self._send_missed(sid, p))
+            self._missed.add(task)
+            task.add_done_callback(self._missed.discard)
+
+    async def _send_missed(self, sid: str, p: Principal) -> None:
+        store = self.ctx.services.outbox_store
+        try:
+            items = await store.unread_of(p.id, MISSED_MAX)
+            if not items:
+                return
+            await self.emit("notifications", {"notifications": [notification_out(d) for d in items],
+                                              "unread": 0}, to=sid)
+            # Shown by the app now: the inbox's unread count starts again at 0.
+            await store.mark_read(p.id, [d["_id"] for d in items], now_ms())
+        except Exception as exc:  # the inbox still holds them (GET /api/notifications)
+            log.warning("missed notifications not sent: %s", type(exc).__name__)
+
+    @handles("notifications", NotificationsIn)
+    async def notifications(self, p: Principal, sid: str, body: NotificationsIn) -> dict[str, Any]:
+        """The inbox over the socket: newest first, and the unread count."""
+        items, unread = await self.ctx.services.outbox_store.inbox(p.id, body.unread_only, body.before_ts,
+                                                                   body.limit)
+        return {"notifications": [notification_out(d) for d in items], "unread": unread}
 
     @handles("subscribe", SubscribeIn)
     async def subscribe(self, p: Principal, sid: str, body: SubscribeIn) -> dict[str, Any]:

@@ -140,3 +140,117 @@ class RedisPresence:
 
     def snapshot(self) -> dict[str, Any]:
         return {"node": self.node, "local_users": len(self.local)}
+
+
+class RedisUserSets:
+    """Whether a user has a socket on any node, for every user (customers
+    too): whoever has none gets notifications instead (outbox/relay.py).
+
+    Cheaper than claims per user, as it must hold every connected user: each
+    node keeps one Redis set of its users (an add on a user's first local
+    socket, a remove on their last) and its own liveness in a sorted set of
+    nodes scored by when it lapses, refreshed each heartbeat: one command
+    per node per heartbeat, however many users. A killed node stops
+    refreshing; its set is ignored once it lapses and deleted by a sweep.
+    After a Redis restart the heartbeat writes the node's set again."""
+
+    def __init__(self, redis: aioredis.Redis, node_id: str, ttl_s: float, prefix: str = "rt") -> None:
+        self._r = redis
+        self.node, self.ttl, self.prefix = node_id, ttl_s, prefix
+        self.local: dict[str, int] = {}
+
+    def _set(self, node: str) -> str:
+        return f"{self.prefix}:users:{node}"
+
+    @property
+    def _nodes(self) -> str:
+        return f"{self.prefix}:users:nodes"
+
+    async def connect(self, user_id: str) -> bool:
+        n = self.local.get(user_id, 0) + 1
+        self.local[user_id] = n
+        if n == 1:
+            try:
+                async with self._r.pipeline(transaction=False) as pipe:
+                    pipe.sadd(self._set(self.node), user_id)
+                    pipe.expire(self._set(self.node), self._keep)
+                    pipe.zadd(self._nodes, {self.node: time.time() + self.ttl})
+                    await pipe.execute()
+            except (RedisError, OSError):
+                pass  # the next heartbeat writes the set again
+        return n == 1
+
+    async def disconnect(self, user_id: str) -> bool:
+        n = self.local.get(user_id, 0) - 1
+        if n > 0:
+            self.local[user_id] = n
+            return False
+        self.local.pop(user_id, None)
+        try:
+            await self._r.srem(self._set(self.node), user_id)
+        except (RedisError, OSError):
+            pass
+        return True
+
+    def here(self, user_id: str) -> bool:
+        return user_id in self.local
+
+    async def _live_nodes(self) -> list[str]:
+        return [_text(n) for n in await self._r.zrangebyscore(self._nodes, time.time(), "+inf")]
+
+    async def online(self, user_ids: list[str]) -> set[str]:
+        local = {u for u in user_ids if u in self.local}
+        ask = [u for u in user_ids if u not in local]
+        if not ask:
+            return local
+        try:
+            nodes = [n for n in await self._live_nodes() if n != self.node]
+            if not nodes:
+                return local
+            async with self._r.pipeline(transaction=False) as pipe:
+                for n in nodes:
+                    pipe.smismember(self._set(n), ask)
+                answers = await pipe.execute()
+        except (RedisError, OSError):
+            return local
+        found = set(local)
+        for flags in answers:
+            found.update(u for u, f in zip(ask, flags, strict=True) if f)
+        return found
+
+    @property
+    def _keep(self) -> int:
+        """The keys' TTL: a dead node's set goes by itself too."""
+        return math.ceil(self.ttl * 3) + 5
+
+    async def heartbeat(self) -> None:
+        async with self._r.pipeline(transaction=False) as pipe:
+            pipe.zadd(self._nodes, {self.node: time.time() + self.ttl})
+            pipe.expire(self._nodes, self._keep)
+            pipe.expire(self._set(self.node), self._keep)
+            pipe.scard(self._set(self.node))
+            *_, size = await pipe.execute()
+        if size != len(self.local):
+            users = list(self.local)
+            await self._r.delete(self._set(self.node))
+            for i in range(0, len(users), 1000):
+                await self._r.sadd(self._set(self.node), *users[i:i + 1000])
+                await asyncio.sleep(0)
+            await self._r.expire(self._set(self.node), self._keep)
+
+    async def sweep(self) -> list[str]:
+        for raw in await self._r.zrangebyscore(self._nodes, "-inf", time.time() - self.ttl):
+            node = _text(raw)
+            if await self._r.zrem(self._nodes, node):
+                await self._r.delete(self._set(node))
+        return []
+
+    async def count(self) -> int:
+        try:
+            nodes = await self._live_nodes()
+            async with self._r.pipeline(transaction=False) as pipe:
+                for n in nodes:
+                    pipe.scard(self._set(n))
+                return int(sum(await pipe.execute()))
+        except (RedisError, OSError):
+            return len(self.local)

@@ -86,6 +86,8 @@ async def strict_acks(raw: RawSocketIO, namespace: str, want: set[int]) -> dict[
         async with asyncio.timeout(CALL_TIMEOUT):
             while set(got) != want:
                 text = await raw.recv()
+                if text.startswith(f"42{namespace},[\"notifications\","):
+                    continue  # what the user missed while away, pushed on connect
                 parts = split_ack(text)
                 assert parts is not None, f"unexpected packet {text[:200]!r}"
                 ns, pid, body = parts

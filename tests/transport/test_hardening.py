@@ -233,6 +233,9 @@ async def test_an_open_websocket_session_holds_no_task(start_app: StartApp) -> N
     first = await connect(5)  # the server's own one-off tasks start with the first
     # typeshed's Generator and Coroutine (what get_coro() returns) have no __qualname__.
     new = [t.get_coro().__qualname__ for t in await connect(5) - first]  # type: ignore[union-attr]
+    # The driver's tasks of a store operation under way (the outbox relay polls
+    # the store in the background) belong to that operation, not to a session.
+    new = [n for n in new if n not in ("PyMongoProtocol.read", "_poll_cancellation")]
     assert new == [], sorted(new)
     for raw in sockets:
         await raw.close()

@@ -1,6 +1,6 @@
 // /track/{order_id}: the customer follows their order and technician live.
 import {
-  $, applyI18n, badgeIcon, call, checkVendor, CONFIG, connect, fmtDistance, fmtEta, fmtTime, h, makeMap,
+  $, api, applyI18n, badgeIcon, call, checkVendor, CONFIG, connect, fmtDistance, fmtEta, fmtTime, h, lang, makeMap,
   Mover, onLangChange, setupTopbar, signIn, stateLabel, t, toast, toMap, watchConnection,
 } from "./common.js";
 import { bindComposer, ChatHub, renderMessages } from "./chat.js";
@@ -443,6 +443,163 @@ async function main() {
     renderChat();
   });
 
-  onLangChange(() => { renderOrder(); renderTrack(); renderLate(); renderChat(); });
+  // -- notifications: what came while the page was closed, and Web Push ------------------
+  // On connecting, /orders sends the notifications this customer missed while
+  // connected nowhere (docs/notifications.md): those about this order are listed,
+  // others link to their order. The server marks them read once sent.
+  const here = `/track/${encodeURIComponent(orderId)}`;
+  let missed = [];
+  ordersSock.on("notifications", (e) => {
+    const known = new Set(missed.map((n) => n.id));
+    for (const n of Array.isArray(e?.notifications) ? e.notifications : []) {
+      if (n && typeof n.id === "string" && !known.has(n.id)) { missed.push(n); known.add(n.id); }
+    }
+    // This order's first, newest first; then those of other orders.
+    const other = (n) => (pathOf(n.link) === here ? 0 : 1);
+    missed.sort((a, b) => other(a) - other(b) || (b.event_ts || b.ts || 0) - (a.event_ts || a.ts || 0));
+    renderMissed();
+  });
+  $("#missed-close").addEventListener("click", () => { missed = []; renderMissed(); });
+
+  function pathOf(link) {
+    try {
+      const u = new URL(link, location.origin);
+      return u.origin === location.origin ? u.pathname : null;
+    } catch { return null; }
+  }
+
+  function renderMissed() {
+    const items = missed.map((n) => {
+      const path = pathOf(n.link);
+      const elsewhere = path && path !== here;
+      return h("li", { class: "item", dataset: { id: n.id, kind: n.kind || "", order: elsewhere ? "other" : "this" } },
+        h("div", { class: "line1" }, h("span", { class: "title", text: n.title || "" }),
+          h("span", { class: "muted small-note", text: fmtTime(n.event_ts || n.ts) })),
+        h("div", { class: "line2", text: n.body || "" }),
+        elsewhere ? h("a", { href: path, text: t("notify.other_order") }) : null);
+    });
+    $("#missed-list").replaceChildren(...items);
+    $("#missed").hidden = items.length === 0;
+  }
+
+  // "Notify me": Web Push through the service worker at /sw.js. A customer's
+  // subscription carries all their orders' news while no page of theirs is open.
+  const pushable = isCustomer && "serviceWorker" in navigator && "PushManager" in window && "Notification" in window;
+  const SUBSCRIBE_MS = 15_000;  // a push service that never answers: say so, don't spin
+  const notifyBtn = $("#notify"), notifyOff = $("#notify-off");
+  let pushState = "off";  // off | working | on
+
+  class PushFailure extends Error {
+    constructor(code, message) { super(message); this.code = code; }
+  }
+
+  function within(promise, ms, code) {
+    return Promise.race([promise, new Promise((_, reject) =>
+      setTimeout(() => reject(new PushFailure(code, t("notify.no_answer"))), ms))]);
+  }
+
+  function keyBytes(b64url) {
+    const b64 = b64url.replace(/-/g, "+").replace(/_/g, "/");
+    return Uint8Array.from(atob(b64.padEnd(Math.ceil(b64.length / 4) * 4, "=")), (c) => c.charCodeAt(0));
+  }
+
+  function sameKey(buffer, b64url) {
+    if (!buffer) return false;
+    const a = new Uint8Array(buffer), b = keyBytes(b64url);
+    return a.length === b.length && a.every((x, i) => x === b[i]);
+  }
+
+  function renderNotify() {
+    notifyBtn.hidden = !pushable;
+    notifyOff.hidden = !pushable || pushState !== "on";
+    notifyBtn.dataset.state = pushState;
+    notifyBtn.textContent = t(pushState === "on" ? "notify.enabled" : pushState === "working" ? "notify.working" : "notify.ask");
+    notifyBtn.title = t(pushState === "on" ? "notify.enabled_title" : "notify.ask_title");
+    notifyBtn.disabled = pushState === "working";
+    notifyBtn.setAttribute("aria-pressed", String(pushState === "on"));
+  }
+
+  async function turnOn() {
+    if (pushState !== "off") return;
+    pushState = "working";
+    delete notifyBtn.dataset.error;
+    renderNotify();
+    try {
+      // Asked first, while the click still counts as the user's gesture.
+      const permission = await Notification.requestPermission();
+      if (permission !== "granted") throw new PushFailure("denied", t("notify.denied"));
+      await navigator.serviceWorker.register("/sw.js", { scope: "/" })
+        .catch((e) => { throw new PushFailure("register", e.message); });
+      const reg = await within(navigator.serviceWorker.ready, SUBSCRIBE_MS, "register");
+      const key = await api("/api/push/key", token);
+      if (!key.ok) throw new PushFailure("key", key.error.message);
+      let sub = await reg.pushManager.getSubscription();
+      // Made with another server key (the server's changed): useless now.
+      if (sub && !sameKey(sub.options?.applicationServerKey, key.data.public_key)) {
+        await sub.unsubscribe().catch(() => {});
+        sub = null;
+      }
+      if (!sub) {
+        sub = await within(reg.pushManager.subscribe({
+          userVisibleOnly: true, applicationServerKey: keyBytes(key.data.public_key),
+        }), SUBSCRIBE_MS, "subscribe").catch((e) => { throw e instanceof PushFailure ? e : new PushFailure("subscribe", e.message || e.name); });
+      }
+      const saved = await api("/api/push/subscriptions", token, { method: "POST", body: sub.toJSON() });
+      if (!saved.ok) {
+        await sub.unsubscribe().catch(() => {});
+        throw new PushFailure("save", saved.error.message);
+      }
+      // Pushes come in the language of the page they were turned on from.
+      api("/api/notifications/preferences", token, { method: "PUT", body: { lang: lang === "en" ? "en" : "zh-CN" } });
+      pushState = "on";
+      toast(t("notify.on_done"));
+    } catch (e) {
+      pushState = "off";
+      notifyBtn.dataset.error = e.code || "error";
+      toast(e.code === "denied" ? e.message : t("notify.failed", { message: e.message || String(e) }), "error");
+    }
+    renderNotify();
+  }
+
+  async function turnOff() {
+    if (pushState !== "on") return;
+    pushState = "working";
+    renderNotify();
+    try {
+      const reg = await navigator.serviceWorker.getRegistration("/");
+      const sub = reg ? await reg.pushManager.getSubscription() : null;
+      if (sub) {
+        const r = await api("/api/push/subscriptions", token, { method: "DELETE", body: { endpoint: sub.endpoint } });
+        if (!r.ok && r.error.code !== "not_found") throw new Error(r.error.message);
+        await sub.unsubscribe();
+      }
+      pushState = "off";
+      toast(t("notify.off_done"));
+    } catch (e) {
+      pushState = "on";
+      toast(t("notify.off_failed", { message: e.message || String(e) }), "error");
+    }
+    renderNotify();
+  }
+
+  // Turned on in an earlier visit: say so, and tell the server again (it drops a
+  // subscription its push service refused; the call is idempotent).
+  async function syncPush() {
+    if (!pushable || Notification.permission !== "granted") return;
+    try {
+      const reg = await navigator.serviceWorker.getRegistration("/");
+      const sub = reg ? await reg.pushManager.getSubscription() : null;
+      if (!sub || pushState !== "off") return;
+      const saved = await api("/api/push/subscriptions", token, { method: "POST", body: sub.toJSON() });
+      if (saved.ok && pushState === "off") { pushState = "on"; renderNotify(); }
+    } catch { /* stays off: the button still works */ }
+  }
+
+  notifyBtn.addEventListener("click", turnOn);
+  notifyOff.addEventListener("click", turnOff);
+  renderNotify();
+  syncPush();
+
+  onLangChange(() => { renderOrder(); renderTrack(); renderLate(); renderChat(); renderNotify(); renderMissed(); });
   renderChat();
 }
