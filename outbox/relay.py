@@ -310,11 +310,11 @@ class Relay:
                 log.warning("outbox round failed: %s", type(exc).__name__)
                 await asyncio.sleep(self.config.poll_s)
             # Background work yields to the requests of the moment: a round
-            # is followed by a pause as long as it took, so the relay holds
-            # the store at most half the time. A slow store (a burst of
-            # writes) slows the relay, never the requests.
+            # is followed by a pause twice as long as it took, so the relay
+            # holds the store at most a third of the time. A slow store (a
+            # burst of writes) slows the relay, never the requests.
             if not self._closing:
-                await asyncio.sleep(min(time.monotonic() - t0, MAX_YIELD_S))
+                await asyncio.sleep(min(2 * (time.monotonic() - t0), MAX_YIELD_S))
 
     async def _round(self) -> None:
         parts = set(self.parts)

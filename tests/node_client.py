@@ -80,8 +80,12 @@ class NodeOrdersClient:
         return dict(line)
 
     async def expect(self, kind: str, timeout: float = LINE_TIMEOUT) -> dict[str, Any]:
-        """The next line; it must be of type `kind`."""
+        """The next line; it must be of type `kind`. The `notifications` a
+        customer or technician missed, pushed on connecting to /orders, are
+        passed over unless an event is what is expected."""
         line = await self.next_line(timeout)
+        while kind != "event" and line.get("type") == "event" and line.get("name") == "notifications":
+            line = await self.next_line(timeout)
         assert line["type"] == kind, f"expected a {kind!r} line, got {line}; before it: {self.lines[:-1]}"
         return line
 
