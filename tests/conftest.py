@@ -148,13 +148,8 @@ async def start_app(mongo_server: MongoServer, redis_server: RedisServer,
     session = aiohttp.ClientSession()
 
     channel = uid("t")  # this test's own Redis keys and channel
-    # This test's own database, shared by the apps it starts: what one test
-    # leaves to do (the outbox's records, a dispatch round) is not the next
-    # test's work.
-    database = uid("rt_")
 
     async def start(**overrides: Any) -> Live:
-        overrides.setdefault("mongo_db", database)
         if engine == "redis":
             overrides.setdefault("redis_url", redis_server.url)
             overrides.setdefault("redis_channel", channel)
