@@ -8,14 +8,13 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import time
 from collections import defaultdict
 
 import aiohttp
 
 from tests.cluster.helpers import assert_clean
 from tests.cluster_harness import Cluster
-from tests.harness import MongoServer, RedisServer, uid
+from tests.harness import MongoServer, RedisServer, uid, until
 from tests.outbox.receivers import Receiver
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -39,10 +38,7 @@ async def test_sigkill_of_a_node_mid_delivery_loses_nothing_and_repeats_keep_the
             held = [await cl.metric(n, "realtime_outbox_partitions") or 0 for n in nodes]
             return sum(held) == 32 and all(h > 0 for h in held)
 
-        deadline = time.monotonic() + 20
-        while not await spread():
-            assert time.monotonic() < deadline, "partitions never spread over the three nodes"
-            await asyncio.sleep(0.2)
+        await until(spread, 20, every=0.2, what="partitions spread over the three nodes")
 
         oids = []
         for i in range(ORDERS):

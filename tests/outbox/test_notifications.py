@@ -7,7 +7,6 @@ Real Redis or memory engine, the real store (a database of the test's own)."""
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import time
 from collections.abc import AsyncIterator
@@ -17,7 +16,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from tests.conftest import Live, StartApp
-from tests.harness import uid
+from tests.harness import uid, until
 from tests.outbox.receivers import PushService
 from tests.tracking.test_dispatch import at, now_ms, started
 
@@ -44,13 +43,6 @@ async def inbox(live: Live, user: str, role: str = "customer") -> dict[str, Any]
     status, reply = await live.http.request("GET", "/api/notifications", live.token(role, user))
     assert status == 200, reply
     return dict(reply["data"])
-
-
-async def until(pred: Any, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await pred():
-        assert time.monotonic() < deadline, "condition not met"
-        await asyncio.sleep(0.05)
 
 
 async def test_a_customer_with_no_socket_gets_en_route_as_web_push_and_in_the_inbox(
@@ -86,7 +78,7 @@ async def test_a_customer_with_no_socket_gets_en_route_as_web_push_and_in_the_in
     async def cleared() -> bool:
         return bool((await inbox(live, customer))["unread"] == 0)
 
-    await until(cleared)
+    await until(cleared, 20, every=0.05, what="unread cleared")
     # Connected now: the next change reaches the socket, not the inbox.
     await live.post_event(oid, "arrived")
     ev = await c.next("order_event")
@@ -128,7 +120,7 @@ async def test_quiet_hours_hold_a_chat_message_but_not_an_offer(
         box = await inbox(live, tid, "technician")
         return any(n["kind"] == "chat" for n in box["notifications"])
 
-    await until(chat_noted)
+    await until(chat_noted, 20, every=0.05, what="chat notification")
     box = await inbox(live, tid, "technician")
     note = next(n for n in box["notifications"] if n["kind"] == "chat")
     assert note["held_until"] is not None and note["held_until"] > time.time() * 1000

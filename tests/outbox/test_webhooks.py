@@ -6,14 +6,13 @@ endpoints outlive a test)."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from tests.conftest import Live, StartApp
-from tests.harness import uid
+from tests.harness import uid, until
 from tests.outbox.receivers import Receiver
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -86,10 +85,10 @@ async def test_every_order_event_reaches_the_receiver_once_in_order_signed(
         assert status == 200, reply
         return list(reply["data"]["deliveries"])
 
-    for _ in range(200):
-        if len(await delivered()) >= 6:
-            break
-        await asyncio.sleep(0.05)
+    async def recorded() -> bool:
+        return len(await delivered()) >= 6
+
+    await until(recorded, 10, every=0.05, what="six deliveries recorded")
     mine = await delivered()
     assert len(mine) >= 6 and all(d["attempts"][-1]["status"] == 200 for d in mine), mine
     assert len(order_hits(receiver, oid)) == 6
@@ -130,10 +129,10 @@ async def test_dead_letters_after_the_last_try_and_replay_delivers_them(
         return list(reply["data"]["deliveries"])
 
     await receiver.until(lambda: len(receiver.hits) >= 4)  # the first try and 3 retries
-    for _ in range(100):
-        if len(await dead()) == 2:
-            break
-        await asyncio.sleep(0.1)
+    async def two_dead() -> bool:
+        return len(await dead()) == 2
+
+    await until(two_dead, 10, every=0.05, what="two dead letters")
     letters = await dead()
     assert len(letters) == 2, letters
     assert {d["dead_reason"] for d in letters} == {"retries_exhausted", "behind_dead"}
