@@ -156,6 +156,15 @@ class Router:
     async def is_online(self, agent_id: str) -> bool:
         return bool(await self.presence.online([agent_id]))
 
+    async def least_loaded(self, loads: dict[str, int]) -> str | None:
+        """The routing rule for other work than chats (a follow-up feedback
+        item): the available, online agent with the least of it (`loads`),
+        ties by id; None when nobody is available."""
+        statuses = await self.directory.statuses()
+        online = await self.presence.online([a for a, s in statuses.items() if s == "available"])
+        best = min(((loads.get(a, 0), a) for a in online), default=None)
+        return None if best is None else best[1]
+
     # -- queue -----------------------------------------------------------
     async def _pick(self) -> str | None:
         statuses = await self.directory.statuses()

@@ -95,6 +95,8 @@ def notices_for(rec: dict[str, Any], now_ms: int) -> list[Notice]:
         return [_offer_notice(data, now_ms)]
     if topic == "chat.message":
         return _chat_notices(data["conversation"], data["message"])
+    if topic in ("feedback.replied", "feedback.status"):
+        return _feedback_notices(data)
     return []
 
 
@@ -185,6 +187,30 @@ def _chat_notices(conv: dict[str, Any], msg: dict[str, Any]) -> list[Notice]:
                               data={"conversation_id": cid, "seq": msg.get("seq"),
                                     "order_id": conv.get("order_id")}))
     return out
+
+
+def _feedback_notices(item: dict[str, Any]) -> list[Notice]:
+    """The author hears a reply, and that their item was resolved; the staff's
+    own steps (notes, tags, assignment) stay inside."""
+    event, user = item["event"], item.get("user") or {}
+    if not user.get("id") or (event.get("actor") or {}).get("id") == user.get("id"):
+        return []
+    if event["type"] == "replied":
+        text = str(event["data"].get("text") or "")
+        if len(text) > MAX_BODY:
+            text = text[:MAX_BODY - 1] + "…"
+        title = {"zh-CN": "客服回复了您的反馈", "en": "Support replied to your feedback"}
+        body = {"zh-CN": text, "en": text}
+    elif event["type"] == "status" and event["data"].get("status") == "resolved":
+        title, body = _words({"zh-CN": ("反馈已处理", "您的反馈已处理完毕，感谢您的耐心"),
+                              "en": ("Feedback resolved", "Your feedback was resolved; thank you")})
+    else:
+        return []
+    fid = str(item["id"])
+    return [Notice(str(user["id"]), str(user.get("role") or "customer"), "feedback", title, body,
+                   link=f"/feedback/{quote(fid, safe='')}", collapse_key=f"feedback:{fid}",
+                   namespace="/chat",
+                   data={"feedback_id": fid, "seq": event.get("user_seq"), "type": event["type"]})]
 
 
 def presence_key(namespace: str, user_id: str) -> str:

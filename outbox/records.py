@@ -77,9 +77,15 @@ def csat_record(conv: dict[str, Any], csat: dict[str, Any]) -> dict[str, Any]:
                    "agent_id": conv.get("assignee"), "csat": csat})
 
 
-def feedback_record(item: dict[str, Any]) -> dict[str, Any]:
+def feedback_record(item: dict[str, Any], event: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A feedback item's step (`feedback.created`, `.replied`, `.status`...):
+    the item as the staff see it, and the step; in order per item by its seq."""
     fid = item.get("id") or item.get("_id")
-    return record("feedback.created", f"feedback:{fid}", 1, int(item["ts"]), {**item, "id": fid})
+    view = {k: v for k, v in item.items() if k not in ("_id", "terms", "day")}
+    if event is None:  # pragma: no cover - every step has its event
+        return record("feedback.created", f"feedback:{fid}", 1, int(item["ts"]), {**view, "id": fid})
+    return record(f"feedback.{event['type']}", f"feedback:{fid}", int(event["seq"]), int(event["ts"]),
+                  {**view, "id": fid, "event": event})
 
 
 def offer_record(technician_id: str, offer: dict[str, Any], n: int, ts: int) -> dict[str, Any]:

@@ -10,7 +10,6 @@ import asyncio
 import json
 import logging
 import math
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, Literal
 
@@ -18,7 +17,6 @@ from aiohttp import web, web_response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from chat.model import conversation_view, message_view
-from kernel.clock import now_ms
 from kernel.errors import DomainError, Forbidden
 from orders.lifecycle import STATES
 from realtime.auth import Principal
@@ -299,12 +297,6 @@ async def get_trail(request: web.Request) -> web.Response:
                              "points": points, "has_more": len(points) == limit}))
 
 
-class FeedbackIn(Inbound):
-    category: Annotated[str, StringConstraints(min_length=1, max_length=32)]
-    body: Annotated[str, StringConstraints(min_length=1, max_length=4000)]
-    order_id: Id | None = None
-
-
 def _query_number(request: web.Request, name: str, parse: type[int] | type[float],
                   lo: float, hi: float, default: float | None) -> float:
     """A numeric query parameter within lo..hi (NaN and non-numbers refused),
@@ -350,29 +342,6 @@ async def get_transcript(request: web.Request) -> web.Response:
         "messages": [message_view(m, actor_of(p)) for m in msgs],
         "has_more": last < int(conv["last_seq"]),
     }))
-
-
-async def post_feedback(request: web.Request) -> web.Response:
-    """用户反馈: any signed-in user; listable by agents."""
-    p = principal(request)
-    body = await parse(request, FeedbackIn)
-    ctx = request.app[CTX]
-    doc = await ctx.services.chat_store.add_feedback({
-        "id": uuid.uuid4().hex, "category": body.category, "body": body.body,
-        "order_id": body.order_id, "user": {"id": p.id, "role": p.role, "name": p.name},
-        "ts": now_ms(),
-    })
-    return json_response(ok({"feedback": doc}), 201)
-
-
-async def list_feedback(request: web.Request) -> web.Response:
-    p = principal(request)
-    require_role(p, "agent", "admin", "service")
-    ctx = request.app[CTX]
-    before = int_query(request, "before_ts", 2**53, 0, 2**53)
-    limit = int_query(request, "limit", 50, 1, 200)
-    items = await ctx.services.chat_store.list_feedback(before, limit)
-    return json_response(ok({"feedback": items, "has_more": len(items) == limit}))
 
 
 class DispatchIn(Inbound):
@@ -522,8 +491,6 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/api/technicians/nearby", nearby)
     app.router.add_get("/api/conversations/{conversation_id:[A-Za-z0-9_.:@-]{1,64}}/messages",
                        get_transcript)
-    app.router.add_post("/api/feedback", post_feedback)
-    app.router.add_get("/api/feedback", list_feedback)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -27,6 +27,7 @@ from realtime.context import Context, Edge
 from realtime.day_api import setup_day_routes
 from realtime.engine import build_engine
 from realtime.errors import ok
+from realtime.feedback_api import setup_feedback_routes
 from realtime.feeds import build_feeds
 from realtime.limits import LIMITS, Limits
 from realtime.metrics import Metrics
@@ -121,6 +122,7 @@ def create_app(settings: Settings) -> web.Application:
     sio.attach(app)
     setup_day_routes(app)  # before the order routes (/api/orders/late)
     setup_outbox_routes(app)
+    setup_feedback_routes(app)
     setup_routes(app)
     setup_scheduling_routes(app)
     setup_pages(app, settings)

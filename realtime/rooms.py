@@ -12,6 +12,7 @@ CHAT: Final = "/chat"
 OPS: Final = "/ops"
 BOOKING: Final = "/booking"
 OPS_ROOM: Final = "ops"  # every agent's and admin's live view
+FEEDBACK_ROOM: Final = "feedback"  # /chat: every agent's and admin's feedback inbox
 
 
 def user_room(user_id: str) -> str:

@@ -21,6 +21,8 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from chat.routing import Router
 from chat.service import ChatService
+from feedback.ratings import follow_up_id, is_low
+from feedback.service import FeedbackService
 from kernel.clock import now_ms
 from orders.model import Event, Order
 from orders.service import OrderService
@@ -36,6 +38,7 @@ from storage.calendars import MongoCalendarStore
 from storage.chat import MongoChatStore
 from storage.dispatch import MongoDispatchStore
 from storage.embedded import EmbeddedMongo
+from storage.feedback import MongoFeedbackStore, MongoRatingStore
 from storage.gate import StoreGate
 from storage.mongo import MongoOrderStore, connect, ensure_indexes
 from storage.outbox import MongoOutboxStore
@@ -105,6 +108,9 @@ class Services:
     schedules: MongoScheduleStore
     scheduling: SchedulingService
     outbox_store: MongoOutboxStore
+    feedback: FeedbackService
+    feedback_store: MongoFeedbackStore
+    rating_store: MongoRatingStore
     relay: Relay
     sender: HttpSender
     # The Web Push application server key (VAPID public key, base64url).
@@ -125,17 +131,21 @@ class Services:
         await self.calendars.ensure_indexes()
         await self.schedules.ensure_indexes()
         await self.outbox_store.ensure_indexes()
+        await self.feedback_store.ensure_indexes()
+        await self.rating_store.ensure_indexes()
         await sync_config_endpoints(self.outbox_store, self.webhooks_config, self.own_ports)
         if isinstance(self.trails, TrailWriter):
             self.trails.start()
         self.scheduling.start()
         self.tracking.start()
         self.relay.start()
+        self.feedback.start()
 
     async def stop(self) -> None:
         """In the order that loses nothing: rounds and timers first, then the
         writers flush, then the store closes."""
         await self.dispatch.close()
+        await self.feedback.close()
         await self.relay.close()
         await self.sender.close()
         await self.scheduling.close()
@@ -156,10 +166,22 @@ def build_services(settings: Settings, engine: Engine, metrics: Metrics, feeds: 
     chat_store = MongoChatStore(store.client, db, metrics.observe_store, store.gate)
     eta = tracking_config(settings).eta
     book = ScheduleBook(db, eta)
-    # An assignment takes the technician's time in its own transaction (or
-    # is refused); a cancellation gives it back (storage/schedules.py).
+    feedback_store = MongoFeedbackStore(store.client, db, store.gate)
+
+    async def follow_up(order: dict[str, Any], rating: dict[str, Any]) -> Any:
+        return await feedback.follow_up(order, rating)
+
+    rating_store = MongoRatingStore(store.client, db, store.gate, follow_up=follow_up)
+
+    async def order_committed(doc: dict[str, Any], event: Event, ts: int, session: Any) -> None:
+        # An assignment takes the technician's time in its own transaction (or
+        # is refused); a cancellation gives it back (storage/schedules.py). A
+        # rating adds to its technician's aggregate (storage/feedback.py).
+        await book.order_committed(doc, event, ts, session)
+        await rating_store.order_committed(doc, event, ts, session)
+
     order_store = MongoOrderStore(store.client, db, metrics.observe_store, store.gate,
-                                  on_commit=book.order_committed, turns=book.turns)
+                                  on_commit=order_committed, turns=book.turns)
 
     outbox_store = MongoOutboxStore(store.client, db, store.gate)
     vapid = load_vapid(settings.data_dir, settings.vapid_private_key)
@@ -189,11 +211,27 @@ def build_services(settings: Settings, engine: Engine, metrics: Metrics, feeds: 
         touched = schedule_touched(order, event)
         if touched:
             await feeds.booking.changed(touched)
+        if event["type"] == "rated" and order.get("technician_id"):
+            await rating_received(order, event)
         try:
             await chat.append_order_event(order, event)
         except Exception as exc:  # the order change stands; its chat card is best-effort
             log.warning("order %s event %d not written to its chat: %s",
                         order["order_id"], event["seq"], type(exc).__name__)
+
+    async def rating_received(order: Order, event: Event) -> None:
+        """The technician hears their rating with the aggregate it made; a low
+        one's follow-up (written with it) is pushed to the inbox and routed."""
+        tech = str(order["technician_id"])
+        try:
+            agg = (await rating_store.aggregates([tech], now_ms()))[tech]
+            await feeds.orders.rating_received(tech, {
+                "order_id": order["order_id"], "seq": event["seq"], **event["data"],
+                "ts": dict(order.get("rating") or {}).get("ts"), "aggregate": agg})
+            if is_low(event["data"]):
+                await feedback.announce(follow_up_id(order["order_id"]))
+        except Exception as exc:  # the rating stands; the sweep routes a follow-up later
+            log.warning("order %s rating not pushed: %s", order["order_id"], type(exc).__name__)
 
     orders = OrderService(order_store, order_changed, busy_wait_s=bound_s)
     trails = (TrailWriter(db, interval=settings.trail_flush_s, on_flush=metrics.trail_flushed,
@@ -228,6 +266,13 @@ def build_services(settings: Settings, engine: Engine, metrics: Metrics, feeds: 
 
     chat = ChatService(chat_store, orders, router, message_delivered,
                        limits=engine.chat_limits, busy_wait_s=bound_s)
+
+    async def feedback_changed(item: dict[str, Any], event: dict[str, Any]) -> None:
+        relay.poke()
+        await feeds.feedback.changed(item, event)
+
+    feedback = FeedbackService(feedback_store, feedback_changed, sla_min=settings.feedback_sla_min,
+                               tz=settings.report_tz, choose_agent=router.least_loaded)
     calendars = MongoCalendarStore(db, store.gate)
     schedules = MongoScheduleStore(store.client, db, book, store.gate)
     scheduling = SchedulingService(
@@ -245,8 +290,9 @@ def build_services(settings: Settings, engine: Engine, metrics: Metrics, feeds: 
                               radius_m=settings.dispatch_radius_m,
                               count=settings.dispatch_count,
                               timeout_s=settings.dispatch_timeout_s,
-                              stale_after_s=settings.stale_position_s),
-        schedule_check=scheduling.conflicts, eta=eta)
+                              stale_after_s=settings.stale_position_s,
+                              rating_margin_s=settings.dispatch_rating_margin_s),
+        schedule_check=scheduling.conflicts, eta=eta, ratings=rating_store)
 
     async def dispatch_answered(data: dict[str, Any]) -> None:
         dispatch.wake(str(data.get("dispatch_id")))
@@ -266,6 +312,7 @@ def build_services(settings: Settings, engine: Engine, metrics: Metrics, feeds: 
                     trails=trails, chat=chat, chat_store=chat_store, router=router,
                     dispatch=dispatch, dispatch_store=dispatch_store, calendars=calendars,
                     schedules=schedules, scheduling=scheduling, outbox_store=outbox_store,
+                    feedback=feedback, feedback_store=feedback_store, rating_store=rating_store,
                     relay=relay, sender=sender, vapid_public_key=application_server_key(vapid),
                     webhooks_config=tuple(w.model_dump() for w in settings.webhooks),
                     own_ports=frozenset(p for p in (settings.port, settings.metrics_port) if p))

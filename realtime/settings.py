@@ -12,6 +12,7 @@ import os
 import secrets
 from pathlib import Path
 from typing import Annotated, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -153,6 +154,17 @@ class Settings(BaseSettings):
     dispatch_count: int = Field(default=5, ge=1, le=100)
     dispatch_timeout_s: float = Field(default=20.0, gt=0, le=600)
     stale_position_s: float = Field(default=300.0, gt=0)
+    # How much earlier arrival a top rating is worth in dispatch's ranking
+    # (docs/dispatch.md, Ranking): a 5-star Bayesian rating earns this many
+    # seconds over a 1-star one, in proportion between; a candidate arriving
+    # later than that is never ranked first by its rating.
+    dispatch_rating_margin_s: float = Field(default=300.0, ge=0, le=3600)
+
+    # Feedback (docs/feedback.md): the first response is due this many
+    # minutes after an item is created; past it the item is overdue.
+    feedback_sla_min: float = Field(default=240.0, gt=0, le=60 * 24 * 30)
+    # The days of the statistics and of CSAT weeks (an IANA zone).
+    report_tz: str = "Asia/Shanghai"
 
     # Bookings (docs/scheduling.md): how long a hold keeps its slot while the
     # customer pays, and how many live holds one customer may have.
@@ -269,6 +281,15 @@ class Settings(BaseSettings):
             except ValueError:
                 raise ValueError(f"{str(item)[:64]!r} is not an IP address or CIDR block") from None
         return networks
+
+    @field_validator("report_tz")
+    @classmethod
+    def _report_tz(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"REALTIME_REPORT_TZ: {value[:64]!r} is not an IANA time zone") from None
+        return value
 
     @field_validator("tile_url")
     @classmethod

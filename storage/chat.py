@@ -23,7 +23,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from chat.model import Conversation, Message
-from outbox.records import csat_record, feedback_record, message_record
+from outbox.records import csat_record, message_record
 from storage.gate import GatedStore, StoreGate
 from storage.mongo import Observe, _no_observe, run_txn, stage
 
@@ -36,6 +36,8 @@ CHAT_INDEXES: dict[str, list[IndexModel]] = {
         IndexModel([("assignee", ASCENDING), ("status", ASCENDING)]),
         IndexModel([("customer_id", ASCENDING), ("updated_ts", DESCENDING)]),
         IndexModel([("technician_id", ASCENDING), ("updated_ts", DESCENDING)]),
+        # CSAT per agent and week (GET /api/chat/csat).
+        IndexModel([("csat.ts", ASCENDING)]),
     ],
     "messages": [
         IndexModel([("conversation_id", ASCENDING), ("seq", ASCENDING)], unique=True),
@@ -44,10 +46,6 @@ CHAT_INDEXES: dict[str, list[IndexModel]] = {
     ],
     "chat_reads": [
         IndexModel([("conversation_id", ASCENDING), ("user", ASCENDING)], unique=True),
-    ],
-    "feedback": [
-        IndexModel([("ts", DESCENDING)]),
-        IndexModel([("user.id", ASCENDING), ("ts", DESCENDING)]),
     ],
 }
 
@@ -82,7 +80,6 @@ class MongoChatStore(GatedStore):  # every public method goes through the store 
         self._convs = db["conversations"]
         self._msgs = db["messages"]
         self._reads = db["chat_reads"]
-        self._feedback = db["feedback"]
         self._observe = observe
 
     async def ensure_indexes(self) -> None:
@@ -220,18 +217,6 @@ class MongoChatStore(GatedStore):  # every public method goes through the store 
         out.reverse()
         return out
 
-    # -- feedback --------------------------------------------------------
-    async def add_feedback(self, doc: dict[str, Any]) -> dict[str, Any]:
-        stored = dict(doc)
-        stored["_id"] = stored.pop("id")
-
-        async def txn(session: AsyncClientSession) -> None:
-            await self._feedback.insert_one(stored, session=session)
-            await stage(self._db, session, [feedback_record(doc)])
-
-        await run_txn(self._client, txn)
-        return doc
-
     async def set_csat(self, conv_id: str, csat: dict[str, Any]) -> Conversation | None:
         """Rate a closed conversation once, and announce it, in one transaction."""
 
@@ -245,11 +230,12 @@ class MongoChatStore(GatedStore):  # every public method goes through the store 
 
         return _out(await run_txn(self._client, txn))
 
-    async def list_feedback(self, before_ts: int | None, limit: int) -> list[dict[str, Any]]:
-        query: dict[str, Any] = {} if before_ts is None else {"ts": {"$lt": before_ts}}
-        cursor = self._feedback.find(query).sort("ts", DESCENDING).limit(limit)
-        out = []
-        async for d in cursor:
-            d["id"] = d.pop("_id")
-            out.append(d)
-        return out
+    async def csat_between(self, from_ts: int, to_ts: int,
+                           agent_id: str | None) -> list[dict[str, Any]]:
+        """The CSAT ratings given in [from_ts, to_ts): agent, stars, time."""
+        query: dict[str, Any] = {"csat.ts": {"$gte": from_ts, "$lt": to_ts}}
+        if agent_id is not None:
+            query["assignee"] = agent_id
+        cursor = self._convs.find(query, {"assignee": 1, "csat": 1})
+        return [{"agent_id": d.get("assignee"), "stars": d["csat"]["stars"], "ts": d["csat"]["ts"]}
+                async for d in cursor]

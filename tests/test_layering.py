@@ -22,7 +22,7 @@ from tests.harness import ROOT
 
 FRAMEWORKS = {"socketio", "engineio", "aiohttp"}
 OURS = {"realtime", "kernel", "orders", "scheduling", "tracking", "chat", "storage", "loadtest",
-        "tests", "outbox"}
+        "tests", "outbox", "feedback"}
 # What each package may import of ours (itself always).
 ALLOWED: dict[str, set[str]] = {
     "kernel": set(),
@@ -31,7 +31,8 @@ ALLOWED: dict[str, set[str]] = {
     "chat": {"kernel", "orders"},
     "scheduling": {"kernel", "orders", "tracking"},
     "outbox": {"kernel"},
-    "storage": {"kernel", "orders", "scheduling", "tracking", "chat", "outbox"},
+    "feedback": {"kernel"},
+    "storage": {"kernel", "orders", "scheduling", "tracking", "chat", "outbox", "feedback"},
 }
 
 

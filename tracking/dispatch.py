@@ -11,6 +11,17 @@ against each technician's schedule (docs/scheduling.md): `schedule_conflict`
 offered in the order they could arrive (the rest of the job they are on, then
 the drive), each with that `arrival_ts`.
 
+Ranking (docs/dispatch.md): the score of an eligible candidate is their
+arrival time in seconds less a rating credit, `margin * (bayes - 1) / 4`,
+where `bayes` is their Bayesian rating (1..5 stars; the fleet's mean when
+never rated) and `margin` is REALTIME_DISPATCH_RATING_MARGIN_S (300 s). A
+5-star technician earns the whole margin over a 1-star one, 4.8 against
+4.2 earns 0.15 of it: arrival decides, the rating breaks near-ties, and a
+candidate arriving more than the margin later is never ranked first for
+their rating. Skills are a gate, not a weight: a technician without every
+skill the order asks cannot do the job (`skill_mismatch`); the score's
+parts show the match. Lowest score first; ties by distance.
+
 Strategies: `sequential` offers to one candidate at a time (the next after a
 decline or `timeout_s`); `broadcast` offers to the top `count` at once, and
 the first accept wins. Exactly one accept ever succeeds: the round's status
@@ -55,6 +66,8 @@ class DispatchConfig:
     count: int = 5  # broadcast: offers at once; sequential: at most this many in turn
     timeout_s: float = 20.0
     stale_after_s: float = 300.0  # Fleet Engine's cut: a fix older than 5 min says nothing
+    # What a top rating is worth in arrival time (Ranking, below).
+    rating_margin_s: float = 300.0
 
 
 class DispatchStore(Protocol):
@@ -74,6 +87,13 @@ class DispatchStore(Protocol):
 
 class Online(Protocol):
     async def online(self, user_ids: list[str]) -> set[str]: ...
+
+
+class Ratings(Protocol):
+    """Technicians' rating aggregates (storage/feedback.py): `bayes` and
+    `count` of each (the fleet's mean for one never rated)."""
+
+    async def aggregates(self, technician_ids: list[str], now: int) -> dict[str, dict[str, Any]]: ...
 
 
 class Busy(Protocol):
@@ -109,6 +129,23 @@ def judge(pos: Position, *, lat: float, lng: float, radius_m: float, skills: lis
     return dist, None
 
 
+def score(arrival_s: int | None, rating: dict[str, Any] | None, margin_s: float,
+          required: list[str], skills: Any) -> dict[str, Any]:
+    """A candidate's score and its parts (module doc, Ranking): arrival
+    first, the rating worth at most `margin_s` of it, skills a gate."""
+    bayes = float(rating["bayes"]) if rating and rating.get("bayes") is not None else None
+    credit = 0.0 if bayes is None else margin_s * min(max((bayes - 1.0) / 4.0, 0.0), 1.0)
+    have = set(skills or ())
+    return {
+        "arrival_s": arrival_s,
+        "rating": bayes,
+        "rating_count": int(rating.get("count", 0)) if rating else 0,
+        "rating_credit_s": round(credit, 1),
+        "skills_matched": f"{sum(1 for s in required if s in have)}/{len(required)}",
+        "score_s": None if arrival_s is None else round(arrival_s - credit, 1),
+    }
+
+
 NO_OFFER = "you have no open offer of this order (taken, expired or never made)"
 
 
@@ -117,8 +154,9 @@ class DispatchService:
                  busy: Busy, store: DispatchStore, send_offer: SendOffer, withdraw: Withdraw,
                  config: DispatchConfig | None = None,
                  schedule_check: ScheduleCheck | None = None,
-                 eta: EtaConfig | None = None) -> None:
+                 eta: EtaConfig | None = None, ratings: Ratings | None = None) -> None:
         self.orders = orders
+        self.ratings = ratings
         self.eta = eta or EtaConfig()
         self.schedule_check = schedule_check
         self.busy = busy
@@ -211,7 +249,8 @@ class DispatchService:
                     entry.update(status="skipped", reason="schedule_conflict", conflict=why)
             eligible = [e for e in eligible if e["status"] == "eligible"]
         if eligible:
-            eligible = await self._by_arrival(eligible, found, addr["lat"], addr["lng"], now)
+            eligible = await self._by_arrival(eligible, found, addr["lat"], addr["lng"], now,
+                                              list(order.get("skills") or []))
         for extra in eligible[count:]:
             extra["status"], extra["reason"] = "not_offered", "beyond_count"
         doc = {
@@ -226,20 +265,26 @@ class DispatchService:
         return doc
 
     async def _by_arrival(self, eligible: list[dict[str, Any]], found: list[Position],
-                          lat: float, lng: float, now: int) -> list[dict[str, Any]]:
-        """Eligible candidates in the order they could arrive: the rest of the
-        job they are on (if any), then the drive (tracking/day.py `reach`);
-        each entry records its `arrival_ts` and `arrival_s`."""
+                          lat: float, lng: float, now: int,
+                          required: list[str]) -> list[dict[str, Any]]:
+        """Eligible candidates ranked by their score (module doc, Ranking):
+        when they could arrive (the rest of the job they are on, then the
+        drive: tracking/day.py `reach`), less the credit of their rating.
+        Each entry records `arrival_ts`, `arrival_s` and the parts of its
+        `score`."""
         ids = [str(e["technician_id"]) for e in eligible]
         jobs = await self.busy.jobs_among(ids)
+        aggs = await self.ratings.aggregates(ids, now) if self.ratings is not None else {}
         pos_of = {p.technician_id: p for p in found}
         for e in eligible:
             tid = str(e["technician_id"])
             arrival = day.reach(jobs.get(tid, []), pos_of.get(tid), now, lat, lng, self.eta)
             e["arrival_ts"] = arrival
             e["arrival_s"] = None if arrival is None else max(0, round((arrival - now) / 1000))
-        return sorted(eligible, key=lambda e: (e["arrival_ts"] is None, e["arrival_ts"] or 0,
-                                               e["distance_m"]))
+            e["score"] = score(e["arrival_s"], aggs.get(tid), self.cfg.rating_margin_s,
+                               required, pos_of[tid].skills if tid in pos_of else ())
+        return sorted(eligible, key=lambda e: (e["score"]["score_s"] is None,
+                                               e["score"]["score_s"] or 0, e["distance_m"]))
 
     def _offer_payload(self, order: Order, dispatch_id: str, expires: int) -> dict[str, Any]:
         return {"order_id": order["order_id"], "dispatch_id": dispatch_id,

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from realtime.context import Edge
 from realtime.feeds.booking import BookingFeed
 from realtime.feeds.chat import ChatFeed
+from realtime.feeds.feedback import FeedbackFeed
 from realtime.feeds.ops import OpsFeed
 from realtime.feeds.orders import OrderFeed
 from realtime.feeds.tracking import TrackingFeed
@@ -22,6 +23,7 @@ class Feeds:
     chat: ChatFeed
     ops: OpsFeed
     booking: BookingFeed
+    feedback: FeedbackFeed
 
     async def start(self) -> None:
         self.tracking.start()
@@ -33,4 +35,4 @@ class Feeds:
 def build_feeds(edge: Edge) -> Feeds:
     ops = OpsFeed(edge)
     return Feeds(orders=OrderFeed(edge), tracking=TrackingFeed(edge), chat=ChatFeed(edge),
-                 ops=ops, booking=BookingFeed(edge))
+                 ops=ops, booking=BookingFeed(edge), feedback=FeedbackFeed(edge))

@@ -41,6 +41,11 @@ class OrderFeed:
         for sid in self.local.sids(rooms.user_room(user)):
             await self.sio.leave_room(sid, room, namespace=NS)
 
+    async def rating_received(self, technician_id: str, data: dict[str, Any]) -> None:
+        """The technician's rating and their aggregate after it (offline:
+        the order.rated notification)."""
+        await self.sio.emit("rating_received", data, to=rooms.user_room(technician_id), namespace=NS)
+
     async def send_offer(self, technician_id: str, offer: dict[str, Any]) -> None:
         await self.sio.emit("offer", offer, to=rooms.user_room(technician_id), namespace=NS)
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, StringConstraints
 
+from feedback.model import STAFF, staff_view, user_event, user_view
 from kernel.errors import Forbidden, Invalid
 from realtime import rooms
 from realtime.auth import Principal
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 
 NAMESPACE = rooms.CHAT
 Body = Annotated[str, StringConstraints(min_length=1, max_length=4000)]
+REPLAY_LIMIT = 500
 ClientMsgId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 
 
@@ -86,6 +88,20 @@ class QueueIn(Inbound):
     limit: Annotated[int, Field(ge=1, le=100)] = 50
 
 
+class FeedbackReplayIn(Inbound):
+    feedback_id: Id
+    since_seq: Seq = 0
+
+
+class FeedbackReplyIn(Inbound):
+    feedback_id: Id
+    body: Body
+
+
+class FeedbackMineIn(Inbound):
+    limit: Annotated[int, Field(ge=1, le=100)] = 20
+
+
 class ChatNamespace(BaseNamespace):
     roles = frozenset({"customer", "technician", "agent", "admin"})
 
@@ -95,6 +111,8 @@ class ChatNamespace(BaseNamespace):
         self.feed = ctx.feeds.chat
 
     async def connected(self, sid: str, p: Principal) -> None:
+        if p.role in ("agent", "admin"):
+            await self.enter_room(sid, rooms.FEEDBACK_ROOM)
         if p.role == "agent":
             came_online = await self.ctx.engine.agent_presence.connect(p.id)
             status = await self.chat.router.agent_connected(p.id)
@@ -201,3 +219,29 @@ class ChatNamespace(BaseNamespace):
             status, load = await self.chat.agent_status(p.id)
             out["agent"] = {"status": status, "load": load, "cap": self.chat.router.cap}
         return out
+
+    # -- feedback (docs/feedback.md) --------------------------------------
+    @handles("feedback_mine", FeedbackMineIn)
+    async def feedback_mine(self, p: Principal, sid: str, body: FeedbackMineIn) -> dict[str, Any]:
+        """The caller's own feedback items, newest first (their thread's seq each)."""
+        items = await self.ctx.services.feedback.mine(actor_of(p), body.limit)
+        return {"feedback": [user_view(i) for i in items]}
+
+    @handles("feedback_replay", FeedbackReplayIn)
+    async def feedback_replay(self, p: Principal, sid: str, body: FeedbackReplayIn) -> dict[str, Any]:
+        """An item's steps after since_seq: the author's thread for the
+        author, every step for staff."""
+        item, events = await self.ctx.services.feedback.thread(actor_of(p), body.feedback_id,
+                                                              body.since_seq, REPLAY_LIMIT)
+        view = staff_view(item) if p.role in STAFF else user_view(item)
+        return {"feedback": view, "events": events, "last_seq": view["seq"],
+                "has_more": len(events) == REPLAY_LIMIT}
+
+    @handles("feedback_reply", FeedbackReplyIn)
+    async def feedback_reply(self, p: Principal, sid: str, body: FeedbackReplyIn) -> dict[str, Any]:
+        """The author answers support (or staff reply, as POST .../replies)."""
+        item, event = await self.ctx.services.feedback.reply(actor_of(p), p.name, body.feedback_id,
+                                                             body.body)
+        if p.role in STAFF:
+            return {"feedback": staff_view(item), "event": event}
+        return {"feedback": user_view(item), "event": user_event(event)}
