@@ -77,7 +77,7 @@ def aggregate(doc: dict[str, Any] | None, fleet_mean: float, now_ms: int) -> dic
         "count": n,
         "mean": round(total / n, 2) if n else None,
         "bayes": round(bayes(n, total, fleet_mean), 2),
-        "fleet_mean": round(fleet_mean, 2),
+        "fleet_mean": round(fleet_mean, 4),
         "prior_weight": PRIOR_WEIGHT,
         "dimensions": {d: (round(dims[d]["sum"] / dims[d]["n"], 2)
                            if d in dims and dims[d].get("n") else None) for d in DIMENSIONS},

@@ -224,6 +224,7 @@ def build_services(settings: Settings, engine: Engine, metrics: Metrics, feeds: 
         one's follow-up (written with it) is pushed to the inbox and routed."""
         tech = str(order["technician_id"])
         try:
+            await rating_store.count_in_fleet(int(event["data"]["stars"]))
             agg = (await rating_store.aggregates([tech], now_ms()))[tech]
             await feeds.orders.rating_received(tech, {
                 "order_id": order["order_id"], "seq": event["seq"], **event["data"],

@@ -16,6 +16,7 @@ full-width `．` and `＄` and turned back on reading.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final
 
@@ -249,11 +250,17 @@ FollowUp = Callable[[dict[str, Any], dict[str, Any]],
 
 
 class MongoRatingStore(GatedStore):
-    """Technicians' aggregates (feedback/ratings.py); the fleet's mean is
-    the sum over all of them, cached for a minute (a rating moves it by
-    little, and no single document is written by every rating)."""
+    """Technicians' aggregates (feedback/ratings.py), and the fleet's totals
+    (`rating_fleet`, one document) for the Bayesian prior's mean.
 
-    FLEET_TTL_MS: Final = 60_000
+    The fleet's totals are incremented just after the rating's commit, not
+    inside it: one document written by every rating would make concurrent
+    ratings' transactions conflict. A node that dies between the two leaves
+    the fleet's mean one rating short (a technician's own aggregate is never
+    short); `ensure_indexes` rebuilds the totals from the aggregates when
+    they are missing. Read at most once a second per node."""
+
+    FLEET_TTL_MS: Final = 1_000
 
     def __init__(self, client: AsyncMongoClient[dict[str, Any]], db: AsyncDatabase[dict[str, Any]],
                  gate: StoreGate | None = None, follow_up: FollowUp | None = None) -> None:
@@ -261,15 +268,23 @@ class MongoRatingStore(GatedStore):
         self._client = client
         self._db = db
         self._aggs = db["technician_ratings"]
+        self._fleet_doc = db["rating_fleet"]
         self._orders = db["orders"]
         self._follow_up = follow_up
-        self._fleet: tuple[int, float] | None = None  # (computed at, mean)
+        self._fleet: tuple[int, float] | None = None  # (read at, mean)
 
     async def ensure_indexes(self) -> None:
         # A technician's recent comments: their rated orders, newest first.
         await self._orders.create_indexes([
             IndexModel([("technician_id", ASCENDING), ("rating.ts", DESCENDING)],
                        name="ratings_by_technician")])
+        if await self._fleet_doc.find_one({"_id": "fleet"}) is None:
+            cursor = await self._aggs.aggregate(
+                [{"$group": {"_id": None, "n": {"$sum": "$n"}, "sum": {"$sum": "$sum"}}}])
+            rows = [d async for d in cursor]
+            n, total = (int(rows[0]["n"]), int(rows[0]["sum"])) if rows else (0, 0)
+            with contextlib.suppress(DuplicateKeyError):  # another node did it meanwhile
+                await self._fleet_doc.insert_one({"_id": "fleet", "n": n, "sum": total})
 
     async def order_committed(self, doc: dict[str, Any], event: Event, ts: int,
                               session: AsyncClientSession) -> None:
@@ -291,15 +306,19 @@ class MongoRatingStore(GatedStore):
             item, first, rollup = await self._follow_up(order, rating)
             await insert_in(self._db, session, item, first, rollup)
 
+    async def count_in_fleet(self, stars: int) -> None:
+        """After a rating's commit: the fleet's totals (class doc)."""
+        await self._fleet_doc.update_one({"_id": "fleet"}, {"$inc": {"n": 1, "sum": int(stars)}},
+                                         upsert=True)
+        self._fleet = None
+
     async def fleet_mean(self, now: int) -> float:
         cached = self._fleet
         if cached is not None and now - cached[0] < self.FLEET_TTL_MS:
             return cached[1]
-        cursor = await self._aggs.aggregate(
-            [{"$group": {"_id": None, "n": {"$sum": "$n"}, "sum": {"$sum": "$sum"}}}])
-        rows = [d async for d in cursor]
-        n = int(rows[0]["n"]) if rows else 0
-        mean = float(rows[0]["sum"]) / n if n else ratings.DEFAULT_FLEET_MEAN
+        doc = await self._fleet_doc.find_one({"_id": "fleet"}) or {}
+        n = int(doc.get("n", 0))
+        mean = float(doc.get("sum", 0)) / n if n else ratings.DEFAULT_FLEET_MEAN
         self._fleet = (now, mean)
         return mean
 

@@ -283,8 +283,11 @@ class DispatchService:
             e["arrival_s"] = None if arrival is None else max(0, round((arrival - now) / 1000))
             e["score"] = score(e["arrival_s"], aggs.get(tid), self.cfg.rating_margin_s,
                                required, pos_of[tid].skills if tid in pos_of else ())
-        return sorted(eligible, key=lambda e: (e["score"]["score_s"] is None,
-                                               e["score"]["score_s"] or 0, e["distance_m"]))
+        ranked = sorted(eligible, key=lambda e: (e["score"]["score_s"] is None,
+                                                 e["score"]["score_s"] or 0, e["distance_m"]))
+        for rank, e in enumerate(ranked, start=1):
+            e["rank"] = rank
+        return ranked
 
     def _offer_payload(self, order: Order, dispatch_id: str, expires: int) -> dict[str, Any]:
         return {"order_id": order["order_id"], "dispatch_id": dispatch_id,
