@@ -9,14 +9,14 @@ from __future__ import annotations
 from typing import Any
 
 from feedback.ratings import PRIOR_WEIGHT
-from tests.conftest import Live, StartApp
+from tests.conftest import StartApp
 from tests.feedback.helpers import api, completed_order, rate
 from tests.harness import uid
 from tests.tracking.test_dispatch import at, now_ms, started
 
 
 def expected_bayes(agg: dict[str, Any], total: int) -> float:
-    return round((PRIOR_WEIGHT * agg["fleet_mean"] + total) / (PRIOR_WEIGHT + agg["count"]), 2)
+    return round((PRIOR_WEIGHT * float(agg["fleet_mean"]) + total) / (PRIOR_WEIGHT + int(agg["count"])), 2)
 
 
 async def test_three_ratings_give_the_documented_aggregate_and_reach_the_technician(
@@ -29,7 +29,7 @@ async def test_three_ratings_give_the_documented_aggregate_and_reach_the_technic
     for stars in (5, 5):
         c = uid("c-")
         await rate(live, c, await completed_order(live, c, other), stars=stars)
-    ratings = [{"stars": 5, "quality": 5, "attitude": 5, "efficiency": 4, "comment": "很专业"},
+    ratings: list[dict[str, Any]] = [{"stars": 5, "quality": 5, "attitude": 5, "efficiency": 4, "comment": "很专业"},
                {"stars": 4, "quality": 4, "attitude": 5},
                {"stars": 3, "efficiency": 3}]
     got = []
