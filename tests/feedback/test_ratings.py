@@ -29,9 +29,10 @@ async def test_three_ratings_give_the_documented_aggregate_and_reach_the_technic
     for stars in (5, 5):
         c = uid("c-")
         await rate(live, c, await completed_order(live, c, other), stars=stars)
-    ratings: list[dict[str, Any]] = [{"stars": 5, "quality": 5, "attitude": 5, "efficiency": 4, "comment": "很专业"},
-               {"stars": 4, "quality": 4, "attitude": 5},
-               {"stars": 3, "efficiency": 3}]
+    ratings: list[dict[str, Any]] = [
+        {"stars": 5, "quality": 5, "attitude": 5, "efficiency": 4, "comment": "很专业"},
+        {"stars": 4, "quality": 4, "attitude": 5},
+        {"stars": 3, "efficiency": 3}]
     got = []
     for r in ratings:
         customer = uid("c-")
