@@ -310,6 +310,18 @@ class FeedbackService:
         """Several fields at once (PATCH): one step each, in this order:
         assignee, tags, priority, status. A field already as asked is no step."""
         item = await self.get(actor, feedback_id)
+        # Refused as a whole, before any step, when a part would be: the
+        # steps then run one by one (a concurrent change can still refuse a
+        # later one, after the earlier ones stand).
+        if not is_staff(actor):
+            raise Forbidden("feedback is changed by support staff")
+        after = dict(item)
+        if assignee is not UNSET:
+            check_assign(actor, item, assignee)
+            after["assignee"] = assignee
+        if status is not None and status != item["status"]:
+            check_handler(actor, after)
+            check_status(item["status"], status)
         events: list[dict[str, Any]] = []
         steps: list[Callable[[], Awaitable[tuple[dict[str, Any], dict[str, Any]]]]] = []
         if assignee is not UNSET:

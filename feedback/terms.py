@@ -15,7 +15,7 @@ import logging
 import re
 import threading
 from functools import cache
-from typing import Final
+from typing import Any, Final
 
 # Ours: filler and the words of the trade that every item has.
 OWN_STOP_WORDS: Final = frozenset("""
@@ -36,14 +36,19 @@ def _stop_words() -> frozenset[str]:
     return frozenset(get_stop_words("zh")) | frozenset(get_stop_words("en")) | OWN_STOP_WORDS
 
 
-@cache
-def _tokenizer():  # type: ignore[no-untyped-def]
-    import jieba
-    with _init_lock:
-        jieba.setLogLevel(logging.WARNING)
-        tokenizer = jieba.Tokenizer()
-        tokenizer.initialize()
-    return tokenizer
+_tokenizer_instance: Any = None
+
+
+def _tokenizer() -> Any:
+    global _tokenizer_instance
+    with _init_lock:  # one load, whichever thread asks first
+        if _tokenizer_instance is None:
+            import jieba
+            jieba.setLogLevel(logging.WARNING)
+            tokenizer = jieba.Tokenizer()
+            tokenizer.initialize()
+            _tokenizer_instance = tokenizer
+        return _tokenizer_instance
 
 
 def warm() -> None:
