@@ -35,7 +35,6 @@ from feedback.terms import warm
 from kernel.actor import Actor
 from kernel.clock import now_ms
 from kernel.errors import Conflict, Forbidden, NotFound
-from kernel.tasks import BackgroundTasks
 
 log = logging.getLogger(__name__)
 
@@ -110,18 +109,18 @@ class FeedbackService:
         self.sla_ms = int(sla_min * 60_000)
         self.tz = ZoneInfo(tz)
         self._choose = choose_agent
-        self._background = BackgroundTasks("feedback")
         self._task: asyncio.Task[None] | None = None
         # The sweep's period: often enough that an item is flagged within a
         # small part of its SLA, at most every 15 s.
         self.sweep_s = max(0.2, min(15.0, self.sla_ms / 1000 / 8))
 
     # -- lifecycle ---------------------------------------------------------
-    def start(self) -> None:
+    async def start(self) -> None:
+        # The dictionary loads (once per process, ~1 s) off the loop and before
+        # the node serves: the first item's request must not wait for it.
+        await asyncio.to_thread(warm)
         if self._task is None:
             self._task = asyncio.create_task(self._sweeper(), name="feedback-sweep")
-            # The dictionary loads off the loop, before the first item needs it.
-            self._background.spawn(asyncio.to_thread(warm))
 
     async def close(self) -> None:
         task, self._task = self._task, None
@@ -129,7 +128,6 @@ class FeedbackService:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self._background.close()
 
     # -- creating ----------------------------------------------------------
     async def create(self, actor: Actor, name: str | None, *, category: str, body: str,

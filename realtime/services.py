@@ -139,7 +139,7 @@ class Services:
         self.scheduling.start()
         self.tracking.start()
         self.relay.start()
-        self.feedback.start()
+        await self.feedback.start()
 
     async def stop(self) -> None:
         """In the order that loses nothing: rounds and timers first, then the

@@ -16,7 +16,7 @@ from kernel.actor import Actor
 from realtime.api import SERVICES
 from tests.conftest import Live, StartApp
 from tests.feedback.helpers import api, post_feedback
-from tests.harness import uid
+from tests.harness import uid, until
 
 TZ = ZoneInfo("Asia/Shanghai")
 
@@ -213,3 +213,22 @@ async def test_the_csv_export_escapes_formula_cells(start_app: StartApp) -> None
             assert not cell.startswith(("=", "+", "-", "@")), cell
     status, _ = await live.http.request("GET", "/api/feedback/export.csv", live.token("customer"))
     assert status == 403
+
+
+async def test_two_nodes_flag_each_overdue_item_once(start_app: StartApp) -> None:
+    db = uid("fb2")
+    one = await start_app(mongo_db=db, feedback_sla_min=0.01)
+    two = await start_app(mongo_db=db, feedback_sla_min=0.01)
+    customer = uid("c-")
+    ids = [(await post_feedback(one if i % 2 else two, customer, f"第{i}个问题"))["id"]
+           for i in range(6)]
+    token = one.token("admin", uid("ad-"))
+
+    async def all_flagged() -> bool:
+        data = await api(two, "GET", "/api/feedback?overdue=true&limit=50", token)
+        return {f["id"] for f in data["feedback"]} >= set(ids)
+
+    await until(all_flagged, 20, what="every item flagged")
+    for fid in ids:
+        events = (await api(one, "GET", f"/api/feedback/{fid}/events", token))["events"]
+        assert [e["type"] for e in events] == ["created", "overdue"], events
