@@ -14,6 +14,7 @@ const DAY_VIEW = [7, 21];
 // A job leaves its technician's day when it is cancelled (its time is given back).
 const GONE = new Set(["cancelled"]);
 const LATE_REFRESH_MS = 60_000;
+const RATING_TTL_MS = 60_000;
 
 applyI18n();
 if (checkVendor()) await main();
@@ -82,8 +83,38 @@ async function main() {
   }
   setInterval(loadLate, LATE_REFRESH_MS);
 
+  // A technician's rating, fetched when their tooltip opens and kept a minute.
+  const ratings = new Map();  // id -> {at, data (undefined: loading, null: unavailable), pending}
+  function ratingOf(id) {
+    const c = ratings.get(id);
+    if (c && (c.pending || Date.now() - c.at < RATING_TTL_MS)) return c.data;
+    const entry = { at: Date.now(), data: c?.data, pending: true };
+    ratings.set(id, entry);
+    api(`/api/technicians/${encodeURIComponent(id)}/ratings`, token).then((r) => {
+      entry.pending = false;
+      entry.at = Date.now();
+      entry.data = r.ok && r.data?.aggregate ? r.data.aggregate : null;
+      const tip = techs.get(id)?.marker.getTooltip();
+      if (tip?.isOpen()) tip.update();
+    });
+    return entry.data;
+  }
+
+  function ratingText(agg) {
+    if (agg === undefined) return t("rating.loading");
+    if (agg === null) return t("rating.unavailable");
+    if (!agg.count) return t("rating.none");
+    const recent = agg.last_30d?.count
+      ? t("rating.recent", { mean: Number(agg.last_30d.mean).toFixed(2), n: agg.last_30d.count })
+      : t("rating.no_recent");
+    return t("rating.line", { bayes: Number(agg.bayes).toFixed(2), count: agg.count, recent });
+  }
+
   function tooltip(d) {  // an element, not a string: Leaflet would parse a string as HTML
-    return h("span", { text: `${d.name || d.id} · ${t(`tech.${d.status}`)}${d.order_id ? ` · ${d.order_id}` : ""} · ${fmtTime(d.ts)}` });
+    return h("span", { class: "tech-tip", dataset: { id: d.id } },
+      h("span", { text: `${d.name || d.id} · ${t(`tech.${d.status}`)}${d.order_id ? ` · ${d.order_id}` : ""} · ${fmtTime(d.ts)}` }),
+      h("br"),
+      h("span", { class: "tip-rating", text: ratingText(ratingOf(d.id)) }));
   }
 
   function remove(id) {
