@@ -2,7 +2,7 @@
 // a conversation with its order card, refunds, and the feedback inbox.
 import {
   $, api, applyI18n, call, checkVendor, connect, fmtDateTime, fmtDistance, fmtEta, fmtTime, fmtWait, h,
-  onLangChange, setupTopbar, signIn, stateLabel, t, toast, watchConnection,
+  onLangChange, RatingCache, ratingText, setupTopbar, signIn, stateLabel, t, toast, watchConnection,
 } from "./common.js";
 import { bindComposer, ChatHub, renderMessages } from "./chat.js";
 import { lateOf, onThisJob, OrderFeed, TechWatch, VISIBLE } from "./orders.js";
@@ -366,42 +366,6 @@ async function main() {
   renderConv();
 }
 
-// -- technicians' ratings (the order card) ----------------------------------------------------------
-/** A technician's rating aggregate, fetched when first shown and kept a minute. */
-class RatingCache {
-  constructor(token, ttlMs = 60_000) {
-    this.token = token;
-    this.ttl = ttlMs;
-    this.map = new Map();  // technician id -> {at, data (undefined: loading, null: unavailable), pending, onLoad}
-  }
-
-  get(techId, onLoad) {
-    const c = this.map.get(techId);
-    if (c && (c.pending || Date.now() - c.at < this.ttl)) {
-      if (c.pending && onLoad) c.onLoad = onLoad;
-      return c.data;
-    }
-    const entry = { at: Date.now(), data: c?.data, pending: true, onLoad };
-    this.map.set(techId, entry);
-    api(`/api/technicians/${encodeURIComponent(techId)}/ratings`, this.token).then((r) => {
-      entry.pending = false;
-      entry.at = Date.now();
-      entry.data = r.ok && r.data?.aggregate ? r.data.aggregate : null;
-      entry.onLoad?.();
-    });
-    return entry.data;
-  }
-}
-
-function ratingText(agg) {
-  if (agg === undefined) return t("rating.loading");
-  if (agg === null) return t("rating.unavailable");
-  if (!agg.count) return t("rating.none");
-  const recent = agg.last_30d?.count
-    ? t("rating.recent", { mean: Number(agg.last_30d.mean).toFixed(2), n: agg.last_30d.count })
-    : t("rating.no_recent");
-  return t("rating.line", { bayes: Number(agg.bayes).toFixed(2), count: agg.count, recent });
-}
 
 // -- the feedback desk (issue 19): inbox, thread, actions, statistics, CSAT ----------------------------
 const FB_TEXT_MAX = 4000;

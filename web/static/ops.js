@@ -3,7 +3,7 @@
 // timeline of jobs, and an order's dispatch record with the reason for each candidate.
 import {
   $, api, applyI18n, badgeIcon, call, checkVendor, CONFIG, connect, fmtDistance, fmtEta, fmtTime, h, lang, makeMap,
-  Mover, onLangChange, setupTopbar, signIn, stateLabel, t, toast, toMap, watchConnection,
+  Mover, onLangChange, setupTopbar, signIn, stateLabel, t, toast, toMap, watchConnection, RatingCache, ratingText,
 } from "./common.js";
 import { lateOf } from "./orders.js";
 
@@ -84,31 +84,11 @@ async function main() {
   setInterval(loadLate, LATE_REFRESH_MS);
 
   // A technician's rating, fetched when their tooltip opens and kept a minute.
-  const ratings = new Map();  // id -> {at, data (undefined: loading, null: unavailable), pending}
-  function ratingOf(id) {
-    const c = ratings.get(id);
-    if (c && (c.pending || Date.now() - c.at < RATING_TTL_MS)) return c.data;
-    const entry = { at: Date.now(), data: c?.data, pending: true };
-    ratings.set(id, entry);
-    api(`/api/technicians/${encodeURIComponent(id)}/ratings`, token).then((r) => {
-      entry.pending = false;
-      entry.at = Date.now();
-      entry.data = r.ok && r.data?.aggregate ? r.data.aggregate : null;
-      const tip = techs.get(id)?.marker.getTooltip();
-      if (tip?.isOpen()) tip.update();
-    });
-    return entry.data;
-  }
-
-  function ratingText(agg) {
-    if (agg === undefined) return t("rating.loading");
-    if (agg === null) return t("rating.unavailable");
-    if (!agg.count) return t("rating.none");
-    const recent = agg.last_30d?.count
-      ? t("rating.recent", { mean: Number(agg.last_30d.mean).toFixed(2), n: agg.last_30d.count })
-      : t("rating.no_recent");
-    return t("rating.line", { bayes: Number(agg.bayes).toFixed(2), count: agg.count, recent });
-  }
+  const ratings = new RatingCache(token, RATING_TTL_MS);
+  const ratingOf = (id) => ratings.get(id, () => {
+    const tip = techs.get(id)?.marker.getTooltip();
+    if (tip?.isOpen()) tip.update();
+  });
 
   function tooltip(d) {  // an element, not a string: Leaflet would parse a string as HTML
     return h("span", { class: "tech-tip", dataset: { id: d.id } },
