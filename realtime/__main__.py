@@ -8,13 +8,23 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, NoReturn
 
 from pydantic import ValidationError
 
 from realtime.auth import ROLES, mint_token
 from realtime.settings import ConfigError, Settings
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+# Once the sessions are told goodbye, how long requests still in flight may
+# take before the stores close (a service manager's stop timeout must cover
+# this plus REALTIME_DRAIN_S: deploy/realtime@.service).
+SHUTDOWN_TIMEOUT_S = 10.0
 
 
 def _settings() -> Settings:
@@ -67,6 +77,7 @@ def serve(args: argparse.Namespace) -> None:
                 await task
 
     app.cleanup_ctx.append(collect_garbage)
+    drain_on_sigterm(app, settings.drain_s)
     logging.getLogger("realtime").info(
         "listening on http://%s:%d (Socket.IO at /socket.io/)", settings.host, settings.port
     )
@@ -77,8 +88,70 @@ def serve(args: argparse.Namespace) -> None:
         print=None,
         access_log=None,
         loop=uvloop.new_event_loop(),
-        shutdown_timeout=10.0,
+        shutdown_timeout=SHUTDOWN_TIMEOUT_S,
     )
+
+
+def drain_on_sigterm(app: web.Application, drain_s: float) -> None:
+    """SIGTERM (systemd, a container runtime, an orchestrator) first drains the
+    node: for `drain_s` seconds /readyz answers 503 `draining` and everything
+    else is served as before, so that the load balancer marks the node down and
+    sends new clients elsewhere while nobody is cut off; then the node stops as
+    on SIGINT. A second SIGTERM while draining stops it at once; one after that,
+    while it stops, is ignored (the stop is bounded: run_app's shutdown_timeout).
+
+    run_app turns SIGINT and SIGTERM into GracefulExit (stop listening, tell
+    every client goodbye, close the stores) with handlers it installs before
+    the app starts; these, installed as the app starts, replace them. Until
+    then (stores opening) SIGTERM stops at once: no client has come yet. A
+    developer's Ctrl-C (SIGINT) never waits, and a second one interrupts a
+    stop that hangs, as before."""
+    from aiohttp import web
+
+    from realtime.api import DRAIN
+
+    drain = app[DRAIN]
+    log = logging.getLogger("realtime")
+
+    async def install(app: web.Application) -> None:
+        loop = asyncio.get_running_loop()
+        stopping = False
+        timer: asyncio.TimerHandle | None = None
+
+        def stop() -> NoReturn:
+            nonlocal stopping
+            stopping = True
+            if timer is not None:
+                timer.cancel()
+            raise web.GracefulExit()  # as run_app's own handlers do
+
+        def on_sigint() -> NoReturn:
+            stop()
+
+        def on_sigterm() -> None:
+            nonlocal timer
+            if stopping:
+                log.info("SIGTERM: already stopping")
+                return
+            if drain.draining:
+                log.info("SIGTERM again: the drain ends now")
+                stop()
+            if drain_s <= 0:
+                stop()
+            drain.begin()
+            log.info("SIGTERM: draining for %g s (/readyz answers 503), then closing the "
+                     "sessions", drain_s)
+            timer = loop.call_later(drain_s, end_of_drain)
+
+        def end_of_drain() -> None:
+            if not stopping:
+                log.info("drain over: closing sessions")
+                stop()
+
+        loop.add_signal_handler(signal.SIGINT, on_sigint)
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+
+    app.on_startup.append(install)
 
 
 def demo(args: argparse.Namespace) -> None:

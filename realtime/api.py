@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, Literal
 
@@ -37,6 +38,28 @@ log = logging.getLogger(__name__)
 CTX: web.AppKey[Context] = web.AppKey("ctx", Context)
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
 PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal", Principal)
+
+
+class Drain:
+    """Whether this node is stopping. Once begun (SIGTERM, realtime/__main__.py),
+    /readyz answers 503 `draining` so that load balancers send new clients to
+    other nodes, while everything else is served as before; the node closes
+    its sockets when the drain period ends."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None  # time.monotonic() of the start
+
+    @property
+    def draining(self) -> bool:
+        return self.since is not None
+
+    def begin(self) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+
+
+DRAIN: web.AppKey[Drain] = web.AppKey("drain", Drain)
+
 # Bound on free-form `data` objects the backend attaches to events.
 MAX_DATA_BYTES = 8 * 1024
 TRAIL_PAGE = 10_000
@@ -393,6 +416,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    if request.app[DRAIN].draining:
+        # Asked to stop: not ready, whatever the stores say (docs/operations.md, Draining).
+        err = WireError("unavailable", "the node is stopping", {"status": "draining"})
+        return json_response(err.body(), 503)
     ctx = request.app[CTX]
     checks: dict[str, str] = {}
     try:

@@ -14,7 +14,9 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from realtime.api import (
     CTX,
+    DRAIN,
     SERVICES,
+    Drain,
     api_middleware,
     hide_server_version,
     json_response,
@@ -116,6 +118,7 @@ def create_app(settings: Settings) -> web.Application:
     app[CTX] = ctx
     app[SERVICES] = services
     app[LIMITS] = Limits(settings, metrics)
+    app[DRAIN] = Drain()  # begun on SIGTERM (realtime/__main__.py): /readyz then answers 503
     hide_server_version()
     app.on_response_prepare.append(server_header)
     app.cleanup_ctx.append(metrics_listener)

@@ -59,6 +59,11 @@ class Settings(BaseSettings):
 
     host: str = "0.0.0.0"
     port: int = Field(default=8080, ge=0, le=65535)
+    # On SIGTERM, /readyz answers 503 `draining` for this long while everything
+    # else is served as before, so that load balancers (which check /readyz)
+    # send new clients to other nodes; then the sockets are closed and the
+    # process exits (docs/operations.md, Draining). 0: close at once.
+    drain_s: float = Field(default=5.0, ge=0, le=300)
     # Dev mode admits `*` as a CORS origin and the pages' dev sign-in (POST /api/dev/token).
     dev: bool = False
     log_level: str = "INFO"

@@ -23,7 +23,10 @@ STOP_TIMEOUT = 30.0
 
 def server_process(env: dict[str, str]) -> ServerProcess:
     """A ServerProcess whose environment is os.environ minus any store URL and
-    any REALTIME_* setting, plus `env` (and the harness's port and host)."""
+    any REALTIME_* setting, plus `env` (and the harness's port and host). No
+    drain on SIGTERM unless `env` asks for one: no load balancer watches these
+    servers, and tests stop many."""
+    env = {"REALTIME_DRAIN_S": "0", **env}
     server = ServerProcess(env)
     keep = {*env, "REALTIME_PORT", "REALTIME_HOST"}
     for key in list(server.env):
