@@ -81,7 +81,8 @@ class FeedbackStore(Protocol):
 
     async def open_loads(self) -> dict[str, int]: ...
 
-    async def days(self, keys: list[str]) -> list[dict[str, Any]]: ...
+    async def days(self, keys: list[str],
+                   fields: tuple[str, ...] | None = None) -> list[dict[str, Any]]: ...
 
     def in_period(self, from_ts: int, to_ts: int) -> AsyncIterator[dict[str, Any]]: ...
 
@@ -398,10 +399,11 @@ class FeedbackService:
             raise Forbidden("feedback statistics are for support staff")
         days = period.days()
         previous = period.previous().days()
-        docs = await self.store.days(previous + days)
-        by_day = {d["_id"]: d for d in docs}
-        return summarize(period, [by_day[d] for d in days if d in by_day],
-                         [by_day[d] for d in previous if d in by_day], group_by)
+        now = {d["_id"]: d for d in await self.store.days(days)}
+        # Of the period before, only its total and its terms (what rose).
+        before = {d["_id"]: d for d in await self.store.days(previous, ("n", "term"))}
+        return summarize(period, [now[d] for d in days if d in now],
+                         [before[d] for d in previous if d in before], group_by)
 
     def export(self, actor: Actor, period: Period) -> AsyncIterator[dict[str, Any]]:
         if not is_staff(actor):

@@ -227,9 +227,12 @@ class MongoFeedbackStore(GatedStore):  # every public method goes through the st
         cursor = await self._items.aggregate(pipeline)
         return {str(d["_id"]): int(d["n"]) async for d in cursor}
 
-    async def days(self, keys: list[str]) -> list[dict[str, Any]]:
+    async def days(self, keys: list[str],
+                   fields: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+        """The rollups of these days (only `fields` of each, when given)."""
         out = []
-        async for d in self._daily.find({"_id": {"$in": keys}}):
+        projection = {f: 1 for f in fields} if fields else None
+        async for d in self._daily.find({"_id": {"$in": keys}}, projection):
             for kind in ("status", "category", "tag", "term", "source"):
                 if isinstance(d.get(kind), dict):
                     d[kind] = {dec(k): v for k, v in d[kind].items()}
