@@ -95,8 +95,10 @@ def run_generator(target: Target, triples: list[tuple[str, str, str]], *, rate: 
                      for _, c, o in triples for _ in range(watchers_per_tech)],
         "area": token("ops", "admin") if area else None,
     }
-    if len(urls) > 1:  # technicians on the first node, everyone watching on the second
-        cfg["watchers_url"] = urls[1]
+    if len(urls) > 1:  # technicians on the first half of the nodes, watchers on the rest
+        half = len(urls) // 2
+        cfg["watchers_url"] = urls[half]
+        cfg["tech_urls"], cfg["watcher_urls"] = urls[:half], urls[half:]
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(cfg, f)
         path = f.name
@@ -191,8 +193,12 @@ def one_step(target: Target, services: Services, rate: float, techs: int, durati
     try:
         triples = orders_for(target, services, techs)
         cpu0 = target.cpu_seconds()
+        redis0 = services.redis_cpu(target)
         r = run_generator(target, triples, rate=rate, duration=duration, warmup=warmup)
         cpu = target.cpu_seconds() - cpu0
+        # Each Redis process's CPU over the run (one Redis, or each master).
+        r["redis_cpu_s"] = [round(b - a, 2) for a, b in zip(redis0, services.redis_cpu(target),
+                                                            strict=True)]
         r["gc_max_ms"] = target.gc_max_ms()
     finally:
         target.stop()
@@ -201,7 +207,7 @@ def one_step(target: Target, services: Services, rate: float, techs: int, durati
     r["cpu_us_per_delivery"] = cpu / (r["sent"] * 2 + r["sent"]) * 1e6 if r.get("sent") else None
     return {"rate": rate, **{k: r[k] for k in (
         "verdict", "latency_ms", "ack_ms", "delivered_ratio", "sent", "delivered_measured",
-        "generator", "server_cpu_s", "cpu_us_per_delivery", "gc_max_ms")}}
+        "generator", "server_cpu_s", "cpu_us_per_delivery", "gc_max_ms", "redis_cpu_s")}}
 
 
 # The most points/s the generator offers in a burst. It shares CPU 1 with
@@ -363,6 +369,16 @@ def main(argv: list[str] | None = None) -> None:
         # Two nodes sharing the server core: technicians on one, watchers on the other.
         "ours-redis-2": Target("ours-redis-2", "ours", redis=True, nodes=2, quota=quota),
         "node-redis-2": Target("node-redis-2", "node", redis=True, nodes=2, quota=quota),
+        # Four nodes (technicians on two, watchers on two) on one Redis, or on a
+        # Redis Cluster of 3 masters (issue 20); the Node peer with socket.io's
+        # sharded adapter on the same cluster.
+        "ours-redis-4": Target("ours-redis-4", "ours", redis=True, nodes=4, quota=quota),
+        "ours-cluster-4": Target("ours-cluster-4", "ours", redis=True, cluster=True, nodes=4,
+                                 quota=quota),
+        "ours-cluster-2": Target("ours-cluster-2", "ours", redis=True, cluster=True, nodes=2,
+                                 quota=quota),
+        "node-cluster-2": Target("node-cluster-2", "node", redis=True, cluster=True, nodes=2,
+                                 quota=quota),
         "raw": Target("raw", "raw", quota=quota),
     }
     # BENCH_BEFORE=<a checkout of older code>: `before-memory` and `before-redis`

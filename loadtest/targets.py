@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loadtest.cpuquota import CpuQuota
+from tests.redis_cluster import RedisCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-secret-0123456789abcdef-0123456789"
@@ -77,6 +78,23 @@ class Services:
     mongo_port: int = 0
     # Orders created on this store, by number of technicians (bench.orders_for).
     orders: dict[int, list[tuple[str, str, str]]] = field(default_factory=dict)
+    # A Redis Cluster (3 masters, no replicas, on core 1), started when a
+    # target first needs it.
+    cluster: RedisCluster | None = None
+
+    def cluster_url(self) -> str:
+        if self.cluster is None:
+            self.cluster = RedisCluster(replicas=0, cpu="1")
+        return self.cluster.url
+
+    def redis_cpu(self, target: Target) -> list[float]:
+        """CPU seconds so far of each Redis process the target uses."""
+        if not target.redis:
+            return []
+        if target.cluster:
+            assert self.cluster is not None
+            return [cpu_seconds(self.cluster.procs[p].pid) for p in self.cluster.ports]
+        return [cpu_seconds(self.procs[0].pid)]
 
     def start(self) -> Services:
         self.redis_port, self.mongo_port = free_port(), free_port()
@@ -115,6 +133,9 @@ class Services:
     def stop(self) -> None:
         for p in self.procs:
             stop(p)
+        if self.cluster is not None:
+            self.cluster.stop()
+            self.cluster = None
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def fresh(self) -> Services:
@@ -132,6 +153,7 @@ class Target:
     kind: str  # ours | node | raw
     nodes: int = 1
     redis: bool = False
+    cluster: bool = False  # on the Redis Cluster (REDIS_URL redis+cluster://)
     ports: list[int] = field(default_factory=list)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     quota: CpuQuota | None = None  # every server process under one CPU cap (--server-cpu)
@@ -161,13 +183,18 @@ class Target:
                        "REALTIME_TRAILS": os.environ.get("BENCH_TRAILS", "false")}
                 env.pop("REDIS_URL", None)
                 if self.redis:
-                    env["REDIS_URL"] = services.redis_url
+                    env["REDIS_URL"] = services.cluster_url() if self.cluster else services.redis_url
                 cmd = [*pin(cpu), sys.executable, "-m", "realtime"]
                 health = "/readyz"
             elif self.kind == "node":
                 env = {**os.environ, "PORT": str(port), "JWT_SECRET": SECRET}
                 env.pop("REDIS_URL", None)
-                if self.redis:
+                if self.cluster:  # socket.io's sharded adapter on the cluster's masters
+                    services.cluster_url()
+                    assert services.cluster is not None
+                    env["REDIS_CLUSTER"] = ",".join(
+                        f"redis://127.0.0.1:{p}" for p in services.cluster.ports)
+                elif self.redis:
                     env["REDIS_URL"] = services.redis_url
                 cmd = [*pin(cpu), "node", str(ROOT / "loadtest/peer/server.mjs")]
                 health = "/healthz"

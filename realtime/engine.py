@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from redis import asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from chat.limits import LocalRateLimiter, SendLimits
 from chat.routing import AgentDirectory, MemoryAgentDirectory, PumpLock, local_lock
@@ -19,6 +19,8 @@ from realtime.settings import Settings
 from realtime.transport.bus import Bus
 from realtime.transport.cluster import ClusterManager
 from realtime.transport.fanout import LocalManager
+from storage.redis.cells import ClusterPositions
+from storage.redis.client import AnyRedis, redis_client
 from storage.redis.directory import RedisAgentDirectory
 from storage.redis.fallback import FallbackDirectory, FallbackPositions
 from storage.redis.lock import redis_lock
@@ -51,7 +53,7 @@ class Engine:
     pump_lock: PumpLock
     chat_limits: SendLimits
     manager: ClusterManager | LocalManager = field(default_factory=LocalManager)
-    redis: aioredis.Redis | None = field(default=None, repr=False)
+    redis: AnyRedis | None = field(default=None, repr=False)
 
     async def close(self) -> None:
         await self.positions.flush()
@@ -68,6 +70,10 @@ def build_engine(settings: Settings, *,
     callbacks matter only with Redis: the cluster link came back after an
     outage; a bus signal arrived from another node."""
     node_id = uuid.uuid4().hex[:12]
+    ttl = settings.presence_ttl_s
+    # Every key starts with the channel name: deployments (or test runs)
+    # sharing one Redis stay apart.
+    prefix = settings.redis_channel
     if not settings.redis_url:
         return Engine(
             name="memory", node_id=node_id, bus=Bus(), positions=MemoryPositions(),
@@ -79,21 +85,18 @@ def build_engine(settings: Settings, *,
                 LocalRateLimiter(settings.chat_send_rate, settings.chat_send_burst),
                 LocalRateLimiter(settings.chat_conversation_rate, settings.chat_conversation_burst)),
         )
-    pool = aioredis.BlockingConnectionPool.from_url(
-        settings.redis_url, max_connections=STATE_POOL, timeout=STATE_TIMEOUT_S,
-        socket_timeout=STATE_TIMEOUT_S, socket_connect_timeout=STATE_TIMEOUT_S)
-    redis = aioredis.Redis(connection_pool=pool)
-    ttl = settings.presence_ttl_s
-    # Every key starts with the channel name: deployments (or test runs)
-    # sharing one Redis stay apart.
-    prefix = settings.redis_channel
+    # One Redis, or a Redis Cluster (storage/redis/client.py): every key below
+    # is one slot's, and positions split their GEO index into cells there.
+    redis = redis_client(settings.redis_url, max_connections=STATE_POOL, timeout_s=STATE_TIMEOUT_S)
+    positions = (ClusterPositions(redis, prefix) if isinstance(redis, RedisCluster)
+                 else RedisPositions(redis, prefix))
     manager = ClusterManager(settings.redis_url, channel=settings.redis_channel,
                              on_link_restored=on_link_restored, on_bus_received=on_bus_received)
     return Engine(
         name="redis", node_id=node_id, bus=manager.bus, redis=redis, manager=manager,
         # While Redis is away each node keeps serving its own clients from
         # memory (storage/redis/fallback.py).
-        positions=FallbackPositions(RedisPositions(redis, prefix)),
+        positions=FallbackPositions(positions),
         # Rate limits stay per node: a technician's stream goes to the node
         # holding its socket (docs/tracking.md).
         limiter=MemoryRateLimiter(settings.location_rate, settings.location_burst),

@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from outbox.records import check_pattern
 from outbox.retry import DEFAULT_SCHEDULE_S, parse_schedule
+from storage.redis.client import is_cluster, parse_cluster_url
 
 log = logging.getLogger(__name__)
 
@@ -286,6 +287,21 @@ class Settings(BaseSettings):
             except ValueError:
                 raise ValueError(f"{str(item)[:64]!r} is not an IP address or CIDR block") from None
         return networks
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        """One Redis (redis://, rediss://, unix://) or a Redis Cluster
+        (redis+cluster://host:port[,host:port...]; docs/scaling.md)."""
+        if not value:
+            return None
+        scheme = value.split("://", 1)[0].lower() if "://" in value else ""
+        if is_cluster(value):
+            parse_cluster_url(value)  # its ValueError says what is wrong
+        elif scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("REDIS_URL must start with redis://, rediss://, unix:// "
+                             "or redis+cluster:// (a Redis Cluster)")
+        return value
 
     @field_validator("report_tz")
     @classmethod

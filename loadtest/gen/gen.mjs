@@ -6,7 +6,9 @@
 //
 // Input: a JSON file (argv[2]) {url, ns, techs: [{token, order_id}], watchers:
 // [{token, order_id}], area: token|null, rate, duration, warmup, idle: bool,
-// burst: {factor, seconds, at_ms} | null, connect_parallel, watchers_url?}. Output: JSON on stdout;
+// burst: {factor, seconds, at_ms} | null, connect_parallel, watchers_url?, tech_urls?,
+// watcher_urls?} (the lists spread technicians, and watchers, round-robin over
+// nodes). Output: JSON on stdout;
 // a progress line per second on stderr.
 import fs from "node:fs";
 import { monitorEventLoopDelay, performance } from "node:perf_hooks";
@@ -18,6 +20,8 @@ const wsUrlOf = (u) => u.replace(/^http/, "ws") + "/socket.io/?EIO=4&transport=w
 const wsUrl = wsUrlOf(cfg.url);
 // Watchers (and the area watcher) may sit on another node than the technicians.
 const watchersWsUrl = wsUrlOf(cfg.watchers_url || cfg.url);
+const techWsUrls = (cfg.tech_urls || [cfg.url]).map(wsUrlOf);
+const watcherWsUrls = (cfg.watcher_urls || [cfg.watchers_url || cfg.url]).map(wsUrlOf);
 const nowMs = () => performance.timeOrigin + performance.now();
 
 const lat = [];            // delivery latencies (ms) after warm-up
@@ -89,7 +93,7 @@ function emit(sock, event, data, withAck = true, retry = false) {
 async function inBatches(items, n, fn) {
   const out = [];
   for (let i = 0; i < items.length; i += n) {
-    out.push(...await Promise.all(items.slice(i, i + n).map(fn)));
+    out.push(...await Promise.all(items.slice(i, i + n).map((x, k) => fn(x, i + k))));
   }
   return out;
 }
@@ -115,8 +119,10 @@ const onArea = (ev) => { if (ev === "positions") areaBatches++; };
 
 const par = cfg.connect_parallel || 100;
 const t0 = nowMs();
-const techs = await inBatches(cfg.techs, par, (t) => connect(t.token, () => {}));
-const watchers = await inBatches(cfg.watchers, par, (w) => connect(w.token, onWatcher, watchersWsUrl));
+const techs = await inBatches(cfg.techs, par,
+  (t, i) => connect(t.token, () => {}, techWsUrls[i % techWsUrls.length]));
+const watchers = await inBatches(cfg.watchers, par,
+  (w, i) => connect(w.token, onWatcher, watcherWsUrls[i % watcherWsUrls.length]));
 let area = null;
 if (cfg.area) area = await connect(cfg.area, onArea, watchersWsUrl);
 const connectS = (nowMs() - t0) / 1000;

@@ -4,13 +4,16 @@
 // Used only by the benchmark (python -m loadtest bench).
 import http from "node:http";
 import { Server } from "socket.io";
-import { createAdapter } from "@socket.io/redis-adapter";
-import { createClient } from "redis";
+import { createAdapter, createShardedAdapter } from "@socket.io/redis-adapter";
+import { createClient, createCluster } from "redis";
 import jwt from "jsonwebtoken";
 
 const PORT = Number(process.env.PORT || 8099);
 const SECRET = process.env.JWT_SECRET;
 const REDIS_URL = process.env.REDIS_URL || "";
+// A Redis Cluster's nodes (comma-separated redis:// URLs): socket.io's sharded
+// adapter (SPUBLISH/SSUBSCRIBE), as its docs set it up with node-redis.
+const REDIS_CLUSTER = process.env.REDIS_CLUSTER || "";
 
 const server = http.createServer((req, res) => {
   if (req.url === "/healthz") { res.writeHead(200); res.end("ok"); return; }
@@ -18,7 +21,14 @@ const server = http.createServer((req, res) => {
 });
 const io = new Server(server, { maxHttpBufferSize: 64 * 1024, perMessageDeflate: false });
 
-if (REDIS_URL) {
+if (REDIS_CLUSTER) {
+  const pub = createCluster({ rootNodes: REDIS_CLUSTER.split(",").map((url) => ({ url })) });
+  const sub = pub.duplicate();
+  pub.on("error", (e) => console.error("redis pub error", e.message));
+  sub.on("error", (e) => console.error("redis sub error", e.message));
+  await Promise.all([pub.connect(), sub.connect()]);
+  io.adapter(createShardedAdapter(pub, sub));
+} else if (REDIS_URL) {
   const pub = createClient({ url: REDIS_URL });
   const sub = pub.duplicate();
   // Without error handlers the redis client crashes the process under overload.

@@ -12,6 +12,11 @@ with the failure behaviour fixed where it hurts.
 
 Local delivery never waits on Redis: the stock manager delivers to this
 node's clients first and then publishes.
+
+On a Redis Cluster (REDIS_URL `redis+cluster://`) the same traffic rides
+sharded pub/sub (realtime/transport/shards.py): each node's own channel is
+a shard channel, and what every node hears is spread over BROADCAST_SHARDS
+channels by the entity it is about.
 """
 
 from __future__ import annotations
@@ -29,6 +34,14 @@ from redis import asyncio as aioredis
 
 from realtime.transport.bus import PREFIX, Bus
 from realtime.transport.fanout import local_emit
+from realtime.transport.shards import (
+    broadcast_channel,
+    broadcast_channels,
+    entity_key,
+    sharded_messages,
+    signal_key,
+)
+from storage.redis.client import AnyRedis, cluster_client, is_cluster
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +69,13 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
                  on_publish_error: Callable[[], None] | None = None,
                  on_bus_received: Callable[[str], None] | None = None) -> None:
         super().__init__(url, channel=channel)
+        # A Redis Cluster: sharded pub/sub (SPUBLISH/SSUBSCRIBE).
+        self.sharded = is_cluster(url)
         # The node-to-node signals ride this manager's channels.
         self.bus = Bus(self, on_bus_received)
         self._on_restored = on_link_restored
         self._on_publish_error = on_publish_error or (lambda: None)
-        self._pub: aioredis.Redis | None = None
+        self._pub: AnyRedis | None = None
         self._last_log = 0.0
         # The link works while both halves do: the listener (other nodes'
         # messages reach us) and the publisher (ours reach them).
@@ -93,7 +108,12 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         return len(self._outbox)
 
     def queue_signal(self, name: str, data: dict[str, Any]) -> None:
-        self._enqueue(self._signal(name, data))
+        self._append(self._channel_for(signal_key(data)), self.json.dumps(self._signal(name, data)))
+
+    def _channel_for(self, key: str) -> str:
+        """The channel every node hears: one on a single Redis; on a cluster
+        the broadcast shard of the entity (its messages keep their order)."""
+        return broadcast_channel(self.channel, key) if self.sharded else self.channel
 
     def _signal(self, name: str, data: dict[str, Any]) -> dict[str, Any]:
         return {"method": "emit", "event": PREFIX + name, "data": [data], "namespace": "/",
@@ -138,7 +158,11 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         local_emit(self, str(event), data, message.get("namespace") or "/", message.get("room"),
                    message.get("skip_sid"))
 
-    def _publisher(self) -> aioredis.Redis:
+    def _publisher(self) -> AnyRedis:
+        if self._pub is None and self.sharded:
+            # Each master's pool is bounded as the single pool is.
+            self._pub = cluster_client(self.redis_url, max_connections=PUBLISH_POOL,
+                                       timeout_s=PUBLISH_TIMEOUT_S)
         if self._pub is None:
             pool = aioredis.BlockingConnectionPool.from_url(
                 self.redis_url, max_connections=PUBLISH_POOL, timeout=PUBLISH_TIMEOUT_S,
@@ -160,7 +184,8 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         """Queue a message for the publisher task: an emit never waits on a
         Redis round trip, and bursts go out pipelined (one round trip for up
         to PUBLISH_BATCH messages), in order."""
-        self._append(self.channel, self.json.dumps(data))
+        self._append(self._channel_for(entity_key(data.get("room"))) if self.sharded
+                     else self.channel, self.json.dumps(data))
 
     def _append(self, channel: str, raw: str) -> None:
         if len(self._outbox) >= OUTBOX_MAX:
@@ -198,8 +223,12 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
                          for _ in range(min(PUBLISH_BATCH, len(self._outbox)))]
                 try:
                     async with self._publisher().pipeline(transaction=False) as pipe:
-                        for channel, raw in batch:
-                            pipe.publish(channel, raw)
+                        if self.sharded:
+                            for channel, raw in batch:
+                                pipe.execute_command("SPUBLISH", channel, raw)
+                        else:
+                            for channel, raw in batch:
+                                pipe.publish(channel, raw)
                         await pipe.execute()
                     self._done(len(batch))
                 except Exception as exc:  # Redis away: these are lost (at most once)
@@ -248,10 +277,13 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
     async def _listen(self) -> AsyncIterator[Any]:
         """Messages from other nodes. Our own come back on the channel too;
         they are recognised by our host id before any JSON is decoded."""
-        channels = (self.channel.encode(), self.node_channel.encode())
+        names = ([*broadcast_channels(self.channel), self.node_channel] if self.sharded
+                 else [self.channel, self.node_channel])
+        channels = {n.encode() for n in names}
+        kind = "smessage" if self.sharded else "message"
         own = f'"host_id": "{self.host_id}"'.encode()
         async for message in self._redis_listen_with_retries():
-            if message["channel"] not in channels or message["type"] != "message":
+            if message["channel"] not in channels or message["type"] != kind:
                 continue
             data = message.get("data")
             if isinstance(data, bytes) and own in data and b'"method": "callback"' not in data:
@@ -264,7 +296,50 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         self.connected = True
 
+    async def _restored(self) -> None:
+        self.listen_ok = True
+        log.info("Redis link restored; asking local clients to resync")
+        if self._on_restored is not None:
+            await self._on_restored()
+
+    async def _sharded_listen_with_retries(self) -> AsyncIterator[Any]:
+        """The cluster's listener: on any master's failure, subscribe again
+        wherever the topology now puts the channels (after a failover, the
+        promoted replica), then ask local clients to resync."""
+        backoff = 0.1
+        failed = False
+        up_since = 0.0
+        channels = [*broadcast_channels(self.channel), self.node_channel]
+        while not self._closed:
+
+            async def subscribed() -> None:
+                nonlocal failed, up_since
+                up_since = time.monotonic()
+                if failed:
+                    failed = False
+                    await self._restored()
+
+            try:
+                async for message in sharded_messages(self.redis_url, channels, subscribed):
+                    yield message
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failed = True
+                self.listen_ok = False
+                self._warn("subscribe", exc)
+                if up_since and time.monotonic() - up_since > LISTEN_BACKOFF_MAX_S:
+                    backoff = 0.1  # it held a while: this is a new outage
+                up_since = 0.0
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, LISTEN_BACKOFF_MAX_S)
+        raise asyncio.CancelledError
+
     async def _redis_listen_with_retries(self) -> AsyncIterator[Any]:
+        if self.sharded:
+            async for message in self._sharded_listen_with_retries():
+                yield message
+            return
         backoff = 0.1
         failed = False
         while not self._closed:
@@ -273,10 +348,7 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
                 await self.pubsub.subscribe(self.channel, self.node_channel)
                 if failed:
                     failed = False
-                    self.listen_ok = True
-                    log.info("Redis link restored; asking local clients to resync")
-                    if self._on_restored is not None:
-                        await self._on_restored()
+                    await self._restored()
                 backoff = 0.1
                 async for message in self.pubsub.listen():
                     yield message
@@ -309,7 +381,8 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, TimeoutError, Exception):
                     await asyncio.wait_for(asyncio.shield(task), 2.0)
-        for client in (self._pub, self.pubsub, self.redis):
+        clients: tuple[Any, ...] = (self._pub, self.pubsub, self.redis)
+        for client in clients:
             if client is not None:
                 with contextlib.suppress(TimeoutError, Exception):
                     await asyncio.wait_for(client.aclose(), 2.0)

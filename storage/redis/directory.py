@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from redis import asyncio as aioredis
+from storage.redis.client import AnyRedis
 
 
 def _text(raw: Any) -> str:
@@ -14,7 +14,7 @@ def _text(raw: Any) -> str:
 class RedisAgentDirectory:
     """Agents' chosen status, shared by every node (a hash)."""
 
-    def __init__(self, redis: aioredis.Redis, prefix: str = "rt") -> None:
+    def __init__(self, redis: AnyRedis, prefix: str = "rt") -> None:
         self._r = redis
         self.KEY = f"{prefix}:agents:status"
 

@@ -8,11 +8,12 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from redis import asyncio as aioredis
 from redis.exceptions import LockError, RedisError
 
+from storage.redis.client import AnyRedis
 
-def redis_lock(redis: aioredis.Redis, name: str, timeout_s: float = 10.0) -> Any:
+
+def redis_lock(redis: AnyRedis, name: str, timeout_s: float = 10.0) -> Any:
     """A cluster-wide lock (expires by itself if its holder dies). While Redis
     is away it degrades to a lock of this node alone: the store's atomic
     claims still keep a conversation from going to two agents."""

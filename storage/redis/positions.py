@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from typing import Any, Final
 
@@ -63,6 +64,22 @@ GEO_MAX_LAT: Final = 85.05112878
 
 def _geo_lat(lat: float) -> float:
     return max(-GEO_MAX_LAT, min(GEO_MAX_LAT, lat))
+
+
+# Metres per degree on GEO's sphere (Redis uses an Earth radius of 6,372,797.56 m).
+GEO_M_PER_DEG: Final = 6_372_797.560856 * math.pi / 180
+
+
+def box_size_m(min_lat: float, min_lng: float, max_lat: float, max_lng: float) -> tuple[float, float]:
+    """GEOSEARCH BYBOX's width and height for a box of degrees, 1 % over so
+    the search covers it all (the caller filters to the box). Redis checks a
+    point's east-west distance at the point's own latitude, so the width is
+    taken where a degree is longest (the latitude nearest the equator); a box
+    wider than 180 degrees would wrap in a distance between its corners."""
+    nearest_equator = 0.0 if min_lat <= 0 <= max_lat else min(abs(min_lat), abs(max_lat))
+    width = (max_lng - min_lng) * GEO_M_PER_DEG * math.cos(math.radians(nearest_equator))
+    height = (max_lat - min_lat) * GEO_M_PER_DEG
+    return max(1.0, 1.01 * width), max(1.0, 1.01 * height)
 
 
 def _text(raw: Any) -> str:
@@ -191,8 +208,7 @@ class RedisPositions:
                      max_lng: float, limit: int) -> list[Position]:
         await self.flush()  # this node's own fixes first: read your writes
         clat, clng = _geo_lat((min_lat + max_lat) / 2), (min_lng + max_lng) / 2
-        width = max(1.0, haversine_m(clat, min_lng, clat, max_lng))
-        height = max(1.0, haversine_m(min_lat, clng, max_lat, clng))
+        width, height = box_size_m(min_lat, min_lng, max_lat, max_lng)
         ids = await self._r.geosearch(self._geo, longitude=clng, latitude=clat, width=width,
                                       height=height, unit="m", sort="ASC", count=limit * 2)
         found = await self._records([_text(i) for i in ids])

@@ -9,8 +9,9 @@ import math
 import time
 from typing import Any
 
-from redis import asyncio as aioredis
 from redis.exceptions import RedisError
+
+from storage.redis.client import AnyRedis
 
 HEARTBEAT_CHUNK = 100
 
@@ -29,7 +30,7 @@ class RedisPresence:
     can announce who lapsed (exactly one node wins each ZREM).
     """
 
-    def __init__(self, redis: aioredis.Redis, kind: str, node_id: str, ttl_s: float,
+    def __init__(self, redis: AnyRedis, kind: str, node_id: str, ttl_s: float,
                  prefix: str = "rt") -> None:
         self._r = redis
         self.kind, self.node, self.ttl = kind, node_id, ttl_s
@@ -154,7 +155,7 @@ class RedisUserSets:
     refreshing; its set is ignored once it lapses and deleted by a sweep.
     After a Redis restart the heartbeat writes the node's set again."""
 
-    def __init__(self, redis: aioredis.Redis, node_id: str, ttl_s: float, prefix: str = "rt") -> None:
+    def __init__(self, redis: AnyRedis, node_id: str, ttl_s: float, prefix: str = "rt") -> None:
         self._r = redis
         self.node, self.ttl, self.prefix = node_id, ttl_s, prefix
         self.local: dict[str, int] = {}

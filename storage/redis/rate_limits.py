@@ -6,10 +6,10 @@ from __future__ import annotations
 import time
 from typing import Any, Final
 
-from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 
 from chat.limits import LocalRateLimiter
+from storage.redis.client import AnyRedis
 from storage.redis.fallback import _Degraded
 
 # Once Redis fails, this node's buckets answer alone for this long before
@@ -46,7 +46,7 @@ class RedisRateLimiter:
     """One bucket per key under `prefix` (the key is any string: Redis keys are
     binary-safe, and the prefix keeps kinds of keys apart)."""
 
-    def __init__(self, redis: aioredis.Redis, prefix: str, rate: float, burst: float) -> None:
+    def __init__(self, redis: AnyRedis, prefix: str, rate: float, burst: float) -> None:
         self._take: Any = redis.register_script(_TAKE)
         self._prefix = prefix
         self._args = [repr(float(rate)), repr(float(burst))]
@@ -76,5 +76,5 @@ class SharedRateLimiter:
             return await self.local.take(key)
 
 
-def shared_limiter(redis: aioredis.Redis, prefix: str, rate: float, burst: float) -> SharedRateLimiter:
+def shared_limiter(redis: AnyRedis, prefix: str, rate: float, burst: float) -> SharedRateLimiter:
     return SharedRateLimiter(RedisRateLimiter(redis, prefix, rate, burst), LocalRateLimiter(rate, burst))
