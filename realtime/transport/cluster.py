@@ -302,6 +302,13 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         if self._on_restored is not None:
             await self._on_restored()
 
+    async def _listen_failed(self, exc: BaseException, backoff: float) -> float:
+        """The listener lost its link: note it, wait, and return the next wait."""
+        self.listen_ok = False
+        self._warn("subscribe", exc)
+        await asyncio.sleep(backoff)
+        return min(backoff * 2, LISTEN_BACKOFF_MAX_S)
+
     async def _sharded_listen_with_retries(self) -> AsyncIterator[Any]:
         """The cluster's listener: on any master's failure, subscribe again
         wherever the topology now puts the channels (after a failover, the
@@ -326,13 +333,10 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
                 raise
             except Exception as exc:
                 failed = True
-                self.listen_ok = False
-                self._warn("subscribe", exc)
                 if up_since and time.monotonic() - up_since > LISTEN_BACKOFF_MAX_S:
                     backoff = 0.1  # it held a while: this is a new outage
                 up_since = 0.0
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, LISTEN_BACKOFF_MAX_S)
+                backoff = await self._listen_failed(exc, backoff)
         raise asyncio.CancelledError
 
     async def _redis_listen_with_retries(self) -> AsyncIterator[Any]:
@@ -356,10 +360,7 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
                 raise
             except Exception as exc:
                 failed = True
-                self.listen_ok = False
-                self._warn("subscribe", exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, LISTEN_BACKOFF_MAX_S)
+                backoff = await self._listen_failed(exc, backoff)
                 try:
                     await self.redis.aclose()
                 except Exception:  # already broken: nothing to close cleanly

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from typing import Any, Final
 
 from redis.asyncio.cluster import RedisCluster
@@ -41,7 +40,6 @@ from storage.redis.positions import (
     _geo_lat,
     _text,
     box_size_m,
-    log,
 )
 from tracking.geo import haversine_m
 from tracking.positions import Position
@@ -145,12 +143,7 @@ class ClusterPositions(RedisPositions):
                 await pipe.execute()
             return True
         except (RedisError, OSError) as exc:
-            self.write_failures += len(batch)
-            now = time.monotonic()
-            if now - self._last_log >= 10.0:
-                self._last_log = now
-                log.warning("positions not written to Redis (%s)", type(exc).__name__)
-            return False
+            return self._write_failed(len(batch), exc)
 
     async def _cells_meeting(self, min_lat: float, min_lng: float, max_lat: float,
                              max_lng: float, lat: float, lng: float) -> list[tuple[int, int]]:

@@ -172,14 +172,17 @@ class RedisPositions:
             await self._put(keys=[self._geo, self._polar], args=args)
             return True
         except (RedisError, OSError) as exc:
-            # Lost for Redis only (this node still relays and keeps its
-            # mirror); the technician's next fix writes again.
-            self.write_failures += len(batch)
-            now = time.monotonic()
-            if now - self._last_log >= 10.0:
-                self._last_log = now
-                log.warning("positions not written to Redis (%s)", type(exc).__name__)
-            return False
+            return self._write_failed(len(batch), exc)
+
+    def _write_failed(self, n: int, exc: BaseException) -> bool:
+        """A batch lost for Redis only (this node still relays and keeps its
+        mirror); the technicians' next fixes write again."""
+        self.write_failures += n
+        now = time.monotonic()
+        if now - self._last_log >= 10.0:
+            self._last_log = now
+            log.warning("positions not written to Redis (%s)", type(exc).__name__)
+        return False
 
     async def flush(self) -> None:
         """Until what was put so far is in Redis (or failed): what waits is

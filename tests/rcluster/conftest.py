@@ -4,14 +4,14 @@ fixture and test built on it (tests/cluster) runs unchanged against it."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
-import aiohttp
 import pytest
 
-from tests.cluster_harness import Cluster
-from tests.harness import MongoServer
+from tests.cluster.conftest import cluster, session
 from tests.redis_cluster import RedisCluster
+
+__all__ = ["cluster", "session"]  # tests/cluster's fixtures, on the cluster below
 
 
 @pytest.fixture(scope="session")
@@ -26,20 +26,3 @@ def redis_cluster() -> Iterator[RedisCluster]:
 @pytest.fixture(scope="session")
 def redis_server(redis_cluster: RedisCluster) -> RedisCluster:
     return redis_cluster
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    s = aiohttp.ClientSession()
-    yield s
-    await s.close()
-
-
-@pytest.fixture
-async def cluster(redis_cluster: RedisCluster, mongo_server: MongoServer,
-                  session: aiohttp.ClientSession) -> AsyncIterator[Cluster]:
-    c = Cluster(redis_cluster.url, mongo_server.url, session)
-    try:
-        yield c
-    finally:
-        await c.close()
