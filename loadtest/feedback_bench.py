@@ -712,7 +712,10 @@ async def check_equivalence(client: AsyncMongoClient[dict[str, Any]], db_prefix:
 class Stack:
     """SecantusDB and one `python -m realtime` on it, pinned apart."""
 
-    def __init__(self) -> None:
+    def __init__(self, ttl_sweep_s: int | None = None) -> None:
+        # SecantusDB's TTL sweeper walks every collection in Python (60 s by
+        # default); None keeps its default, 0 turns it off.
+        self.ttl_sweep_s = ttl_sweep_s
         self.tmp = Path(tempfile.mkdtemp(prefix="rt-feedback-bench-"))
         self.mongo_port, self.port = free_port(), free_port()
         self.db_name = f"fbbench_{uuid.uuid4().hex[:6]}"
@@ -733,9 +736,14 @@ class Stack:
         # On disk, as the server's embedded store keeps it (<data dir>/mongo):
         # with ':memory:' the store slowed to ~20 inserts/s once it held
         # 100,000 items and some 85,000 events.
+        config: list[str] = []
+        if self.ttl_sweep_s is not None:
+            (self.tmp / "secantusd.toml").write_text(
+                f"[storage]\nttl_sweep_seconds = {self.ttl_sweep_s}\n")
+            config = ["--config", str(self.tmp / "secantusd.toml")]
         with open(self.tmp / "store.log", "ab") as out:
             self.procs["store"] = subprocess.Popen(
-                [*pin("1"), exe, "--host", "127.0.0.1", "--port", str(self.mongo_port),
+                [*pin("1"), exe, *config, "--host", "127.0.0.1", "--port", str(self.mongo_port),
                  "--storage-path", str(self.tmp / "mongo"), "--log-level", "WARNING"],
                 stdout=out, stderr=subprocess.STDOUT)
         env = server_env(self.port, self.mongo_port, self.tmp / "data", limits=False)
@@ -1353,6 +1361,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--low-share", type=float, default=0.10, help="share of ratings with <= 2 stars")
     ap.add_argument("--q", default="漏水", help="the inbox's search term (q=)")
     ap.add_argument("--seed", type=int, default=19)
+    ap.add_argument("--store-ttl-sweep-s", type=int, default=None,
+                    help="SecantusDB's TTL sweep interval (default: its own, 60 s; 0: off). "
+                         "It walks every collection in Python; a MongoDB replica set's TTL "
+                         "monitor uses the index instead")
     ap.add_argument("--out", type=Path, default=None, help="the JSON's path (default: loadtest/results/)")
     args = ap.parse_args(argv)
     if args.items < 1000 or args.requests < 10:
@@ -1366,7 +1378,8 @@ def main(argv: list[str] | None = None) -> None:
         "config": {"items": args.items, "requests": args.requests, "list_requests": args.list_requests,
                    "search_requests": args.search_requests,
                    "check_items": args.check_items, "low_share": args.low_share, "seed": args.seed,
-                   "q": args.q, "days": DAYS, "warmup_each": WARMUP},
+                   "q": args.q, "days": DAYS, "warmup_each": WARMUP,
+                   "store_ttl_sweep_s": args.store_ttl_sweep_s},
     }
     def on_term(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -1374,7 +1387,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, on_term)
     # Ctrl-C stops the run in order even where SIGINT came ignored (a background job).
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    stack = Stack()
+    stack = Stack(args.store_ttl_sweep_s)
     ok = False
     try:
         asyncio.run(run(args, stack, res))

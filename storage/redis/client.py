@@ -67,10 +67,18 @@ def cluster_client(url: str, *, max_connections: int, timeout_s: float,
         socket_keepalive=keepalive)
 
 
+# redis-py's cluster client has no waiting pool: past its bound a command
+# fails at once (MaxConnectionsError) where one Redis's pool would wait its
+# turn. A burst of connects (each claims presence) then failed state calls
+# in the benchmark; so each master's bound is this many times one Redis's.
+CLUSTER_POOL_FACTOR = 4
+
+
 def redis_client(url: str, *, max_connections: int, timeout_s: float) -> AnyRedis:
     """A client of what `url` names, with a bounded pool and short timeouts."""
     if is_cluster(url):
-        return cluster_client(url, max_connections=max_connections, timeout_s=timeout_s)
+        return cluster_client(url, max_connections=max_connections * CLUSTER_POOL_FACTOR,
+                              timeout_s=timeout_s)
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=max_connections, timeout=timeout_s, socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s)
