@@ -3,6 +3,7 @@ chat (customer and technician; agents may join)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -109,6 +110,11 @@ class ChatNamespace(BaseNamespace):
         super().__init__(NAMESPACE, ctx)
         self.chat: ChatService = ctx.services.chat
         self.feed = ctx.feeds.chat
+        # One send at a time per socket, in the order they arrived: a client
+        # that sends twice without waiting for the first ack gets its
+        # messages stored (and numbered) in the order it sent them. The lock
+        # is fair, so waiting sends go in arrival order.
+        self._send_order: dict[str, asyncio.Lock] = {}
 
     async def connected(self, sid: str, p: Principal) -> None:
         if p.role in ("agent", "admin"):
@@ -120,6 +126,7 @@ class ChatNamespace(BaseNamespace):
                 await self.ctx.feeds.ops.announce("agent", p.id, True, status)
 
     async def disconnected(self, sid: str, p: Principal) -> None:
+        self._send_order.pop(sid, None)
         if p.role == "agent":
             if await self.ctx.engine.agent_presence.disconnect(p.id):
                 self.chat.router.agent_offline(p.id)
@@ -146,8 +153,9 @@ class ChatNamespace(BaseNamespace):
     @handles("send", SendIn)
     async def send(self, p: Principal, sid: str, body: SendIn) -> dict[str, Any]:
         t0 = time.perf_counter()
-        msg = await self.chat.send(actor_of(p), p.name, body.conversation_id, body.client_msg_id,
-                                   body.body, body.kind, origin=sid)
+        async with self._send_order.setdefault(sid, asyncio.Lock()):
+            msg = await self.chat.send(actor_of(p), p.name, body.conversation_id,
+                                       body.client_msg_id, body.body, body.kind, origin=sid)
         self.ctx.metrics.send_latency.observe(time.perf_counter() - t0)
         return {"message": msg}
 

@@ -199,6 +199,22 @@ async def test_twenty_concurrent_senders_get_contiguous_seqs_in_one_order(start_
     assert [m["seq"] for m in reply["data"]["messages"]] == list(range(1, total + 2))
 
 
+async def test_sends_on_one_socket_are_numbered_in_the_order_sent(start_app: StartApp) -> None:
+    """A client that sends again before the first ack (as the pages do) gets its
+    messages stored in the order it sent them, not in the order their
+    transactions happened to commit."""
+    app = await start_app(mongo_db=uid("chat_"), chat_send_burst=100, chat_conversation_burst=100)
+    cust_id, agent_id = uid("c-"), uid("a-")
+    cust = await connect(app, "customer", cust_id)
+    agent = await connect(app, "agent", agent_id)
+    cid = await open_assigned(app, cust, agent, agent_id)
+    # All emitted at once, in this order, on one socket; the acks come back as they may.
+    replies = await asyncio.gather(*(send(agent, cid, f"第 {k} 条", f"burst-{k}") for k in range(12)))
+    assert [m["client_msg_id"] for m in sorted(replies, key=lambda m: m["seq"])] == \
+        [f"burst-{k}" for k in range(12)]
+    assert [m["seq"] for m in replies] == list(range(1, 13))
+
+
 # -- catching up ----------------------------------------------------------------------------
 
 async def test_reconnect_and_join_since_seq_returns_exactly_the_missed_messages(app: Live) -> None:
