@@ -136,6 +136,8 @@ def create_app(settings: Settings) -> web.Application:
         try:
             await services.start()
             await feeds.start()
+            if isinstance(engine.manager, ClusterManager):
+                await engine.manager.start_listening(sio)
             loop = asyncio.get_running_loop()
             background.append(loop.create_task(presence_keeper(ctx, settings.presence_ttl_s)))
             if feeds.tracking.interest is not None:

@@ -57,6 +57,10 @@ class RedisCluster:
             [*self.pin, _exe("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
              "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
              "--cluster-port", str(self.bus_ports[port]),
+             # A replica takes over however long ago it last heard its master
+             # (default: not after 10 node timeouts, which a loaded test
+             # machine's replica can exceed, and then no failover ever comes).
+             "--cluster-replica-validity-factor", "0",
              "--cluster-node-timeout", str(NODE_TIMEOUT_MS), "--dir", str(node_dir),
              "--save", "", "--appendonly", "no", "--loglevel", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

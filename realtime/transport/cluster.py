@@ -98,6 +98,21 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         self._rows: dict[tuple[str, str], list[Any]] = {}
         self._publisher_task: asyncio.Task[None] | None = None
         self._closed = False  # after aclose nothing starts a publisher again
+        # Set once the listener has subscribed the first time (start_listening).
+        self.subscribed_once = asyncio.Event()
+
+    async def start_listening(self, sio: Any, timeout: float = 2.0) -> None:
+        """Start the listener now rather than at the first client's connect
+        (python-socketio's default), and wait (at most `timeout`: a Redis
+        that is down must not hold a start) until it has subscribed: a
+        node's first clients then miss nothing other nodes publish. On a
+        cluster subscribing takes a topology read and an SSUBSCRIBE per
+        slot, long enough for a test's first event to be lost."""
+        if not sio.manager_initialized:
+            sio.manager_initialized = True
+            self.initialize()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.subscribed_once.wait(), timeout)
 
     @property
     def link_ok(self) -> bool:
@@ -322,6 +337,7 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
             async def subscribed() -> None:
                 nonlocal failed, up_since
                 up_since = time.monotonic()
+                self.subscribed_once.set()
                 if failed:
                     failed = False
                     await self._restored()
@@ -350,6 +366,7 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
             try:
                 self._redis_connect()
                 await self.pubsub.subscribe(self.channel, self.node_channel)
+                self.subscribed_once.set()
                 if failed:
                     failed = False
                     await self._restored()
