@@ -123,12 +123,10 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         return len(self._outbox)
 
     def queue_signal(self, name: str, data: dict[str, Any]) -> None:
-        self._append(self._channel_for(signal_key(data)), self.json.dumps(self._signal(name, data)))
-
-    def _channel_for(self, key: str) -> str:
-        """The channel every node hears: one on a single Redis; on a cluster
-        the broadcast shard of the entity (its messages keep their order)."""
-        return broadcast_channel(self.channel, key) if self.sharded else self.channel
+        # On a cluster, the broadcast shard of the entity the signal is about
+        # (it keeps its order with the emits about the same one).
+        channel = broadcast_channel(self.channel, signal_key(data)) if self.sharded else self.channel
+        self._append(channel, self.json.dumps(self._signal(name, data)))
 
     def _signal(self, name: str, data: dict[str, Any]) -> dict[str, Any]:
         return {"method": "emit", "event": PREFIX + name, "data": [data], "namespace": "/",
@@ -199,8 +197,9 @@ class ClusterManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         """Queue a message for the publisher task: an emit never waits on a
         Redis round trip, and bursts go out pipelined (one round trip for up
         to PUBLISH_BATCH messages), in order."""
-        self._append(self._channel_for(entity_key(data.get("room"))) if self.sharded
-                     else self.channel, self.json.dumps(data))
+        channel = (broadcast_channel(self.channel, entity_key(data.get("room"))) if self.sharded
+                   else self.channel)
+        self._append(channel, self.json.dumps(data))
 
     def _append(self, channel: str, raw: str) -> None:
         if len(self._outbox) >= OUTBOX_MAX:
