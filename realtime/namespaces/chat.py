@@ -153,7 +153,10 @@ class ChatNamespace(BaseNamespace):
     @handles("send", SendIn)
     async def send(self, p: Principal, sid: str, body: SendIn) -> dict[str, Any]:
         t0 = time.perf_counter()
-        async with self._send_order.setdefault(sid, asyncio.Lock()):
+        lock = self._send_order.get(sid)
+        if lock is None:  # (setdefault would build a lock on every send)
+            lock = self._send_order[sid] = asyncio.Lock()
+        async with lock:
             msg = await self.chat.send(actor_of(p), p.name, body.conversation_id,
                                        body.client_msg_id, body.body, body.kind, origin=sid)
         self.ctx.metrics.send_latency.observe(time.perf_counter() - t0)
